@@ -1,0 +1,314 @@
+"""Typed model configs and the named presets.
+
+A preset is a function returning a config; ``from_name("clip-vit-b-32")`` looks it
+up. YAML files in ``configs/`` only choose a preset and override fields, so every
+shape in the project is written down once, here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, Union
+
+Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
+Share = Literal["none", "attention", "attention_mlp", "all"]
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass
+class TransformerConfig:
+    """What every stack of shared ``Block``s needs; both towers extend it."""
+
+    width: int = 768  # model dimension
+    depth: int = 12  # number of blocks
+    heads: int = 12  # attention heads; width must divide evenly
+    mlp_ratio: float = 4.0  # MLP hidden size = width * mlp_ratio
+    act: Activation = "gelu"  # MLP activation
+    norm_eps: float = 1e-5  # LayerNorm eps (BERT 1e-12, timm ViT 1e-6)
+    pre_norm: bool = True  # pre-LN (GPT, CLIP, ViT) or post-LN (BERT)
+    qkv_bias: bool = True  # bias on the fused qkv projection
+    dropout: float = 0.0  # dropout on embeddings and residual branches
+    attn_dropout: float = 0.0  # dropout on attention probabilities
+    drop_path: float = 0.0  # stochastic depth rate, linear over depth
+    layer_scale: float | None = None  # LayerScale init value; None disables it
+
+    @property
+    def mlp_dim(self) -> int:
+        return int(self.width * self.mlp_ratio)
+
+
+@dataclass
+class TextConfig(TransformerConfig):
+    """A text Transformer: CLIP text tower, BERT, GPT-2, MiniLM."""
+
+    vocab_size: int = 49408
+    context_length: int = 77  # number of position embeddings
+    pos_embed: Literal["learned", "sinusoidal"] = "learned"
+    causal: bool = True  # GPT / CLIP attend left only; BERT sees both sides
+    type_vocab_size: int = 0  # BERT token types (segments); 0 = none
+    embed_norm: bool = False  # LayerNorm right after the embeddings (BERT)
+    final_norm: bool = True  # LayerNorm after the last block (pre-LN models)
+    pool: Literal["cls", "eot", "mean", "last"] = "eot"
+    pad_token_id: int = 0
+    eot_token_id: int | None = 49407  # pooled token for pool="eot"
+    mask_token_id: int | None = None  # [MASK] for MLM, when the vocabulary has one
+
+    @property
+    def model_type(self) -> str:
+        return "text"
+
+
+@dataclass
+class VisionConfig(TransformerConfig):
+    """A patch-based Vision Transformer (CLIP image tower or timm-style ViT)."""
+
+    image_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    patch_bias: bool = True  # timm ViT has a bias on the patch conv, CLIP not
+    class_token: bool = True
+    norm_pre: bool = False  # CLIP's ln_pre before the blocks
+    final_norm: bool = True
+    pool: Literal["cls", "gap"] = "cls"
+    patch_dropout: float = 0.0  # fraction of patch tokens dropped in training (FLIP)
+    num_classes: int = 0  # classifier head size; 0 = no head
+    # preprocessing the weights were trained with (read by mmlm.data transforms)
+    image_mean: tuple[float, float, float] = IMAGENET_MEAN
+    image_std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: Literal["bicubic", "bilinear"] = "bicubic"
+
+    @property
+    def model_type(self) -> str:
+        return "vision"
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class CLIPConfig:
+    """Two towers (or one shared tower) projected into a joint embedding space."""
+
+    embed_dim: int = 512
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    # What the towers share per layer: none | attention | attention_mlp | all.
+    share: Share = "none"
+    # Layers [start, stop) that share; None = every layer. Needs equal tower depth.
+    share_layers: tuple[int, int] | None = None
+    init_logit_scale: float = math.log(1 / 0.07)
+    init_logit_bias: float | None = None  # SigLIP: -10
+    max_logit_scale: float = math.log(100)
+
+    @property
+    def model_type(self) -> str:
+        return "clip"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.vision, dict):
+            self.vision = VisionConfig(**self.vision)
+        if isinstance(self.text, dict):
+            self.text = TextConfig(**self.text)
+        if self.share_layers is not None:
+            self.share_layers = tuple(self.share_layers)
+        if self.share != "none":
+            self.check_shareable()
+
+    def check_shareable(self) -> None:
+        """Sharing a block needs both towers to have the same block shape."""
+        v, t = self.vision, self.text
+        for name in ("width", "heads", "mlp_ratio", "depth", "act", "norm_eps", "pre_norm", "qkv_bias", "layer_scale"):
+            if getattr(v, name) != getattr(t, name):
+                raise ValueError(
+                    f"share={self.share!r} needs equal {name} in both towers, "
+                    f"got vision {getattr(v, name)!r} and text {getattr(t, name)!r}"
+                )
+        start, stop = self.shared_range
+        if not 0 <= start < stop <= v.depth:
+            raise ValueError(f"share_layers {self.share_layers} out of range for depth {v.depth}")
+
+    @property
+    def shared_range(self) -> tuple[int, int]:
+        if self.share == "none":
+            return (0, 0)
+        return self.share_layers if self.share_layers is not None else (0, self.vision.depth)
+
+
+ModelConfig = Union[CLIPConfig, TextConfig, VisionConfig]
+CONFIG_TYPES: dict[str, type] = {"clip": CLIPConfig, "text": TextConfig, "vision": VisionConfig}
+
+
+def to_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """A JSON-ready dict, tagged with the model type so ``from_dict`` can rebuild it."""
+    return {"model_type": cfg.model_type, **dataclasses.asdict(cfg)}
+
+
+def from_dict(d: dict[str, Any]) -> ModelConfig:
+    d = dict(d)
+    cls = CONFIG_TYPES[d.pop("model_type")]
+    for key in ("image_mean", "image_std"):
+        if key in d:
+            d[key] = tuple(d[key])
+    for key in ("vision", "text"):
+        if key in d:
+            d[key] = from_dict({"model_type": key, **d[key]})
+    return cls(**d)
+
+
+def update(cfg: ModelConfig, **overrides: Any) -> ModelConfig:
+    """A copy of ``cfg`` with fields replaced; nested configs take dicts or dotted keys.
+
+    >>> update(from_name("clip-tiny"), share="all", vision={"patch_dropout": 0.5})
+    >>> update(from_name("clip-tiny"), **{"text.causal": False})
+    """
+    nested: dict[str, dict[str, Any]] = {}
+    flat: dict[str, Any] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        elif isinstance(value, dict) and dataclasses.is_dataclass(getattr(cfg, key, None)):
+            nested.setdefault(head, {}).update(value)
+        else:
+            flat[key] = value
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unknown = (set(flat) | set(nested)) - names
+    if unknown:
+        raise TypeError(f"{type(cfg).__name__} has no field(s) {sorted(unknown)}")
+    for key, sub in nested.items():
+        flat[key] = update(getattr(cfg, key), **sub)
+    return dataclasses.replace(cfg, **flat)
+
+
+# ---------------------------------------------------------------------------- presets
+
+PRESETS: dict[str, Callable[[], ModelConfig]] = {}
+
+
+def register(name: str):
+    def wrap(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
+        PRESETS[name] = fn
+        return fn
+
+    return wrap
+
+
+def from_name(name: str, **overrides: Any) -> ModelConfig:
+    """The preset called ``name``, with ``overrides`` applied (see ``update``)."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+    cfg = PRESETS[name]()
+    return update(cfg, **overrides) if overrides else cfg
+
+
+def list_presets() -> list[str]:
+    return sorted(PRESETS)
+
+
+def _clip_vision(patch_size: int, width: int = 768, depth: int = 12, heads: int = 12, image_size: int = 224) -> VisionConfig:
+    return VisionConfig(
+        width=width, depth=depth, heads=heads, image_size=image_size, patch_size=patch_size,
+        patch_bias=False, norm_pre=True, act="quick_gelu", norm_eps=1e-5,
+        image_mean=OPENAI_MEAN, image_std=OPENAI_STD,
+    )  # fmt: skip
+
+
+def _clip_text(width: int = 512, depth: int = 12, heads: int = 8, vocab_size: int = 49408, context_length: int = 77) -> TextConfig:
+    return TextConfig(
+        width=width, depth=depth, heads=heads, vocab_size=vocab_size, context_length=context_length,
+        act="quick_gelu", causal=True, pool="eot", eot_token_id=vocab_size - 1, pad_token_id=0,
+    )  # fmt: skip
+
+
+@register("clip-vit-b-32")
+def _() -> CLIPConfig:
+    """OpenAI CLIP ViT-B/32 (151.28 M parameters)."""
+    return CLIPConfig(embed_dim=512, vision=_clip_vision(32), text=_clip_text())
+
+
+@register("clip-vit-b-16")
+def _() -> CLIPConfig:
+    """OpenAI CLIP ViT-B/16 (149.62 M parameters)."""
+    return CLIPConfig(embed_dim=512, vision=_clip_vision(16), text=_clip_text())
+
+
+@register("clip-shared-b-32")
+def _() -> CLIPConfig:
+    """ViT-B/32 CLIP whose towers share attention and MLP (MS-CLIP style); text width 768."""
+    return CLIPConfig(embed_dim=512, vision=_clip_vision(32), text=_clip_text(width=768, heads=12), share="attention_mlp")
+
+
+@register("siglip-vit-b-16")
+def _() -> CLIPConfig:
+    """A SigLIP-style CLIP: sigmoid-loss scale ln 10 and bias -10."""
+    cfg = CLIPConfig(embed_dim=512, vision=_clip_vision(16), text=_clip_text())
+    return dataclasses.replace(cfg, init_logit_scale=math.log(10), init_logit_bias=-10.0)
+
+
+def _timm_vit(patch_size: int, width: int, depth: int, heads: int, num_classes: int = 1000) -> VisionConfig:
+    return VisionConfig(
+        width=width, depth=depth, heads=heads, patch_size=patch_size, norm_eps=1e-6, act="gelu",
+        num_classes=num_classes, image_mean=HALF, image_std=HALF,
+    )  # fmt: skip
+
+
+register("vit-b-32")(lambda: _timm_vit(32, 768, 12, 12))
+register("vit-b-16")(lambda: _timm_vit(16, 768, 12, 12))
+register("vit-s-16")(lambda: _timm_vit(16, 384, 12, 6))
+register("vit-ti-16")(lambda: _timm_vit(16, 192, 12, 3))
+
+
+def _bert(width: int = 768, depth: int = 12, heads: int = 12, vocab_size: int = 30522, pool: str = "cls") -> TextConfig:
+    return TextConfig(
+        width=width, depth=depth, heads=heads, vocab_size=vocab_size, context_length=512, type_vocab_size=2,
+        causal=False, pre_norm=False, embed_norm=True, final_norm=False, norm_eps=1e-12, act="gelu",
+        pool=pool, pad_token_id=0, eot_token_id=102, mask_token_id=103, dropout=0.1, attn_dropout=0.1,
+    )  # fmt: skip
+
+
+register("bert-base")(lambda: _bert())
+register("bert-large")(lambda: _bert(1024, 24, 16))
+# sentence-transformers/all-MiniLM-L6-v2: a 6-layer BERT, width 384, mean pooling
+register("minilm-l6")(lambda: _bert(384, 6, 12, pool="mean"))
+
+
+def _gpt2(width: int = 768, depth: int = 12, heads: int = 12, vocab_size: int = 50257) -> TextConfig:
+    return TextConfig(
+        width=width, depth=depth, heads=heads, vocab_size=vocab_size, context_length=1024, causal=True,
+        act="gelu_tanh", norm_eps=1e-5, pool="last", pad_token_id=vocab_size - 1, eot_token_id=vocab_size - 1,
+        dropout=0.1, attn_dropout=0.1,
+    )  # fmt: skip
+
+
+register("gpt2")(lambda: _gpt2())
+register("gpt2-medium")(lambda: _gpt2(1024, 24, 16))
+
+# ---- tiny presets: same code paths, seconds on a CPU (tests and demos)
+
+_TINY = dict(width=64, depth=2, heads=4)
+
+
+@register("clip-tiny")
+def _() -> CLIPConfig:
+    vision = update(_clip_vision(8, image_size=32), **_TINY)
+    text = update(_clip_text(vocab_size=1000, context_length=32), **_TINY)
+    return CLIPConfig(embed_dim=32, vision=vision, text=text)
+
+
+@register("clip-shared-tiny")
+def _() -> CLIPConfig:
+    return update(PRESETS["clip-tiny"](), share="attention_mlp")
+
+
+register("vit-tiny")(lambda: update(_timm_vit(8, 64, 2, 4, num_classes=10), image_size=32))
+register("bert-tiny")(lambda: update(_bert(vocab_size=1000), context_length=64, **_TINY))
+register("minilm-tiny")(lambda: update(_bert(vocab_size=1000, pool="mean"), context_length=64, **_TINY))
+register("gpt2-tiny")(lambda: update(_gpt2(vocab_size=1000), context_length=64, **_TINY))

@@ -1,0 +1,139 @@
+"""TextEncoder: token (+ position, + type) embeddings -> shared Blocks -> pooling.
+
+One class covers the CLIP text tower (causal, pooled at end-of-text), GPT-2 (causal,
+last token) and BERT / MiniLM (bidirectional, post-LN, token types, cls or mean).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from mmlm.config import TextConfig
+from mmlm.layers import Transformer, build_attn_mask
+
+
+def sinusoidal_positions(length: int, width: int) -> torch.Tensor:
+    """The fixed sin/cos table of "Attention is all you need"; (length, width)."""
+    pos = torch.arange(length, dtype=torch.float32)[:, None]
+    freq = torch.exp(torch.arange(0, width, 2, dtype=torch.float32) * (-math.log(10000.0) / width))
+    table = torch.zeros(length, width)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq[: width // 2])
+    return table
+
+
+class TextEncoder(nn.Module):
+    """Text Transformer. ``forward_features`` -> per-token states, ``pool`` -> (B, width).
+
+    ``blocks`` may be a ``Transformer`` owned by someone else (a CLIP whose towers share
+    weights); it is then used but not registered here, so its parameters appear once,
+    under the owner.
+    """
+
+    modality = "text"
+
+    def __init__(self, cfg: TextConfig, blocks: Transformer | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
+        if cfg.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
+        else:
+            self.register_buffer("pos_embed", sinusoidal_positions(cfg.context_length, cfg.width), persistent=False)
+        self.type_embed = nn.Embedding(cfg.type_vocab_size, cfg.width) if cfg.type_vocab_size else None
+        self.norm_embed = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.embed_norm else nn.Identity()
+        self.drop = nn.Dropout(cfg.dropout)
+        if blocks is None:
+            self.blocks = Transformer(cfg, modalities=("text",))
+        else:
+            object.__setattr__(self, "blocks", blocks)  # shared: owned (and saved) by the CLIP
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.normal_(self.pos_embed, std=0.01)
+        if self.type_embed is not None:
+            nn.init.normal_(self.type_embed.weight, std=0.02)
+
+    def forward_features(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, width) states after the final norm.
+
+        ``attention_mask`` is the usual (B, T) padding mask (1 = real token).
+        ``attn_mask`` overrides it with a full boolean (B, 1, T, T) mask, e.g. the
+        block-diagonal mask of packed documents.
+        """
+        B, T = input_ids.shape
+        if T > self.cfg.context_length:
+            raise ValueError(f"sequence length {T} exceeds context_length {self.cfg.context_length}")
+        x = self.token_embed(input_ids)  # (B, T, width)
+        x = x + (self.pos_embed[:T] if position_ids is None else self.pos_embed[position_ids])
+        if self.type_embed is not None:
+            x = x + self.type_embed(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
+        x = self.drop(self.norm_embed(x))
+        if attn_mask is not None:
+            is_causal = False
+        else:
+            attn_mask, is_causal = build_attn_mask(attention_mask, self.cfg.causal, T)
+        x = self.blocks(x, self.modality, attn_mask, is_causal)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, width) -> (B, width) by the configured pooling."""
+        kind = self.cfg.pool
+        if kind == "cls":
+            return x[:, 0]
+        if kind == "mean":
+            if attention_mask is None:
+                return x.mean(1)
+            m = attention_mask.to(x.dtype)[..., None]
+            return (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        if kind == "eot":
+            # first end-of-text token (OpenAI's argmax(ids) finds the same one: eot is the largest id)
+            idx = (input_ids == self.cfg.eot_token_id).int().argmax(-1)
+        else:  # "last" real token
+            idx = (attention_mask.sum(-1) - 1) if attention_mask is not None else torch.full_like(input_ids[:, 0], -1)
+        return x[torch.arange(x.shape[0], device=x.device), idx]
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Pooled text features, (B, width)."""
+        input_ids, attention_mask, token_type_ids = self.trim(input_ids, attention_mask, token_type_ids)
+        x = self.forward_features(input_ids, attention_mask, token_type_ids)
+        return self.pool(x, input_ids, attention_mask)
+
+    def trim(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Drop the columns no pooled output can see: padding past the batch's longest text.
+
+        A batch padded to the full context (OpenAI's tokenizer pads to 77) then costs no
+        more than one padded to its longest text. For causal eot pooling, tokens after the
+        last end-of-text token are invisible even without an attention mask.
+        """
+        if attention_mask is not None:
+            length = int(attention_mask.any(0).nonzero().max()) + 1  # right- or left-padded
+        elif self.cfg.causal and self.cfg.pool == "eot":
+            length = int((input_ids == self.cfg.eot_token_id).int().argmax(-1).max()) + 1
+        else:
+            return input_ids, attention_mask, token_type_ids
+        cut = lambda t: None if t is None else t[:, :length]  # noqa: E731
+        return cut(input_ids), cut(attention_mask), cut(token_type_ids)
