@@ -1,0 +1,145 @@
+import pytest
+import torch
+
+import mmlm
+from mmlm.config import from_name
+
+from conftest import random_text
+
+
+def test_clip_text_embedding_is_independent_of_padding_length():
+    model = mmlm.create_model("clip-tiny").eval()
+    eot = model.cfg.text.eot_token_id
+    ids12, mask12 = random_text(3, [5, 12, 8], 12, 1000, eot)
+    ids32 = torch.cat([ids12, torch.zeros(3, 20, dtype=torch.long)], 1)  # tiny context is 32
+    mask32 = torch.cat([mask12, torch.zeros(3, 20, dtype=torch.long)], 1)
+    with torch.no_grad():
+        a = model.encode_text(ids12, mask12)
+        b = model.encode_text(ids32, mask32)
+        c = model.encode_text(ids32)  # OpenAI style: zero padding, no mask, pooled at eot
+    assert (a - b).abs().max() <= 1e-6 and (a - c).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize("preset", ["clip-vit-b-32", "bert-tiny"])
+def test_token_states_do_not_depend_on_padding_12_vs_77(preset):
+    """The un-trimmed path: masked attention over 12 or 77 columns gives the same states."""
+    cfg = from_name(preset)
+    cfg = cfg.text if hasattr(cfg, "text") else cfg
+    cfg = mmlm.config.update(cfg, width=64, depth=2, heads=4, context_length=77, dropout=0.0, attn_dropout=0.0)
+    enc = mmlm.TextEncoder(cfg).eval()
+    ids, mask = random_text(3, [5, 12, 9], 77, 1000, eot=999)
+    with torch.no_grad():
+        full = enc.forward_features(ids, mask)
+        short = enc.forward_features(ids[:, :12], mask[:, :12])
+        pooled77, pooled12 = enc(ids, mask), enc(ids[:, :12], mask[:, :12])
+    real = mask[:, :12].bool()
+    assert (full[:, :12][real] - short[real]).abs().max() <= 1e-6
+    assert (pooled77 - pooled12).abs().max() <= 1e-6
+
+
+def test_causal_state_at_t_ignores_later_tokens():
+    enc = mmlm.create_model("gpt2-tiny", dropout=0.0, attn_dropout=0.0).eval()
+    ids = torch.randint(0, 1000, (2, 16))
+    changed = ids.clone()
+    changed[:, 9:] = torch.randint(0, 1000, (2, 7))
+    with torch.no_grad():
+        a, b = enc.forward_features(ids), enc.forward_features(changed)
+    assert (a[:, :9] - b[:, :9]).abs().max() <= 1e-6
+    assert (a[:, 9:] - b[:, 9:]).abs().max() > 1e-3  # and later positions do see the change
+
+
+def test_bidirectional_state_sees_later_tokens():
+    enc = mmlm.create_model("bert-tiny", dropout=0.0, attn_dropout=0.0).eval()
+    ids = torch.randint(0, 1000, (1, 10))
+    changed = ids.clone()
+    changed[:, -1] = (ids[:, -1] + 1) % 1000
+    with torch.no_grad():
+        assert (enc.forward_features(ids)[:, 0] - enc.forward_features(changed)[:, 0]).abs().max() > 1e-4
+
+
+def shared_size(cfg, share: str) -> int:
+    """Parameters one tower's copy of the shared parts would have had, from the shapes alone."""
+    w, m = cfg.vision.width, cfg.vision.mlp_dim
+    norm = 2 * w
+    attn = (w * 3 * w + 3 * w) + (w * w + w)
+    mlp = (w * m + m) + (m * w + w)
+    per_layer = {"attention": norm + attn, "attention_mlp": attn + mlp, "all": 2 * norm + attn + mlp}[share]
+    start, stop = cfg.shared_range
+    return per_layer * (stop - start)
+
+
+@pytest.mark.parametrize("share", ["none", "attention", "attention_mlp", "all"])
+@pytest.mark.parametrize("layers", [None, (1, 2)])
+def test_every_share_mode_saves_and_reloads_identically(tmp_path, share, layers):
+    model = mmlm.create_model("clip-shared-tiny", share=share, share_layers=layers if share != "none" else None).eval()
+    images = torch.randn(2, 3, 32, 32)
+    ids, mask = random_text(2, [6, 9], 9, 1000, eot=999)
+    mmlm.save(model, tmp_path / "ckpt")
+    loaded = mmlm.load(tmp_path / "ckpt").eval()
+    with torch.no_grad():
+        assert torch.equal(model(images, ids, mask), loaded(images, ids, mask))
+        assert torch.equal(model.encode_image(images), loaded.encode_image(images))
+
+
+@pytest.mark.parametrize("share", ["attention", "attention_mlp", "all"])
+@pytest.mark.parametrize("layers", [None, (0, 1)])
+def test_parameter_saving_equals_size_of_shared_parts(share, layers):
+    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    separate = count(mmlm.create_model("clip-shared-tiny", share="none"))
+    shared = mmlm.create_model("clip-shared-tiny", share=share, share_layers=layers)
+    assert separate - count(shared) == shared_size(shared.cfg, share)
+    assert count(shared) == sum(t.numel() for t in shared.state_dict().values())  # nothing stored twice
+
+
+@pytest.mark.parametrize("share", ["attention", "attention_mlp", "all"])
+def test_shared_parameters_get_gradients_from_both_modalities(share):
+    model = mmlm.create_model("clip-shared-tiny", share=share)
+    qkv = model.blocks[0].attn.qkv.weight
+    model.encode_image(torch.randn(2, 3, 32, 32)).sum().backward()
+    g_image = qkv.grad.clone()
+    model.zero_grad()
+    ids, mask = random_text(2, [4, 6], 6, 1000, eot=999)
+    model.encode_text(ids, mask).sum().backward()
+    assert g_image.abs().sum() > 0 and qkv.grad.abs().sum() > 0
+
+
+def test_vit_resamples_positions_for_other_resolutions():
+    vit = mmlm.create_model("vit-b-16").eval()  # built for 224 px
+    with torch.no_grad():
+        tokens = vit.forward_features(torch.randn(1, 3, 288, 288))
+        logits = vit(torch.randn(1, 3, 288, 288))
+    assert tokens.shape == (1, 1 + (288 // 16) ** 2, 768)
+    assert torch.isfinite(logits).all() and logits.shape == (1, 1000)
+
+
+def test_patch_dropout_drops_tokens_only_in_training():
+    vit = mmlm.create_model("vit-tiny", patch_dropout=0.5)
+    images = torch.randn(2, 3, 32, 32)  # 4x4 = 16 patches
+    assert vit.train().forward_features(images).shape[1] == 1 + 8
+    assert vit.eval().forward_features(images).shape[1] == 1 + 16
+
+
+def test_logit_scale_is_capped_at_100():
+    model = mmlm.create_model("clip-tiny")
+    with torch.no_grad():
+        model.logit_scale.fill_(10.0)
+    assert model.scale().item() == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize("preset", ["clip-tiny", "clip-shared-tiny", "vit-tiny", "bert-tiny", "minilm-tiny", "gpt2-tiny"])
+def test_every_family_runs_forward_and_backward(preset):
+    model = mmlm.create_model(preset).train()
+    if isinstance(model, mmlm.CLIP):
+        ids, mask = random_text(4, [5, 7, 3, 8], 8, 1000, eot=999)
+        out = model(torch.randn(4, 3, 32, 32), ids, mask)
+        assert out.shape == (4, 4)
+    elif isinstance(model, mmlm.VisionTransformer):
+        out = model(torch.randn(4, 3, 32, 32))
+        assert out.shape == (4, model.cfg.num_classes)
+    else:
+        ids, mask = random_text(4, [5, 7, 3, 8], 8, 1000, eot=model.cfg.eot_token_id)
+        out = model(ids, mask)
+        assert out.shape == (4, model.cfg.width)
+    out.float().pow(2).mean().backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without gradient: {missing}"
