@@ -193,8 +193,11 @@ def update(cfg: ModelConfig, **overrides: Any) -> ModelConfig:
 PRESETS: dict[str, Callable[[], ModelConfig]] = {}
 
 
-def register(name: str):
+def register(name: str, doc: str | None = None):
+    """Add a preset; ``doc`` (or the function's docstring) is shown by ``mmlm presets``."""
+
     def wrap(fn: Callable[[], ModelConfig]) -> Callable[[], ModelConfig]:
+        fn.__doc__ = doc or fn.__doc__
         PRESETS[name] = fn
         return fn
 
@@ -260,10 +263,10 @@ def _timm_vit(patch_size: int, width: int, depth: int, heads: int, num_classes: 
     )  # fmt: skip
 
 
-register("vit-b-32")(lambda: _timm_vit(32, 768, 12, 12))
-register("vit-b-16")(lambda: _timm_vit(16, 768, 12, 12))
-register("vit-s-16")(lambda: _timm_vit(16, 384, 12, 6))
-register("vit-ti-16")(lambda: _timm_vit(16, 192, 12, 3))
+register("vit-b-32", "timm ViT-B/32, 1000-class head")(lambda: _timm_vit(32, 768, 12, 12))
+register("vit-b-16", "timm ViT-B/16, 1000-class head")(lambda: _timm_vit(16, 768, 12, 12))
+register("vit-s-16", "timm ViT-S/16, 1000-class head")(lambda: _timm_vit(16, 384, 12, 6))
+register("vit-ti-16", "timm ViT-Ti/16, 1000-class head")(lambda: _timm_vit(16, 192, 12, 3))
 
 
 def _bert(width: int = 768, depth: int = 12, heads: int = 12, vocab_size: int = 30522, pool: str = "cls") -> TextConfig:
@@ -274,10 +277,10 @@ def _bert(width: int = 768, depth: int = 12, heads: int = 12, vocab_size: int = 
     )  # fmt: skip
 
 
-register("bert-base")(lambda: _bert())
-register("bert-large")(lambda: _bert(1024, 24, 16))
+register("bert-base", "BERT-base uncased shapes, post-LN")(lambda: _bert())
+register("bert-large", "BERT-large shapes, post-LN")(lambda: _bert(1024, 24, 16))
 # sentence-transformers/all-MiniLM-L6-v2: a 6-layer BERT, width 384, mean pooling
-register("minilm-l6")(lambda: _bert(384, 6, 12, pool="mean"))
+register("minilm-l6", "all-MiniLM-L6-v2 shapes, mean pooling")(lambda: _bert(384, 6, 12, pool="mean"))
 
 
 def _gpt2(width: int = 768, depth: int = 12, heads: int = 12, vocab_size: int = 50257) -> TextConfig:
@@ -288,8 +291,8 @@ def _gpt2(width: int = 768, depth: int = 12, heads: int = 12, vocab_size: int = 
     )  # fmt: skip
 
 
-register("gpt2")(lambda: _gpt2())
-register("gpt2-medium")(lambda: _gpt2(1024, 24, 16))
+register("gpt2", "GPT-2 small (124 M)")(lambda: _gpt2())
+register("gpt2-medium", "GPT-2 medium (355 M)")(lambda: _gpt2(1024, 24, 16))
 
 # ---- tiny presets: same code paths, seconds on a CPU (tests and demos)
 
@@ -298,17 +301,19 @@ _TINY = dict(width=64, depth=2, heads=4)
 
 @register("clip-tiny")
 def _() -> CLIPConfig:
+    """test-size CLIP: 32 px, patch 8, width 64, 2 layers; the real CLIP BPE vocabulary"""
     vision = update(_clip_vision(8, image_size=32), **_TINY)
-    text = update(_clip_text(vocab_size=1000, context_length=32), **_TINY)
+    text = update(_clip_text(context_length=32), **_TINY)
     return CLIPConfig(embed_dim=32, vision=vision, text=text)
 
 
 @register("clip-shared-tiny")
 def _() -> CLIPConfig:
+    """clip-tiny with attention + MLP shared across the towers"""
     return update(PRESETS["clip-tiny"](), share="attention_mlp")
 
 
-register("vit-tiny")(lambda: update(_timm_vit(8, 64, 2, 4, num_classes=10), image_size=32))
-register("bert-tiny")(lambda: update(_bert(vocab_size=1000), context_length=64, **_TINY))
-register("minilm-tiny")(lambda: update(_bert(vocab_size=1000, pool="mean"), context_length=64, **_TINY))
-register("gpt2-tiny")(lambda: update(_gpt2(vocab_size=1000), context_length=64, **_TINY))
+register("vit-tiny", "test-size ViT, 32 px, 10 classes")(lambda: update(_timm_vit(8, 64, 2, 4, num_classes=10), image_size=32))
+register("bert-tiny", "test-size BERT")(lambda: update(_bert(vocab_size=1000), context_length=64, **_TINY))
+register("minilm-tiny", "test-size MiniLM (mean pooling)")(lambda: update(_bert(vocab_size=1000, pool="mean"), context_length=64, **_TINY))
+register("gpt2-tiny", "test-size GPT-2")(lambda: update(_gpt2(vocab_size=1000), context_length=64, **_TINY))

@@ -6,6 +6,8 @@ from mmlm.config import from_name
 
 from conftest import random_text
 
+EOT = from_name("clip-tiny").text.eot_token_id
+
 
 def test_clip_text_embedding_is_independent_of_padding_length():
     model = mmlm.create_model("clip-tiny").eval()
@@ -27,7 +29,7 @@ def test_token_states_do_not_depend_on_padding_12_vs_77(preset):
     cfg = cfg.text if hasattr(cfg, "text") else cfg
     cfg = mmlm.config.update(cfg, width=64, depth=2, heads=4, context_length=77, dropout=0.0, attn_dropout=0.0)
     enc = mmlm.TextEncoder(cfg).eval()
-    ids, mask = random_text(3, [5, 12, 9], 77, 1000, eot=999)
+    ids, mask = random_text(3, [5, 12, 9], 77, 1000, eot=cfg.eot_token_id)
     with torch.no_grad():
         full = enc.forward_features(ids, mask)
         short = enc.forward_features(ids[:, :12], mask[:, :12])
@@ -73,7 +75,7 @@ def shared_size(cfg, share: str) -> int:
 def test_every_share_mode_saves_and_reloads_identically(tmp_path, share, layers):
     model = mmlm.create_model("clip-shared-tiny", share=share, share_layers=layers if share != "none" else None).eval()
     images = torch.randn(2, 3, 32, 32)
-    ids, mask = random_text(2, [6, 9], 9, 1000, eot=999)
+    ids, mask = random_text(2, [6, 9], 9, 1000, eot=EOT)
     mmlm.save(model, tmp_path / "ckpt")
     loaded = mmlm.load(tmp_path / "ckpt").eval()
     with torch.no_grad():
@@ -98,7 +100,7 @@ def test_shared_parameters_get_gradients_from_both_modalities(share):
     model.encode_image(torch.randn(2, 3, 32, 32)).sum().backward()
     g_image = qkv.grad.clone()
     model.zero_grad()
-    ids, mask = random_text(2, [4, 6], 6, 1000, eot=999)
+    ids, mask = random_text(2, [4, 6], 6, 1000, eot=EOT)
     model.encode_text(ids, mask).sum().backward()
     assert g_image.abs().sum() > 0 and qkv.grad.abs().sum() > 0
 
@@ -130,7 +132,7 @@ def test_logit_scale_is_capped_at_100():
 def test_every_family_runs_forward_and_backward(preset):
     model = mmlm.create_model(preset).train()
     if isinstance(model, mmlm.CLIP):
-        ids, mask = random_text(4, [5, 7, 3, 8], 8, 1000, eot=999)
+        ids, mask = random_text(4, [5, 7, 3, 8], 8, 1000, eot=EOT)
         out = model(torch.randn(4, 3, 32, 32), ids, mask)
         assert out.shape == (4, 4)
     elif isinstance(model, mmlm.VisionTransformer):

@@ -1,0 +1,83 @@
+"""The ``mmlm`` command: thin wrappers on typed functions (jsonargparse reads the signatures).
+
+    mmlm demo                     encode the bundled images and captions, print similarities
+    mmlm presets                  list the model presets
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def presets() -> None:
+    """List the model presets with their type and shape."""
+    from mmlm.config import PRESETS, from_name
+
+    for name in sorted(PRESETS):
+        cfg = from_name(name)
+        towers = [cfg.vision, cfg.text] if cfg.model_type == "clip" else [cfg]
+        shape = " + ".join(f"{t.model_type} {t.width}x{t.depth}" for t in towers)
+        print(f"{name:20s} {cfg.model_type:7s} {shape}  {(PRESETS[name].__doc__ or '').strip()}")
+
+
+def demo(
+    preset: str = "clip-tiny",
+    manifest: Path = ASSETS / "captions.csv",
+    checkpoint: Path | None = None,
+    seed: int = 0,
+) -> torch.Tensor:
+    """Encode the bundled photographs and one caption each; print the image-text cosine similarities.
+
+    Args:
+        preset: model preset to build (random weights) when no checkpoint is given.
+        manifest: CSV with ``filepath`` and ``title`` columns (paths relative to the CSV).
+        checkpoint: an mmlm checkpoint folder to load instead of random weights.
+        seed: seed for the random initialisation.
+    """
+    from PIL import Image
+
+    import mmlm
+    from mmlm.data import get_tokenizer, image_transform
+
+    torch.manual_seed(seed)
+    model = (mmlm.load(checkpoint) if checkpoint else mmlm.create_model(preset)).eval()
+    with open(manifest, newline="") as f:
+        rows = list(csv.DictReader(f))
+    first: dict[str, str] = {}
+    for row in rows:  # one caption per image: the first listed
+        first.setdefault(row["filepath"], row["title"])
+    paths, captions = list(first), list(first.values())
+
+    transform = image_transform(model.cfg.vision, train=False)
+    images = torch.stack([transform(Image.open(manifest.parent / p).convert("RGB")) for p in paths])
+    tokens = get_tokenizer("clip", context_length=model.cfg.text.context_length)(captions)
+    with torch.no_grad():
+        sim = model.encode_image(images) @ model.encode_text(tokens["input_ids"], tokens["attention_mask"]).T
+
+    names = [Path(p).stem[:10] for p in paths]
+    print(f"{model.cfg.__class__.__name__} '{preset}': {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(f"cosine similarity, {len(paths)} images (rows) x {len(captions)} captions (columns)")
+    print(" " * 11 + " ".join(f"{i:>5d}" for i in range(len(captions))))
+    for name, row in zip(names, sim):
+        print(f"{name:>10s} " + " ".join(f"{v:5.2f}" for v in row.tolist()))
+    for i, c in enumerate(captions):
+        print(f"  caption {i:2d}: {c}")
+    accuracy = (sim.argmax(1) == torch.arange(len(paths))).float().mean().item()
+    print(f"image->caption top-1: {accuracy:.1%} (chance {1 / len(paths):.1%})")
+    return sim
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jsonargparse import CLI
+
+    CLI([demo, presets], args=sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    main()
