@@ -1,0 +1,122 @@
+"""Contrastive losses that give the same gradients on N ranks as on one big batch.
+
+Each rank computes only its own rows ("local loss") against the columns of every
+rank, gathered *with* gradients; labels are offset by ``rank * B``. Under DDP's
+gradient averaging this is exactly the gradient of the full-batch loss: the
+all-gather's backward sums what every rank's loss sends to a rank's features.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the default process group, (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient and keeps this rank's slice.
+
+    all_reduce works on every backend (gloo has no reduce_scatter), and one collective per
+    direction keeps the ranks' collective order identical.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        rank, size = dist.get_rank(), dist.get_world_size()
+        return grad.chunk(size, dim=0)[rank]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from every rank along dim 0, keeping the autograd graph; (world * B, ...)."""
+    return x if world()[1] == 1 else _GatherWithGrad.apply(x)
+
+
+def gather_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather two (B, D) feature sets in one collective."""
+    if world()[1] == 1:
+        return a, b
+    both = gather_with_grad(torch.cat([a, b], dim=-1))
+    return both[:, : a.shape[-1]], both[:, a.shape[-1] :]
+
+
+def clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Symmetric InfoNCE of CLIP over the global batch: mean of image->text and text->image CE.
+
+    Features are this rank's (B, D), L2-normalised; ``logit_scale`` is already exp()'d.
+    """
+    rank, _ = world()
+    all_images, all_texts = gather_pair(image_features, text_features)
+    logits_per_image = logit_scale * image_features @ all_texts.T  # (B, world * B)
+    logits_per_text = logit_scale * text_features @ all_images.T
+    if logit_bias is not None:
+        logits_per_image, logits_per_text = logits_per_image + logit_bias, logits_per_text + logit_bias
+    labels = torch.arange(image_features.shape[0], device=image_features.device) + rank * image_features.shape[0]
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Sigmoid loss of SigLIP: every image-text pair is a binary problem, +1 on the diagonal.
+
+    Summed over this rank's rows and all ranks' columns, divided by the local batch size,
+    as in big_vision and OpenCLIP. Gathering the texts (one all-gather) replaces
+    OpenCLIP's ring exchange; the gradients are the same.
+    """
+    rank, _ = world()
+    B = image_features.shape[0]
+    all_texts = gather_with_grad(text_features)
+    logits = logit_scale * image_features @ all_texts.T  # (B, world * B)
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    labels = -torch.ones_like(logits)
+    labels[:, rank * B : (rank + 1) * B] += 2 * torch.eye(B, device=logits.device, dtype=logits.dtype)
+    return -F.logsigmoid(labels * logits).sum() / B
+
+
+LOSSES = {"clip": clip_loss, "siglip": siglip_loss}
+
+
+class ContrastiveLoss(nn.Module):
+    """``clip`` or ``siglip`` loss by name; a module so tasks can hold and swap it."""
+
+    def __init__(self, kind: str = "clip"):
+        super().__init__()
+        if kind not in LOSSES:
+            raise ValueError(f"unknown contrastive loss {kind!r}; choose from {sorted(LOSSES)}")
+        self.kind = kind
+
+    def forward(self, image_features, text_features, logit_scale, logit_bias=None) -> torch.Tensor:
+        return LOSSES[self.kind](image_features, text_features, logit_scale, logit_bias)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the student's image->text and text->image logits against the teacher's softmax."""
+    def ce(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return -(t.softmax(-1) * s.log_softmax(-1)).sum(-1).mean()
+
+    return (ce(student_logits, teacher_logits) + ce(student_logits.T, teacher_logits.T)) / 2
