@@ -1,7 +1,8 @@
 """The ``mmlm`` command: thin wrappers on typed functions (jsonargparse reads the signatures).
 
-    mmlm demo                     encode the bundled images and captions, print similarities
-    mmlm presets                  list the model presets
+    mmlm fit|validate|test|predict --config FILE   LightningCLI: model and data are class_path choices
+    mmlm demo                                      encode the bundled images and captions, print similarities
+    mmlm presets                                   list the model presets
 """
 
 from __future__ import annotations
@@ -73,10 +74,37 @@ def demo(
     return sim
 
 
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def lightning_cli(args: list[str] | None = None, run: bool = True):
+    """LightningCLI over every mmlm task and data module (``class_path`` in the YAML)."""
+    import lightning as L
+    from lightning.pytorch.cli import LightningCLI
+
+    import mmlm.data  # noqa: F401  (registers the data modules as subclasses)
+    import mmlm.tasks  # noqa: F401
+
+    return LightningCLI(
+        L.LightningModule,
+        L.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,  # tasks build their own optimizer and warmup + cosine schedule
+        save_config_kwargs={"overwrite": True},
+        args=args,
+        run=run,
+    )
+
+
 def main(argv: list[str] | None = None) -> None:
     from jsonargparse import CLI
 
-    CLI([demo, presets], args=sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] in LIGHTNING_COMMANDS:
+        lightning_cli(argv)  # None: LightningCLI reads sys.argv itself
+    else:
+        CLI([demo, presets], args=args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,18 @@
+"""LightningModules: contrastive alignment, language pretraining and fine-tuning."""
+
+from mmlm.tasks.base import Task, adamw, warmup_cosine
+from mmlm.tasks.contrastive import ContrastiveAlignment
+from mmlm.tasks.finetune import ImageClassification, QuestionAnswering, TextClassification, TokenClassification
+from mmlm.tasks.pretrain import LanguagePretraining
+
+__all__ = [
+    "ContrastiveAlignment",
+    "ImageClassification",
+    "LanguagePretraining",
+    "QuestionAnswering",
+    "Task",
+    "TextClassification",
+    "TokenClassification",
+    "adamw",
+    "warmup_cosine",
+]

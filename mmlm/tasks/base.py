@@ -1,0 +1,79 @@
+"""What every mmlm LightningModule shares: building its model, the optimizer and the LR schedule.
+
+The schedule is linear warmup then cosine decay sized from ``trainer.max_steps``.
+Reading ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` would drop
+the saved dataloader state on resume (Lightning #20550), so runs must set max_steps.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import nn
+
+
+def adamw(params: Iterable[Any], lr: float = 5e-4, weight_decay: float = 0.1, betas=(0.9, 0.98), eps: float = 1e-6):
+    """AdamW with CLIP's betas and eps; the default optimizer of every task."""
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
+
+
+def build_model(model: str | Path, overrides: dict[str, Any] | None = None) -> nn.Module:
+    """A preset name (random init), an mmlm checkpoint folder or any checkpoint ``load_pretrained`` reads."""
+    import mmlm
+    from mmlm.config import PRESETS
+
+    if isinstance(model, str) and model in PRESETS:
+        return mmlm.create_model(model, **(overrides or {}))
+    if overrides:
+        raise ValueError("model_overrides apply to presets only, not to a checkpoint")
+    return mmlm.load_pretrained(model)
+
+
+def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float = 0.0) -> float:
+    """LR multiplier: 0 -> 1 linearly over ``warmup_steps``, then cosine down to ``min_ratio``."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class Task(L.LightningModule):
+    """Base class: subclasses set ``self.model`` and implement the steps.
+
+    ``optimizer`` is any callable taking parameter groups; in YAML a ``class_path`` such as
+    ``torch.optim.AdamW`` with ``init_args``.
+    """
+
+    def __init__(
+        self,
+        optimizer: OptimizerCallable = adamw,
+        warmup_steps: int = 0,
+        min_lr_ratio: float = 0.0,
+    ):
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.warmup_steps = warmup_steps
+        self.min_lr_ratio = min_lr_ratio
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Weight decay on matrices only: biases, norms, scales and tokens (ndim < 2) are not decayed."""
+        decay, no_decay = [], []
+        for p in self.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.param_groups())
+        max_steps = self.trainer.max_steps
+        if max_steps is None or max_steps < 0:
+            raise ValueError("set trainer.max_steps: the warmup + cosine schedule is sized from it")
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: warmup_cosine(step, self.warmup_steps, max_steps, self.min_lr_ratio)
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
