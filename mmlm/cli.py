@@ -84,6 +84,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
 
     import mmlm.data  # noqa: F401  (registers the data modules as subclasses)
     import mmlm.tasks  # noqa: F401
+    from mmlm.callbacks import RestoreRNG
 
     return LightningCLI(
         L.LightningModule,
@@ -92,6 +93,7 @@ def lightning_cli(args: list[str] | None = None, run: bool = True):
         subclass_mode_data=True,
         auto_configure_optimizers=False,  # tasks build their own optimizer and warmup + cosine schedule
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [RestoreRNG()]},
         args=args,
         run=run,
     )

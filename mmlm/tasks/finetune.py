@@ -34,6 +34,14 @@ def tower(model: str, overrides: dict[str, Any] | None, kind: type[nn.Module]) -
     return loaded
 
 
+def accuracy_per_stage(num_classes: int) -> nn.ModuleDict:
+    # keys are not "train" / "val": a ModuleDict key may not shadow Module.train
+    return nn.ModuleDict(
+        {f"{s}_accuracy": torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro")
+         for s in ("train", "val")}
+    )  # fmt: skip
+
+
 class _FineTune(Task):
     """Shared: linear probe (frozen encoder in eval mode) and the data module's class count check."""
 
@@ -59,7 +67,29 @@ class _FineTune(Task):
             raise ValueError(f"the data has {expected} classes, the task num_classes={self.hparams.num_classes}")
 
 
-class ImageClassification(_FineTune):
+class _Classification(_FineTune):
+    """One label per sample: cross-entropy and accuracy; subclasses give ``logits(batch)``."""
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        logits = self.logits(batch)
+        loss = F.cross_entropy(logits, batch["label"])
+        accuracy = self.accuracy[f"{stage}_accuracy"]
+        accuracy(logits, batch["label"])
+        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train")
+        self.log(f"{stage}/accuracy", accuracy, on_step=False, on_epoch=True, prog_bar=stage == "val")
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train")
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val")
+
+
+class ImageClassification(_Classification):
     """Fine-tune or linearly probe an image tower (ViT, or a CLIP's visual tower).
 
     Args:
@@ -87,29 +117,16 @@ class ImageClassification(_FineTune):
         self.encoder = tower(model, model_overrides, VisionTransformer)
         self.head = nn.Linear(self.encoder.cfg.width, num_classes)
         self.freeze_if_probe()
-        self.accuracy = nn.ModuleDict(
-            {s: torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro") for s in ("train", "val")}
-        )
+        self.accuracy = accuracy_per_stage(num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(images))  # (B, num_classes)
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        logits = self(batch["image"])
-        loss = F.cross_entropy(logits, batch["label"])
-        self.accuracy[stage](logits, batch["label"])
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train")
-        self.log(f"{stage}/accuracy", self.accuracy[stage], on_step=False, on_epoch=True, prog_bar=stage == "val")
-        return loss
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self(batch["image"])
 
 
-class TextClassification(_FineTune):
+class TextClassification(_Classification):
     """Sequence classification on the pooled output of a text tower (BERT, MiniLM, GPT-2, CLIP text).
 
     Args:
@@ -139,26 +156,13 @@ class TextClassification(_FineTune):
         self.encoder = tower(model, model_overrides, TextEncoder)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.encoder.cfg.width, num_classes))
         self.freeze_if_probe()
-        self.accuracy = nn.ModuleDict(
-            {s: torchmetrics.classification.MulticlassAccuracy(num_classes, average="micro") for s in ("train", "val")}
-        )
+        self.accuracy = accuracy_per_stage(num_classes)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
         return self.head(self.encoder(input_ids, attention_mask, token_type_ids))  # (B, num_classes)
 
-    def _step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
-        logits = self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
-        loss = F.cross_entropy(logits, batch["label"])
-        self.accuracy[stage](logits, batch["label"])
-        self.log(f"{stage}/loss", loss, prog_bar=True, sync_dist=stage != "train")
-        self.log(f"{stage}/accuracy", self.accuracy[stage], on_step=False, on_epoch=True, prog_bar=stage == "val")
-        return loss
-
-    def training_step(self, batch, batch_idx):
-        return self._step(batch, "train")
-
-    def validation_step(self, batch, batch_idx):
-        self._step(batch, "val")
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
 
 
 class TokenClassification(_FineTune):
