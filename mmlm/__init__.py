@@ -2,7 +2,9 @@
 
 from mmlm.checkpoint import load, save
 from mmlm.config import CLIPConfig, TextConfig, VisionConfig, from_name, list_presets
-from mmlm.models import CLIP, TextEncoder, VisionTransformer, create_model
+from mmlm.models import CLIP, TextEncoder, TextWithHeads, VisionTransformer, create_model
+# mmlm.convert is the converters' package; the convert(src, dst, to) entry point is mmlm.pretrained.convert
+from mmlm.pretrained import export_hf_clip, load_pretrained
 
 __version__ = "0.1.0"
 
@@ -11,11 +13,14 @@ __all__ = [
     "CLIPConfig",
     "TextConfig",
     "TextEncoder",
+    "TextWithHeads",
     "VisionConfig",
     "VisionTransformer",
     "create_model",
+    "export_hf_clip",
     "from_name",
     "list_presets",
     "load",
+    "load_pretrained",
     "save",
 ]

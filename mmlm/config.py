@@ -142,8 +142,39 @@ class CLIPConfig:
         return self.share_layers if self.share_layers is not None else (0, self.vision.depth)
 
 
-ModelConfig = Union[CLIPConfig, TextConfig, VisionConfig]
-CONFIG_TYPES: dict[str, type] = {"clip": CLIPConfig, "text": TextConfig, "vision": VisionConfig}
+TextHead = Literal["pooler", "mlm", "nsp", "clm"]
+
+
+@dataclass
+class TextWithHeadsConfig:
+    """A TextEncoder plus the task heads its checkpoint came with (BERT pretraining, GPT-2 LM)."""
+
+    text: TextConfig = field(default_factory=TextConfig)
+    # pooler: BERT dense+tanh on [CLS]; mlm: tied masked-LM head; nsp: 2-way on the pooler; clm: tied LM head
+    heads: tuple[TextHead, ...] = ("mlm",)
+
+    @property
+    def model_type(self) -> str:
+        return "text_heads"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.text, dict):
+            self.text = TextConfig(**self.text)
+        self.heads = tuple(self.heads)
+        unknown = set(self.heads) - {"pooler", "mlm", "nsp", "clm"}
+        if unknown:
+            raise ValueError(f"unknown text head(s) {sorted(unknown)}; known: pooler, mlm, nsp, clm")
+        if "nsp" in self.heads and "pooler" not in self.heads:
+            raise ValueError("the nsp head reads the pooler output: add 'pooler' to heads")
+
+
+ModelConfig = Union[CLIPConfig, TextConfig, VisionConfig, TextWithHeadsConfig]
+CONFIG_TYPES: dict[str, type] = {
+    "clip": CLIPConfig,
+    "text": TextConfig,
+    "vision": VisionConfig,
+    "text_heads": TextWithHeadsConfig,
+}
 
 
 def to_dict(cfg: ModelConfig) -> dict[str, Any]:

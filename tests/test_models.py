@@ -4,7 +4,7 @@ import torch
 import mmlm
 from mmlm.config import from_name
 
-from conftest import random_text
+from _text import random_text
 
 EOT = from_name("clip-tiny").text.eot_token_id
 

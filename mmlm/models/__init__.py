@@ -6,12 +6,18 @@ from typing import Any
 
 from torch import nn
 
-from mmlm.config import CLIPConfig, ModelConfig, TextConfig, VisionConfig, from_name, update
+from mmlm.config import CLIPConfig, ModelConfig, TextConfig, TextWithHeadsConfig, VisionConfig, from_name, update
 from mmlm.models.clip import CLIP
+from mmlm.models.heads import TextWithHeads
 from mmlm.models.text import TextEncoder
 from mmlm.models.vision import VisionTransformer
 
-MODEL_TYPES: dict[type, type[nn.Module]] = {CLIPConfig: CLIP, TextConfig: TextEncoder, VisionConfig: VisionTransformer}
+MODEL_TYPES: dict[type, type[nn.Module]] = {
+    CLIPConfig: CLIP,
+    TextConfig: TextEncoder,
+    VisionConfig: VisionTransformer,
+    TextWithHeadsConfig: TextWithHeads,
+}
 
 
 def create_model(name_or_config: str | ModelConfig, **overrides: Any) -> nn.Module:
@@ -26,4 +32,4 @@ def create_model(name_or_config: str | ModelConfig, **overrides: Any) -> nn.Modu
     return MODEL_TYPES[type(cfg)](cfg)
 
 
-__all__ = ["CLIP", "TextEncoder", "VisionTransformer", "create_model"]
+__all__ = ["CLIP", "TextEncoder", "TextWithHeads", "VisionTransformer", "create_model"]

@@ -68,6 +68,15 @@ class Task(L.LightningModule):
                 (decay if p.ndim >= 2 else no_decay).append(p)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
+    def on_fit_end(self) -> None:
+        """Print the last validation metrics, so a finished run ends with its result."""
+        metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}
+        if metrics and self.trainer.is_global_zero:
+            width = max(map(len, metrics))
+            print(f"\nvalidation after {self.trainer.global_step} steps:")
+            for name, value in sorted(metrics.items()):
+                print(f"  {name:<{width}}  {value:.4f}")
+
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.param_groups())
         max_steps = self.trainer.max_steps
