@@ -1,6 +1,8 @@
 """The ``mmlm`` command: thin wrappers on typed functions (jsonargparse reads the signatures).
 
     mmlm fit|validate|test|predict --config FILE   LightningCLI: model and data are class_path choices
+    mmlm convert SRC DST [--to mmlm|hf]            any checkpoint load_pretrained reads -> mmlm / transformers
+    mmlm tokenizer train '[FILE, ...]' --vocab_size N --out DIR
     mmlm demo                                      encode the bundled images and captions, print similarities
     mmlm presets                                   list the model presets
 """
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import sys
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -74,6 +77,38 @@ def demo(
     return sim
 
 
+def convert(src: Path, dst: Path, to: Literal["mmlm", "hf"] = "mmlm", act: str | None = None) -> None:
+    """Convert a checkpoint (HF, OpenAI / OpenCLIP, timm, sentence-transformers, mmlm) to mmlm or transformers.
+
+    Args:
+        src: checkpoint file or folder.
+        dst: output folder.
+        to: ``mmlm`` (safetensors + config.json) or ``hf`` (a transformers CLIPModel folder; CLIP only).
+        act: MLP activation of an OpenAI / OpenCLIP file when it cannot be detected (``quick_gelu`` or ``gelu``).
+    """
+    from mmlm.pretrained import convert as run
+
+    kwargs = {"act": act} if act else {}
+    print(f"wrote {run(src, dst, to, **kwargs)}")
+
+
+def train_tokenizer(
+    files: list[Path], vocab_size: int = 8000, out: Path = Path("tokenizer"), kind: Literal["wordpiece", "bpe"] = "wordpiece"
+) -> None:
+    """Train a WordPiece (BERT) or byte-level BPE (GPT-2) tokenizer and save it as a tokenizer.json folder.
+
+    Args:
+        files: plain-text files.
+        vocab_size: target vocabulary size, special tokens included.
+        out: output folder (loads with ``mmlm.get_tokenizer(out)`` or transformers' ``AutoTokenizer``).
+        kind: ``wordpiece`` or ``bpe``.
+    """
+    from mmlm.data import train_tokenizer as train
+
+    tok = train(files, vocab_size, out, kind)
+    print(f"{kind} tokenizer with {tok.vocab_size} tokens written to {out}")
+
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -106,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] in LIGHTNING_COMMANDS:
         lightning_cli(argv)  # None: LightningCLI reads sys.argv itself
     else:
-        CLI([demo, presets], args=args)
+        CLI({"convert": convert, "demo": demo, "presets": presets, "tokenizer": {"train": train_tokenizer}}, args=args)
 
 
 if __name__ == "__main__":
