@@ -31,7 +31,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 log = logging.getLogger("mmlm.data")
 
@@ -221,39 +222,58 @@ class SkipStats:
         )
 
 
-class SkippingDataLoader(DataLoader):
-    """A DataLoader that drops the Skip records its collator left in each batch.
+class SkippingDataLoader(StatefulDataLoader):
+    """A resumable DataLoader that drops the Skip records its collator left in each batch.
 
     Takes every DataLoader argument plus ``stats`` (a :class:`SkipStats`, shared
     when Lightning re-creates the loader to add a distributed sampler). Batches
     whose samples were all bad are not yielded. At the end of each full pass (just
-    before its last batch is handed out) the per-reason counts are logged and kept
-    in ``stats.history``; a pass without a single good sample raises.
+    before its last batch is handed out: a loop that stops after ``len(loader)``
+    batches, as Lightning's does, never asks for the StopIteration) the per-reason
+    counts are logged and kept in ``stats.history``; a pass without a single good
+    sample raises.
+
+    It is torchdata's ``StatefulDataLoader``: Lightning saves ``state_dict()`` in
+    every checkpoint, and a resumed run continues mid-epoch with the very batches
+    the interrupted one had not yet seen.
     """
 
     def __init__(self, *args: Any, stats: SkipStats | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.stats = stats if stats is not None else SkipStats()
-        self._epoch = 0
+        self._epoch = -1  # epoch of the running pass
+        self._fetched = 0  # batches drawn in the running pass
+        self._resume = False  # the next pass continues a restored one
 
     def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
+        if not self._resume:
+            self._epoch, self._fetched = self._epoch + 1, 0
+        self._resume = False
         # Non-persistent workers copy the dataset at iter() time, so this reaches them.
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self._epoch)
-        self._epoch += 1
         self.stats.start_epoch()
-        # One batch of look-ahead: a loop that stops after len(loader) batches (Lightning
-        # does) never asks for the StopIteration, so the epoch is closed before the last batch.
-        pending = None
+        try:
+            total: int | None = len(self)
+        except TypeError:  # an iterable dataset without a length: the StopIteration ends the pass
+            total = None
+        ended = False
         for batch in super().__iter__():
+            self._fetched += 1
             skips = batch.pop(SKIPPED, ()) if isinstance(batch, dict) else ()
             n = batch_len(batch) if isinstance(batch, dict) else 1
             self.stats.add(skips, n)
-            if n == 0:
-                continue
-            if pending is not None:
-                yield pending
-            pending = batch
-        self.stats.end_epoch()
-        if pending is not None:
-            yield pending
+            if total is not None and self._fetched >= total:
+                self.stats.end_epoch()
+                ended = True
+            if n:
+                yield batch
+        if not ended:
+            self.stats.end_epoch()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"loader": super().state_dict(), "epoch": self._epoch, "fetched": self._fetched}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict["loader"])
+        self._epoch, self._fetched, self._resume = state_dict["epoch"], state_dict["fetched"], True
