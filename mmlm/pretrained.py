@@ -40,6 +40,7 @@ from mmlm.config import Activation, CLIPConfig, ModelConfig, TextWithHeadsConfig
 from mmlm.convert import hf_bert, hf_clip, hf_gpt2, hf_vit, openclip, timm_vit
 from mmlm.convert.common import ConversionError, StateDict
 from mmlm.models import CLIP, TextWithHeads, VisionTransformer, create_model
+from mmlm.paths import resolve
 
 SAFE_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors")
 PICKLED_WEIGHTS = ("pytorch_model.bin", "open_clip_pytorch_model.bin")
@@ -176,7 +177,8 @@ def load_pretrained(
     """Load any supported checkpoint (see the module docstring) into an mmlm model, in eval mode.
 
     Args:
-        path: a checkpoint folder or a single weights file.
+        path: a checkpoint folder or a single weights file (``package:NAME/...`` for a folder
+            inside an installed package).
         act: the MLP activation, for formats that do not record it (OpenAI/OpenCLIP state
             dicts: detected from open_clip_config.json, a ``quickgelu`` file name, or OpenAI's
             own keys; otherwise OpenCLIP's default ``gelu``, with a warning).
@@ -186,7 +188,7 @@ def load_pretrained(
         overrides: config fields the files cannot tell, as for ``mmlm.config.update``
             (e.g. ``heads=16`` for a timm ViT with 80-wide heads, ``**{"vision.heads": 16}``).
     """
-    path = Path(path)
+    path = resolve(path)
     if path.is_file() and path.name in SAFE_WEIGHTS + PICKLED_WEIGHTS and (path.parent / "config.json").is_file():
         path = path.parent
     fmt = detect_format(path)

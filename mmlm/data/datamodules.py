@@ -354,6 +354,7 @@ class LanguageModelingDataModule(_TextDataModule):
             context length, else the tokenizer's ``model_max_length``.
         mlm_probability: share of tokens to predict (80% [MASK], 10% random, 10% kept).
         text_key: JSONL field with the document text.
+        val_fraction: hold out this share of ``train_data``'s documents (its last ones) as validation.
         batch_size: sequences per batch and rank.
         num_workers: DataLoader worker processes.
         drop_last: drop the last partial training batch.
@@ -370,6 +371,7 @@ class LanguageModelingDataModule(_TextDataModule):
         max_length: int | None = None,
         mlm_probability: float = 0.15,
         text_key: str = "text",
+        val_fraction: float = 0.0,
         batch_size: int = 32,
         num_workers: int = 2,
         drop_last: bool = True,
@@ -377,7 +379,10 @@ class LanguageModelingDataModule(_TextDataModule):
     ) -> None:
         super().__init__(tokenizer, preset, max_length, batch_size, num_workers, drop_last, seed)
         self.save_hyperparameters()
+        if val_fraction and val_data:
+            raise ValueError("give val_data or val_fraction, not both")
         self.sources = {"train": train_data, "val": val_data, "test": None}
+        self.val_fraction = val_fraction
         self.objective = objective
         self.mlm_probability = mlm_probability
         self.text_key = text_key
@@ -387,12 +392,24 @@ class LanguageModelingDataModule(_TextDataModule):
             return CLMCollator(self.tokenizer.pad_token_id)
         return MLMCollator(self.tokenizer, self.mlm_probability, context_length=self.max_length)
 
+    def _documents(self, split: Stage) -> list[str] | None:
+        """The split's documents; with ``val_fraction`` the last documents of the training corpus are held out."""
+        source = self.sources[split]
+        if self.val_fraction and split in ("train", "val"):
+            docs = read_documents(self.sources["train"], self.text_key)
+            cut = len(docs) - max(1, round(len(docs) * self.val_fraction))
+            held_out = docs[cut:]
+            if split == "val":
+                return held_out
+            seen = set(held_out)  # a corpus may repeat a document: keep every copy out of training
+            return [d for d in docs[:cut] if d not in seen]
+        return None if source is None else read_documents(source, self.text_key)
+
     def setup(self, stage: str | None = None) -> None:
         for split in _stages(stage):
-            source = self.sources[split]
-            if source is None or split in self.datasets:
+            docs = self._documents(split)
+            if docs is None or split in self.datasets:
                 continue
-            docs = read_documents(source, self.text_key)
             if self.objective == "clm":
                 self.datasets[split] = CLMDataset(docs, self.tokenizer, self.max_length)
             elif self.objective == "mlm_nsp":

@@ -26,6 +26,7 @@ from tokenizers import Encoding, Regex, decoders, models, normalizers, pre_token
 from tokenizers import Tokenizer as Backend
 
 from mmlm.config import PRESETS
+from mmlm.paths import resolve
 
 ROLES = ("pad", "unk", "cls", "sep", "mask", "bos", "eos")
 CLIP_NAMES = ("clip", "clip-bpe", "openai-clip")
@@ -246,14 +247,15 @@ def get_tokenizer(name_or_path: str | Path, context_length: int | None = None) -
             preset name such as ``"clip-vit-b-32"``) for the CLIP BPE; otherwise a
             folder holding ``tokenizer.json`` (+ ``tokenizer_config.json``), a
             ``tokenizer.json`` file, or a folder ``transformers.AutoTokenizer`` can
-            read offline (e.g. only ``vocab.txt``).
+            read offline (e.g. only ``vocab.txt``); ``package:NAME/...`` for a folder
+            inside an installed package.
         context_length: truncation length, special tokens included. Default: 77 for
             CLIP, else ``model_max_length`` from ``tokenizer_config.json`` (if any).
     """
     name = str(name_or_path)
     if name.lower() in CLIP_NAMES or _is_clip_preset(name):
         return clip_tokenizer(context_length or 77)
-    path = Path(name).expanduser()
+    path = resolve(name)
     if not path.exists() and not path.is_absolute() and (ASSETS.parent / path).exists():
         path = ASSETS.parent / path  # "assets/tokenizer" from any working directory
     if path.is_file() and path.suffix == ".json":

@@ -16,6 +16,7 @@ from mmlm.data import (
     ImageTextDataModule,
     LanguageModelingDataModule,
     digits_image_text,
+    read_documents,
 )
 
 
@@ -170,3 +171,12 @@ def test_ddp_ranks_split_the_samples_and_count_their_bad_ones(tmp_path, assets, 
     else:  # every slot filled: both ranks train on batches of 2, 2, 1; a bad file drawn again counts again
         assert [r["sizes"] for r in ranks] == [[2, 2, 1]] * 2 and [r["good"] for r in ranks] == [5, 5]
         assert set(total) == set(BAD_ROWS) and all(total[k] >= n for k, n in BAD_ROWS.items())
+
+
+def test_val_fraction_holds_out_the_last_documents(assets):
+    dm = LanguageModelingDataModule(train_data=str(assets / "corpus.txt"), objective="mlm", val_fraction=0.1,
+                                    max_length=48, batch_size=8, num_workers=0)  # fmt: skip
+    docs = read_documents(assets / "corpus.txt")
+    train, val = dm._documents("train"), dm._documents("val")
+    assert val == docs[-len(val):] and len(val) == round(len(docs) * 0.1)
+    assert not set(val) & set(train) and set(train) | set(val) == set(docs)  # the corpus repeats some documents
