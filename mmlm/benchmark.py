@@ -29,7 +29,6 @@ it alone. ``load_clip_benchmark`` is such a loader for every model mmlm reads::
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal, Sequence
@@ -173,7 +172,7 @@ class ImageCaptions(Dataset):
         skips = [c for c in checked if isinstance(c, Skip)]
         captions = [c for c in checked if not isinstance(c, Skip)]
         image = load_image(path) if captions else None
-        if not isinstance(image, Image_):
+        if image is None or isinstance(image, Skip):
             return skips + ([image] if isinstance(image, Skip) else [])
         item = {"image": self.transform(image) if self.transform else image, "captions": captions}
         return {**item, SKIPPED: skips} if skips else item
@@ -254,6 +253,10 @@ class _Mapped(Dataset):
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         return self.fn(self.dataset[idx])
+
+
+def _one_caption(sample: dict[str, Any]) -> dict[str, Any]:
+    return {"image": sample["image"], "captions": [sample["text"]]}
 
 
 def find_shards(spec: str | Path, split: str = "test") -> tuple[list[str], Path] | None:
@@ -344,8 +347,8 @@ def retrieval_data(
     """
     text = str(spec)
     if text == "digits":
-        ds = _Mapped(digits_image_text(split, transform=transform), lambda s: {"image": s["image"], "captions": [s["text"]]})  # type: ignore[arg-type]
-        return EvalData(ds, collate_image_captions)
+        digits = digits_image_text(split, transform=transform)  # type: ignore[arg-type]
+        return EvalData(_Mapped(digits, _one_caption), collate_image_captions)
     shards = find_shards(spec, split)
     if shards is not None:
         return EvalData(EvalShards(shards[0], transform, "captions", caption_key or "caption"), collate_image_captions)

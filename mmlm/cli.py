@@ -109,6 +109,124 @@ def train_tokenizer(
     print(f"{kind} tokenizer with {tok.vocab_size} tokens written to {out}")
 
 
+def zeroshot(
+    model: str,
+    dataset: str = "digits",
+    classnames: Path | None = None,
+    templates: str | None = None,
+    split: str = "test",
+    output: Path | None = None,
+    confusion_matrix: Path | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str = "cpu",
+    act: Literal["gelu", "quick_gelu"] | None = None,
+    tokenizer: str | None = None,
+    image_key: str = "filepath",
+    label_key: str = "label",
+    language: str = "en",
+    seed: int = 0,
+) -> dict:
+    """Zero-shot classification: acc1, acc5, mean per-class recall, printed as CLIP_benchmark's result JSON.
+
+    Args:
+        model: an mmlm checkpoint folder, anything ``mmlm.load_pretrained`` reads (OpenCLIP / OpenAI
+            state dict, transformers CLIP folder), or a preset name (random weights, for smoke tests).
+        dataset: ``digits``, an ImageFolder, a CSV / TSV / JSONL manifest, WebDataset shards
+            (``data/{0..9}.tar``, image + ``cls``) or a CLIP_benchmark ``wds`` folder.
+        classnames: file with one class name per line, in label order; default: the dataset's.
+        templates: ``simple``, ``openai`` (the 80 CLIP ImageNet prompts), ``digits``, or a file with one
+            template per line (``{}`` or ``{c}`` marks the class); default: the dataset's own, else ``openai``.
+        split: ``train`` or ``test`` for digits and CLIP_benchmark folders.
+        output: write the result JSON here too.
+        confusion_matrix: write the confusion matrix here (PNG).
+        batch_size: images per forward pass.
+        num_workers: DataLoader workers reading images.
+        device: ``cpu``, ``cuda``, ``cuda:1``, ...
+        act: MLP activation of an OpenAI / OpenCLIP state dict when it cannot be detected.
+        tokenizer: tokenizer name or folder; default: the checkpoint's, else the CLIP BPE.
+        image_key: manifest column with the image path.
+        label_key: manifest column with the label (class name or integer).
+        language: the ``language`` field of the result.
+        seed: seed of a preset's random weights.
+    """
+    from mmlm import benchmark
+    from mmlm.data import image_transform
+    from mmlm.zeroshot import OPENAI_IMAGENET_TEMPLATES, load_classnames, load_templates, save_confusion_matrix, zero_shot_classify
+
+    net = benchmark.load_model(model, act, device, seed)
+    tok = benchmark.model_tokenizer(net, tokenizer, model if Path(model).is_dir() else None)
+    names = load_classnames(classnames) if classnames is not None else None
+    data = benchmark.classification_data(dataset, image_transform(net.cfg.vision, train=False), split, names,
+                                         image_key, label_key)  # fmt: skip
+    if not data.classes:
+        raise ValueError(f"{dataset} does not name its classes: give --classnames")
+    prompts = load_templates(templates) if templates else data.templates or list(OPENAI_IMAGENET_TEMPLATES)
+    metrics, logits, labels = zero_shot_classify(net, tok, data.loader(batch_size, num_workers), data.classes, prompts, device)
+    if confusion_matrix is not None:
+        save_confusion_matrix(labels, logits.argmax(1), data.classes, confusion_matrix)
+    result = benchmark.benchmark_result(dataset, *benchmark.describe_model(model, seed), "zeroshot_classification",
+                                        metrics, language)  # fmt: skip
+    benchmark.write_result(result, output)
+    return result
+
+
+def eval_retrieval(
+    model: str,
+    dataset: str = "digits",
+    split: str = "test",
+    output: Path | None = None,
+    ks: list[int] = [1, 5, 10],  # noqa: B006 (jsonargparse reads the default; never mutated)
+    batch_size: int = 64,
+    chunk_size: int = 1024,
+    num_workers: int = 0,
+    device: str = "cpu",
+    act: Literal["gelu", "quick_gelu"] | None = None,
+    tokenizer: str | None = None,
+    image_key: str = "filepath",
+    caption_key: str | None = None,
+    language: str = "en",
+    seed: int = 0,
+) -> dict:
+    """Image-text retrieval: recall@k, mean and median rank both ways, as CLIP_benchmark's result JSON.
+
+    Several captions per image count an image query as a hit when any of its captions is in the
+    top k. Scores are computed ``chunk_size`` query rows at a time, never as the full matrix.
+
+    Args:
+        model: an mmlm checkpoint folder, anything ``mmlm.load_pretrained`` reads, or a preset name
+            (random weights, for smoke tests).
+        dataset: ``digits``, a CSV / TSV / JSONL manifest (one row per caption; repeat the image path
+            for more captions), WebDataset shards (image + ``txt`` lines or ``json`` captions) or a
+            CLIP_benchmark ``wds`` folder.
+        split: ``train`` or ``test`` for digits and CLIP_benchmark folders.
+        output: write the result JSON here too.
+        ks: the k of recall@k.
+        batch_size: images per forward pass.
+        chunk_size: query rows scored at a time (memory: chunk_size x max(images, texts) floats).
+        num_workers: DataLoader workers reading images.
+        device: ``cpu``, ``cuda``, ...
+        act: MLP activation of an OpenAI / OpenCLIP state dict when it cannot be detected.
+        tokenizer: tokenizer name or folder; default: the checkpoint's, else the CLIP BPE.
+        image_key: manifest column with the image path.
+        caption_key: manifest column (default ``title``) or shard json field (default ``caption``).
+        language: the ``language`` field of the result.
+        seed: seed of a preset's random weights.
+    """
+    from mmlm import benchmark
+    from mmlm.data import image_transform
+    from mmlm.retrieval import evaluate_retrieval
+
+    net = benchmark.load_model(model, act, device, seed)
+    tok = benchmark.model_tokenizer(net, tokenizer, model if Path(model).is_dir() else None)
+    data = benchmark.retrieval_data(dataset, image_transform(net.cfg.vision, train=False), split, image_key, caption_key)
+    metrics = evaluate_retrieval(net, tok, data.loader(batch_size, num_workers), device, tuple(ks), chunk_size)
+    result = benchmark.benchmark_result(dataset, *benchmark.describe_model(model, seed), "zeroshot_retrieval",
+                                        metrics, language)  # fmt: skip
+    benchmark.write_result(result, output)
+    return result
+
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
@@ -141,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     if args and args[0] in LIGHTNING_COMMANDS:
         lightning_cli(argv)  # None: LightningCLI reads sys.argv itself
     else:
-        CLI({"convert": convert, "demo": demo, "presets": presets, "tokenizer": {"train": train_tokenizer}}, args=args)
+        CLI({"convert": convert, "demo": demo, "presets": presets, "tokenizer": {"train": train_tokenizer},
+             "zeroshot": zeroshot, "eval-retrieval": eval_retrieval}, args=args)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -153,10 +153,10 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (N, k)
     hit = top == labels[:, None]
     pred = top[:, 0]
-    recalls = [(pred[labels == c] == c).float().mean() for c in range(num_classes) if (labels == c).any()]
+    recalls = [(pred[labels == c] == c).double().mean() for c in range(num_classes) if (labels == c).any()]
     return {
-        "acc1": hit[:, :1].any(1).float().mean().item(),
-        "acc5": hit.any(1).float().mean().item() if num_classes >= 5 else math.nan,
+        "acc1": hit[:, :1].any(1).double().mean().item(),
+        "acc5": hit.any(1).double().mean().item() if num_classes >= 5 else math.nan,
         "mean_per_class_recall": torch.stack(recalls).mean().item(),
     }
 

@@ -1,9 +1,11 @@
 """Image-text retrieval metrics computed in row chunks, never as the full N x M matrix.
 
-Memory is one reused buffer of ``chunk_size x max(N, M)`` scores, so 50k x 50k (10 GB
-as one float32 matrix) runs in about 200 MB with the default chunk of 1024 rows. Several captions
-per image are allowed: a query hits at k when *any* of its positives is among the
-top k (CLIP_benchmark's rule); its rank is that of its best-scoring positive.
+Memory is two reused buffers of ``chunk_size x max(N, M)`` floats, so 50k x 50k (10 GB
+as one float32 matrix) runs in about 400 MB with the default chunk of 1024 rows.
+
+Several captions per image are allowed: a query hits at k when *any* of its positives
+is among the top k (CLIP_benchmark's rule); its rank is that of its best-scoring
+positive. Exact ties are broken by index, as a stable sort would.
 """
 
 from __future__ import annotations
@@ -21,19 +23,40 @@ def _ranks(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, c
     padded by repeating one of its own entries.
     """
     n = queries.shape[0]
-    # One buffer for every chunk: writing into fresh pages costs more than the matmul itself.
-    buffer = queries.new_empty(min(chunk_size, n), keys.shape[0])
+    # Two buffers reused by every chunk: writing into fresh pages costs more than the matmul itself.
+    scores_buffer = queries.new_empty(min(chunk_size, n), keys.shape[0])
+    flags_buffer = torch.empty_like(scores_buffer)
     ranks = torch.empty(n, dtype=torch.long, device=queries.device)
     for start in range(0, n, chunk_size):
         rows = slice(start, min(start + chunk_size, n))
-        scores = torch.matmul(queries[rows], keys.T, out=buffer[: rows.stop - start])  # (chunk, K)
-        # The best positive is read from this very matmul: a dot product recomputed apart can
-        # differ in the last bit and rank a positive above itself.
-        best = scores.gather(1, positives[rows]).amax(dim=1, keepdim=True)
-        above = scores.gt_(best)  # in place: 1.0 where a key beats the best positive (never a positive)
-        # float32 sums of 0/1 are exact below 2**24 terms, and several times faster than bool or int64 sums
-        ranks[rows] = sum(part.sum(dim=1, dtype=torch.float32).long() for part in above.split(2**24, dim=1))
+        m = rows.stop - start
+        scores = torch.matmul(queries[rows], keys.T, out=scores_buffer[:m])  # (chunk, K)
+        ranks[rows] = _chunk_ranks(scores, positives[rows], flags_buffer[:m])
     return ranks
+
+
+def _chunk_ranks(scores: torch.Tensor, positives: torch.Tensor, flags: torch.Tensor) -> torch.Tensor:
+    """Where a stable descending sort puts the best positive: after every key scoring higher and every
+    key scoring the same with a lower index. (Counting only higher keys would give a collapsed model,
+    whose scores all tie, a perfect recall.)"""
+    positive_scores = scores.gather(1, positives)
+    # The best positive is read from this very matmul: a dot product recomputed apart can
+    # differ in the last bit and rank a positive above itself.
+    best = positive_scores.amax(dim=1, keepdim=True)
+    above = _count(torch.gt(scores, best, out=flags))
+    tied = _count(torch.eq(scores, best, out=flags))  # the best positive itself, plus any exact tie
+    rows = (tied > 1).nonzero().flatten()
+    if len(rows):  # exact ties: duplicated images or captions, low precision, a collapsed model
+        first = torch.where(positive_scores[rows] == best[rows], positives[rows], scores.shape[1]).amin(1, keepdim=True)
+        before = torch.arange(scores.shape[1], device=scores.device)[None, :] < first
+        above[rows] += ((scores[rows] == best[rows]) & before).sum(dim=1)  # no positive ties before the first
+    return above
+
+
+def _count(flags: torch.Tensor) -> torch.Tensor:
+    """Row sums of a 0/1 float matrix. float32 sums are exact below 2**24 terms, and several times
+    faster than bool or integer sums."""
+    return sum(part.sum(dim=1, dtype=torch.float32).long() for part in flags.split(2**24, dim=1))
 
 
 def _summary(ranks: torch.Tensor, prefix: str, ks: tuple[int, ...]) -> dict[str, float]:
@@ -73,7 +96,7 @@ def retrieval_metrics(
         text_to_image: (M,) index of the image each text describes; None means 1:1 pairs.
             Every image needs at least one text.
         ks: the k of recall@k.
-        chunk_size: query rows scored at a time; the score buffer is chunk_size x max(N, M) floats.
+        chunk_size: query rows scored at a time; memory is 2 x chunk_size x max(N, M) floats.
     Returns:
         ``image_retrieval_*`` (text queries, image keys) and ``text_retrieval_*`` (image
         queries, text keys), the names CLIP_benchmark uses.
