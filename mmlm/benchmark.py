@@ -29,9 +29,10 @@ it alone. ``load_clip_benchmark`` is such a loader for every model mmlm reads::
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 import webdataset as wds
@@ -200,11 +201,19 @@ class EvalShards(IterableDataset):
         info = get_worker_info()
         urls = self.urls if info is None else self.urls[info.id :: info.num_workers]
         for url in urls:
-            errors: list[Exception] = []
-            for raw in wds.tarfile_samples([{"url": url}], handler=lambda e: errors.append(e) or True):
-                yield self._decode(raw, url)
-            if errors:
-                yield Skip(BROKEN_SHARD, url, f"{type(errors[0]).__name__}: {errors[0]}")
+            yield from self._samples(url)
+
+    def _samples(self, url: str) -> Iterator[dict[str, Any] | Skip]:
+        errors: list[Exception] = []
+
+        def handler(exn: Exception) -> bool:
+            errors.append(exn)
+            return True  # keep going: what was read before the error is still good
+
+        for raw in wds.tarfile_samples([{"url": url}], handler=handler):
+            yield self._decode(raw, url)
+        if errors:
+            yield Skip(BROKEN_SHARD, url, f"{type(errors[0]).__name__}: {errors[0]}")
 
     def _decode(self, raw: dict[str, Any], url: str) -> dict[str, Any] | Skip:
         name = f"{url}:{raw.get('__key__', '?')}"

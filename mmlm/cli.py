@@ -152,7 +152,13 @@ def zeroshot(
     """
     from mmlm import benchmark
     from mmlm.data import image_transform
-    from mmlm.zeroshot import OPENAI_IMAGENET_TEMPLATES, load_classnames, load_templates, save_confusion_matrix, zero_shot_classify
+    from mmlm.zeroshot import (
+        OPENAI_IMAGENET_TEMPLATES,
+        load_classnames,
+        load_templates,
+        save_confusion_matrix,
+        zero_shot_classify,
+    )
 
     net = benchmark.load_model(model, act, device, seed)
     tok = benchmark.model_tokenizer(net, tokenizer, model if Path(model).is_dir() else None)

@@ -36,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmlm import checkpoint
-from mmlm.config import Activation, CLIPConfig, ModelConfig, TextWithHeadsConfig, update
+from mmlm.config import Activation, CLIPConfig, ModelConfig, TextWithHeadsConfig, from_dict, update
 from mmlm.convert import hf_bert, hf_clip, hf_gpt2, hf_vit, openclip, timm_vit
 from mmlm.convert.common import ConversionError, StateDict
 from mmlm.models import CLIP, TextWithHeads, VisionTransformer, create_model
@@ -115,7 +115,7 @@ def _json(path: Path) -> dict[str, Any] | None:
 
 
 def detect_format(path: str | Path) -> str:
-    """One of ``mmlm``, ``sentence-transformers``, ``hf-<model_type>``, ``timm``, ``openclip``."""
+    """One of ``mmlm``, ``lightning``, ``sentence-transformers``, ``hf-<model_type>``, ``timm``, ``openclip``."""
     path = Path(path)
     if path.is_dir():
         if checkpoint.is_mmlm_checkpoint(path):
@@ -134,6 +134,8 @@ def detect_format(path: str | Path) -> str:
         )
     if not path.is_file():
         raise FileNotFoundError(path)
+    if path.suffix == ".ckpt":
+        return "lightning"
     keys = _keys(path)
     if "visual.conv1.weight" in keys:
         return "openclip"
@@ -214,6 +216,7 @@ def load_pretrained(
             model = _build(finish(model.cfg), model.state_dict())
         return model.eval().to(device)
     loaders: dict[str, Callable[..., Loaded]] = {
+        "lightning": _lightning,
         "sentence-transformers": _sentence_transformers,
         "hf-clip": _hf_clip,
         "hf-clip_text_model": _hf_clip,
@@ -231,6 +234,16 @@ def load_pretrained(
     cfg, convert = loaders[fmt](path, with_heads=with_heads, act=act)
     cfg = finish(cfg)
     return _build(cfg, convert(cfg)).eval().to(device)
+
+
+def _lightning(path: Path, **_: Any) -> Loaded:
+    """A checkpoint written by ``mmlm fit``: the task stored its model's config beside the weights."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if "mmlm_config" not in ckpt:
+        raise ConversionError(f"{path}: a Lightning checkpoint without an mmlm model config (not from mmlm fit?)")
+    cfg = from_dict(ckpt["mmlm_config"])
+    sd = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    return cfg, lambda _cfg: sd
 
 
 def _build(cfg: ModelConfig, sd: Mapping[str, torch.Tensor]) -> nn.Module:

@@ -10,7 +10,8 @@ positive. Exact ties are broken by index, as a stable sort would.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm

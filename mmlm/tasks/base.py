@@ -16,6 +16,8 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
+from mmlm.config import to_dict
+
 
 def adamw(params: Iterable[Any], lr: float = 5e-4, weight_decay: float = 0.1, betas=(0.9, 0.98), eps: float = 1e-6):
     """AdamW with CLIP's betas and eps; the default optimizer of every task."""
@@ -67,6 +69,12 @@ class Task(L.LightningModule):
             if p.requires_grad:
                 (decay if p.ndim >= 2 else no_decay).append(p)
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Store the model's config so ``mmlm.load_pretrained(ckpt)`` rebuilds it without the task."""
+        model = getattr(self, "model", None)
+        if model is not None and hasattr(model, "cfg"):
+            checkpoint["mmlm_config"] = to_dict(model.cfg)
 
     def on_fit_end(self) -> None:
         """Print the last validation metrics, so a finished run ends with its result."""
