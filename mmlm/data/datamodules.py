@@ -418,7 +418,32 @@ class LanguageModelingDataModule(_TextDataModule):
                 self.datasets[split] = MLMDataset(docs, self.tokenizer, self.max_length)
 
 
-class TextClassificationDataModule(_TextDataModule):
+class _LabelledTextDataModule(_TextDataModule):
+    """Text data with one label set; its names come from ``classes`` or the first data source given."""
+
+    _classes: list[str] | None
+
+    def _dataset(self, split: Stage, classes: list[str] | None) -> Dataset:
+        raise NotImplementedError
+
+    @functools.cached_property
+    def classes(self) -> list[str]:
+        if self._classes is not None:
+            return list(self._classes)
+        split = next(s for s in ("train", "val", "test") if self.sources[s] is not None)
+        return self._dataset(split, None).classes  # type: ignore[attr-defined]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def setup(self, stage: str | None = None) -> None:
+        for split in _stages(stage):
+            if self.sources[split] is not None and split not in self.datasets:
+                self.datasets[split] = self._dataset(split, self.classes)
+
+
+class TextClassificationDataModule(_LabelledTextDataModule):
     """Texts or text pairs with class labels (sentiment, topic, NLI).
 
     Args:
@@ -466,32 +491,15 @@ class TextClassificationDataModule(_TextDataModule):
         self.keys = (text_key, label_key, text_pair_key)
         self._classes = classes
 
-    def _dataset(self, split: Stage) -> TextClassificationDataset:
+    def _dataset(self, split: Stage, classes: list[str] | None) -> TextClassificationDataset:
         text_key, label_key, pair_key = self.keys
-        return TextClassificationDataset(self.sources[split], text_key, label_key, pair_key, self._classes)  # type: ignore[arg-type]
-
-    @functools.cached_property
-    def classes(self) -> list[str]:
-        if self._classes is not None:
-            return list(self._classes)
-        split = next(s for s in ("train", "val", "test") if self.sources[s] is not None)
-        return self._dataset(split).classes
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+        return TextClassificationDataset(self.sources[split], text_key, label_key, pair_key, classes)  # type: ignore[arg-type]
 
     def _collate(self) -> Callable:
         return TextClassificationCollator(self.tokenizer, self.max_length)
 
-    def setup(self, stage: str | None = None) -> None:
-        self._classes = self.classes
-        for split in _stages(stage):
-            if self.sources[split] is not None and split not in self.datasets:
-                self.datasets[split] = self._dataset(split)
 
-
-class TokenClassificationDataModule(_TextDataModule):
+class TokenClassificationDataModule(_LabelledTextDataModule):
     """CoNLL-format token tagging (NER, POS, chunking).
 
     Args:
@@ -536,24 +544,11 @@ class TokenClassificationDataModule(_TextDataModule):
         self.tag_column = tag_column
         self._classes = classes
 
-    @functools.cached_property
-    def classes(self) -> list[str]:
-        if self._classes is not None:
-            return list(self._classes)
-        split = next(s for s in ("train", "val", "test") if self.sources[s] is not None)
-        return TokenClassificationDataset(self.sources[split], self.tag_column).classes  # type: ignore[arg-type]
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
+    def _dataset(self, split: Stage, classes: list[str] | None) -> TokenClassificationDataset:
+        return TokenClassificationDataset(self.sources[split], self.tag_column, classes)  # type: ignore[arg-type]
 
     def _collate(self) -> Callable:
         return TokenClassificationCollator(self.tokenizer, self.max_length)
-
-    def setup(self, stage: str | None = None) -> None:
-        for split in _stages(stage):
-            if self.sources[split] is not None and split not in self.datasets:
-                self.datasets[split] = TokenClassificationDataset(self.sources[split], self.tag_column, self.classes)  # type: ignore[arg-type]
 
 
 class QuestionAnsweringDataModule(_TextDataModule):
