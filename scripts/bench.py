@@ -35,7 +35,6 @@ keeps fp32 weights under ``torch.autocast`` on both sides.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import platform
@@ -52,15 +51,15 @@ from typing import Any, Literal
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # every model is built locally; never reach a hub
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a source checkout without installing
 
-import mmlm  # noqa: E402
-from mmlm.data import get_tokenizer, image_transform  # noqa: E402
-from mmlm.losses import clip_loss  # noqa: E402
+import mmlm
+from mmlm.data import get_tokenizer, image_transform
+from mmlm.losses import clip_loss
 
 ASSETS = ROOT / "assets"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -89,7 +88,7 @@ class Sizes:
 TIERS = {
     "quick": Sizes(True, 4, 8, 4, 2, 4, 32, 200, 1, 2, 1, 2),
     "default": Sizes(False, 8, 32, 4, 2, 8, 128, 3000, 1, 3, 1, 2),
-    "full": Sizes(False, 256, 256, 128, 128, 64, 256, 20000, 5, 20, 3, 10),
+    "full": Sizes(False, 256, 256, 128, 128, 64, 256, 5000, 5, 20, 3, 10),
 }
 
 # The tiny shapes keep the real vocabularies and heads 64 wide (the width the converters assume).
@@ -99,8 +98,8 @@ TINY_CLIP = {
     "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 128, "layers": 2},
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
 }
-TINY_VIT = dict(img_size=64, patch_size=16, embed_dim=128, depth=2, num_heads=2, num_classes=10)
-TINY_BERT = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=2, intermediate_size=512)
+TINY_VIT = {"img_size": 64, "patch_size": 16, "embed_dim": 128, "depth": 2, "num_heads": 2, "num_classes": 10}
+TINY_BERT = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 512}
 
 # ------------------------------------------------------------------------------ timing
 
@@ -123,7 +122,9 @@ def timeit(fn: Callable[[], Any], warmup: int, repeats: int, sync: Callable[[], 
     return times
 
 
-def compare(fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, sync: Callable[[], None] = lambda: None) -> dict[str, float]:
+def compare(
+    fns: dict[str, Callable[[], Any]], warmup: int, repeats: int, sync: Callable[[], None] = lambda: None
+) -> dict[str, float]:
     """Median time of each function, measured in interleaved rounds (a, b, a, b, ...).
 
     Interleaving makes a slow drift of the machine (clock, other processes on a shared
@@ -458,8 +459,10 @@ def markdown(rows: list[Row], env: dict[str, Any]) -> str:
     busy = max(env["load_avg_1min"], env.get("load_avg_1min_end", 0))
     if env["device"] == "cpu" and busy > 0.5 * (env["cpu_count"] or 1):
         lines += [
-            f"> load average {busy:.1f} on {env['cpu_count']} cores: other processes share this CPU, "
-            "so times are inflated and ratios rougher than on an idle machine.",
+            (
+                f"> load average {busy:.1f} on {env['cpu_count']} cores: other processes share this CPU, "
+                "so times are inflated and ratios rougher than on an idle machine."
+            ),
             "",
         ]
     lines += [
