@@ -56,6 +56,7 @@ from mmlm.data import (
 )
 from mmlm.data.skips import BAD_LABEL, BROKEN_SHARD, MISSING_FIELD, SKIPPED, Skip, check_text, split_skips
 from mmlm.data.webdataset import IMAGE_EXTS, expand_urls
+from mmlm.paths import resolve
 
 CLIP_VOCAB_SIZE = 49408
 
@@ -63,12 +64,12 @@ CLIP_VOCAB_SIZE = 49408
 
 
 def load_model(spec: str | Path, act: str | None = None, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
-    """An image-text model in eval mode: a checkpoint (anything ``mmlm.load_pretrained`` reads) or,
-    for smoke tests, a preset name built with random weights seeded by ``seed``."""
+    """An image-text model in eval mode: a checkpoint (anything ``mmlm.load_pretrained`` reads, also as
+    ``package:NAME/...``) or, for smoke tests, a preset name built with random weights seeded by ``seed``."""
     from mmlm.models import create_model
     from mmlm.pretrained import load_pretrained
 
-    path = Path(spec)
+    path = resolve(spec)
     if path.exists():
         model = load_pretrained(path, act=act, device=device)  # type: ignore[arg-type]
     elif str(spec) in PRESETS:
@@ -82,13 +83,13 @@ def load_model(spec: str | Path, act: str | None = None, device: str | torch.dev
 
 
 def model_tokenizer(model: nn.Module, tokenizer: str | Path | None = None, checkpoint: str | Path | None = None) -> Tokenizer:
-    """The tokenizer for ``model``: ``tokenizer`` if given, else one saved in the checkpoint folder
+    """The tokenizer for ``model``: ``tokenizer`` if given, else one saved in the ``checkpoint`` folder
     (``tokenizer.json``), else the CLIP BPE for a 49,408-token vocabulary. Truncates at the model's context."""
     context = model.cfg.text.context_length
     if tokenizer is not None:
         return get_tokenizer(tokenizer, context_length=context)
-    if checkpoint is not None and (Path(checkpoint) / "tokenizer.json").is_file():
-        return get_tokenizer(checkpoint, context_length=context)
+    if checkpoint is not None and (resolve(checkpoint) / "tokenizer.json").is_file():
+        return get_tokenizer(resolve(checkpoint), context_length=context)
     if model.cfg.text.vocab_size == CLIP_VOCAB_SIZE:
         return get_tokenizer("clip", context_length=context)
     raise ValueError(
@@ -98,7 +99,7 @@ def model_tokenizer(model: nn.Module, tokenizer: str | Path | None = None, check
 
 def describe_model(spec: str | Path, seed: int = 0) -> tuple[str, str]:
     """The ``model`` and ``pretrained`` fields of a result: the argument as given, and the weights' source."""
-    path = Path(spec)
+    path = resolve(spec)
     return str(spec), str(path.resolve()) if path.exists() else f"random-init-seed{seed}"
 
 
@@ -435,7 +436,7 @@ def load_clip_benchmark(
     """
     spec = pretrained or model_name
     model = load_model(spec, act, device)
-    tok = model_tokenizer(model, tokenizer, spec if Path(spec).is_dir() else None)
+    tok = model_tokenizer(model, tokenizer, spec)
     transform = image_transform(model.cfg.vision, train=False)
     return BenchmarkModel(model).eval(), transform, BenchmarkTokenizer(tok, model.cfg.text.context_length)
 

@@ -161,7 +161,7 @@ def zeroshot(
     )
 
     net = benchmark.load_model(model, act, device, seed)
-    tok = benchmark.model_tokenizer(net, tokenizer, model if Path(model).is_dir() else None)
+    tok = benchmark.model_tokenizer(net, tokenizer, model)
     names = load_classnames(classnames) if classnames is not None else None
     data = benchmark.classification_data(dataset, image_transform(net.cfg.vision, train=False), split, names,
                                          image_key, label_key)  # fmt: skip
@@ -224,7 +224,7 @@ def eval_retrieval(
     from mmlm.retrieval import evaluate_retrieval
 
     net = benchmark.load_model(model, act, device, seed)
-    tok = benchmark.model_tokenizer(net, tokenizer, model if Path(model).is_dir() else None)
+    tok = benchmark.model_tokenizer(net, tokenizer, model)
     data = benchmark.retrieval_data(dataset, image_transform(net.cfg.vision, train=False), split, image_key, caption_key)
     metrics = evaluate_retrieval(net, tok, data.loader(batch_size, num_workers), device, tuple(ks), chunk_size)
     result = benchmark.benchmark_result(dataset, *benchmark.describe_model(model, seed), "zeroshot_retrieval",

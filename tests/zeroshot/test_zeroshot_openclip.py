@@ -41,8 +41,8 @@ def test_templates_are_open_clips_80():
 
 def test_classifier_and_predictions_equal_open_clip(models):
     ref, model = models
-    templates = OPENAI_IMAGENET_TEMPLATES[::10]  # 8 of the 80 keep the 151M-parameter towers quick on a CPU
-    ref_templates = open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES[::10]  # open_clip's own lambdas
+    templates = OPENAI_IMAGENET_TEMPLATES[::16]  # 5 of the 80 keep the 151M-parameter towers quick on a CPU
+    ref_templates = open_clip.zero_shot_metadata.OPENAI_IMAGENET_TEMPLATES[::16]  # open_clip's own lambdas
     with torch.no_grad():
         expected = open_clip.build_zero_shot_classifier(
             ref, open_clip.get_tokenizer("ViT-B-32"), CLASSNAMES, ref_templates, num_classes_per_batch=10, device="cpu"
