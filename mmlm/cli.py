@@ -3,6 +3,8 @@
     mmlm fit|validate|test|predict --config FILE   LightningCLI: model and data are class_path choices
     mmlm convert SRC DST [--to mmlm|hf]            any checkpoint load_pretrained reads -> mmlm / transformers
     mmlm tokenizer train '[FILE, ...]' --vocab_size N --out DIR
+    mmlm zeroshot MODEL --dataset DATA                zero-shot classification, CLIP_benchmark JSON + confusion PNG
+    mmlm eval-retrieval MODEL --dataset DATA          image<->text recall@k in bounded memory
     mmlm demo                                      encode the bundled images and captions, print similarities
     mmlm presets                                   list the model presets
 """
