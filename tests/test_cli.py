@@ -139,3 +139,13 @@ def test_fit_runs_with_ddp_on_two_cpu_processes(tmp_path):
     assert "MEMBER: 2/2" in result.stdout + result.stderr
     step, _ = final_weights(tmp_path / "ckpt" / "last.ckpt")
     assert step == 4
+
+
+def test_predict_returns_unit_embeddings_for_test_data(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    cli = lightning_cli(["--config", str(DIGITS), "--data.init_args.test_data", "digits", "--trainer.logger", "false",
+                         "--trainer.callbacks", "[]", "--trainer.limit_predict_batches", "2",
+                         "--trainer.default_root_dir", str(tmp_path)], run=False)  # fmt: skip
+    out = cli.trainer.predict(cli.model, cli.datamodule)
+    assert len(out) == 2 and out[0]["image_embeds"].shape == (64, 32)
+    torch.testing.assert_close(out[1]["text_embeds"].norm(dim=-1), torch.ones(64))

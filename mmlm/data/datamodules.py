@@ -107,6 +107,9 @@ class _DataModule(L.LightningDataModule):
     def test_dataloader(self) -> SkippingDataLoader | list:
         return self._loader("test", self._collate())
 
+    def predict_dataloader(self) -> SkippingDataLoader | list:
+        return self._loader("test", self._collate())  # mmlm predict runs on test_data
+
 
 def _stages(stage: str | None) -> tuple[Stage, ...]:
     return {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("test",)}.get(

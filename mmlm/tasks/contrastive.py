@@ -156,6 +156,11 @@ class ContrastiveAlignment(Task):
         with torch.no_grad():  # CLIP clamps the learned temperature after every step
             self.model.logit_scale.clamp_(0, self.model.cfg.max_logit_scale)
 
+    def predict_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, torch.Tensor]:
+        """L2-normalised embeddings of the batch's images and texts (``mmlm predict``)."""
+        images, texts = self.features(batch)
+        return {"image_embeds": images, "text_embeds": texts, "image_id": batch["image_id"]}
+
     # ---------------------------------------------------------------- validation
 
     def on_validation_epoch_start(self) -> None:

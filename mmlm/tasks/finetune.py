@@ -88,6 +88,11 @@ class _Classification(_FineTune):
     def validation_step(self, batch, batch_idx):
         self._step(batch, "val")
 
+    def predict_step(self, batch, batch_idx) -> dict[str, torch.Tensor]:
+        """Class probabilities and the predicted class (``mmlm predict``)."""
+        probs = self.logits(batch).softmax(-1)
+        return {"probs": probs, "pred": probs.argmax(-1)}
+
 
 class ImageClassification(_Classification):
     """Fine-tune or linearly probe an image tower (ViT, or a CLIP's visual tower).

@@ -94,3 +94,13 @@ def test_validation_metrics_group_captions_of_one_image():
     val = {"image": img[[0, 0, 1, 2]], "text": img[[0, 0, 1, 2]], "image_id": torch.tensor([5, 5, 7, 9])}
     metrics = task.evaluate(val)
     assert metrics["image_retrieval_recall@1"] == 1.0 and metrics["text_retrieval_recall@1"] == 1.0
+
+
+def test_predict_gives_unit_embeddings_that_match_the_logits():
+    task = ContrastiveAlignment("clip-tiny").eval()
+    data = batch(4)
+    with torch.no_grad():
+        out = task.predict_step(data, 0)
+        logits = task.model(data["image"], data["input_ids"], data["attention_mask"])
+    assert torch.allclose(out["image_embeds"].norm(dim=-1), torch.ones(4), atol=1e-6)
+    torch.testing.assert_close(task.model.scale() * out["image_embeds"] @ out["text_embeds"].T, logits)
