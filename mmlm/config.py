@@ -8,12 +8,15 @@ shape in the project is written down once, here.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Union
+from typing import Any, Callable, Literal, Union, get_args
 
 Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
 Share = Literal["none", "attention", "attention_mlp", "all"]
+# Whose initialisation a model starts from (see mmlm.models.init): HF BERT, HF GPT-2, timm ViT, OpenCLIP.
+Init = Literal["bert", "gpt2", "timm", "clip"]
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -38,6 +41,7 @@ class TransformerConfig:
     attn_dropout: float = 0.0  # dropout on attention probabilities
     drop_path: float = 0.0  # stochastic depth rate, linear over depth
     layer_scale: float | None = None  # LayerScale init value; None disables it
+    init: Init = "timm"  # initialisation of a new model, as its reference does it; the presets set it per family
 
     @property
     def mlp_dim(self) -> int:
@@ -59,6 +63,7 @@ class TextConfig(TransformerConfig):
     pad_token_id: int = 0
     eot_token_id: int | None = 49407  # pooled token for pool="eot"
     mask_token_id: int | None = None  # [MASK] for MLM, when the vocabulary has one
+    init: Init = "clip"  # like every default above, that of CLIP's text tower
 
     @property
     def model_type(self) -> str:
@@ -119,6 +124,8 @@ class CLIPConfig:
             self.text = TextConfig(**self.text)
         if self.share_layers is not None:
             self.share_layers = tuple(self.share_layers)
+        if self.share not in get_args(Share):
+            raise ValueError(f"share={self.share!r} is not a sharing mode; use one of {', '.join(get_args(Share))}")
         if self.share != "none":
             self.check_shareable()
 
@@ -142,16 +149,21 @@ class CLIPConfig:
         return self.share_layers if self.share_layers is not None else (0, self.vision.depth)
 
 
-TextHead = Literal["pooler", "mlm", "nsp", "clm"]
+TextHead = Literal["pooler", "mlm", "nsp", "clm", "classifier", "token_classifier", "qa"]
+TEXT_HEADS: tuple[str, ...] = get_args(TextHead)
 
 
 @dataclass
 class TextWithHeadsConfig:
-    """A TextEncoder plus the task heads its checkpoint came with (BERT pretraining, GPT-2 LM)."""
+    """A TextEncoder plus task heads: those its checkpoint came with (BERT pretraining, GPT-2 LM) or fine-tuned ones."""
 
     text: TextConfig = field(default_factory=TextConfig)
-    # pooler: BERT dense+tanh on [CLS]; mlm: tied masked-LM head; nsp: 2-way on the pooler; clm: tied LM head
+    # pooler: BERT dense+tanh on [CLS]; mlm: tied masked-LM head; nsp: 2-way on the pooler; clm: tied LM head;
+    # classifier: linear on the encoder's pooled output; token_classifier: linear per token;
+    # qa: 2-way linear per token (answer start / end)
     heads: tuple[TextHead, ...] = ("mlm",)
+    num_labels: int = 0  # classes of the classifier / token_classifier head
+    classifier_dropout: float = 0.1  # dropout before the classifier / token_classifier head
 
     @property
     def model_type(self) -> str:
@@ -161,11 +173,16 @@ class TextWithHeadsConfig:
         if isinstance(self.text, dict):
             self.text = TextConfig(**self.text)
         self.heads = tuple(self.heads)
-        unknown = set(self.heads) - {"pooler", "mlm", "nsp", "clm"}
+        unknown = set(self.heads) - set(TEXT_HEADS)
         if unknown:
-            raise ValueError(f"unknown text head(s) {sorted(unknown)}; known: pooler, mlm, nsp, clm")
+            raise ValueError(f"unknown text head(s) {sorted(unknown)}; known: {', '.join(TEXT_HEADS)}")
         if "nsp" in self.heads and "pooler" not in self.heads:
             raise ValueError("the nsp head reads the pooler output: add 'pooler' to heads")
+        labelled = [h for h in self.heads if h in ("classifier", "token_classifier")]
+        if len(labelled) > 1:
+            raise ValueError("heads classifier and token_classifier both give 'logits': choose one")
+        if labelled and self.num_labels < 1:
+            raise ValueError(f"the {labelled[0]} head needs num_labels >= 1, got {self.num_labels}")
 
 
 ModelConfig = Union[CLIPConfig, TextConfig, VisionConfig, TextWithHeadsConfig]
@@ -213,7 +230,8 @@ def update(cfg: ModelConfig, **overrides: Any) -> ModelConfig:
     names = {f.name for f in dataclasses.fields(cfg)}
     unknown = (set(flat) | set(nested)) - names
     if unknown:
-        raise TypeError(f"{type(cfg).__name__} has no field(s) {sorted(unknown)}")
+        fields = ", ".join(sorted(names))
+        raise TypeError(f"{type(cfg).__name__} has no field(s) {sorted(unknown)}; its fields: {fields}")
     for key, sub in nested.items():
         flat[key] = update(getattr(cfg, key), **sub)
     return dataclasses.replace(cfg, **flat)
@@ -238,7 +256,7 @@ def register(name: str, doc: str | None = None):
 def from_name(name: str, **overrides: Any) -> ModelConfig:
     """The preset called ``name``, with ``overrides`` applied (see ``update``)."""
     if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        raise KeyError(unknown_preset(name))
     cfg = PRESETS[name]()
     return update(cfg, **overrides) if overrides else cfg
 
@@ -247,10 +265,24 @@ def list_presets() -> list[str]:
     return sorted(PRESETS)
 
 
+def unknown_preset(name: str, also: str = "") -> str:
+    """The message for a name that is no preset: the closest presets first, then all of them."""
+    close = difflib.get_close_matches(name, PRESETS, n=3)
+    hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+    return f"unknown preset {name!r}{also}{hint}. Presets: {', '.join(sorted(PRESETS))}"
+
+
+def unknown_model(spec: str) -> str:
+    """The message for a model that is neither a preset nor an existing checkpoint, worded for what it looks like."""
+    if "/" in spec or "\\" in spec or spec.endswith((".ckpt", ".safetensors", ".bin", ".pt", ".pth")):
+        return f"no checkpoint file or folder {spec!r} (nor is it a preset name)"
+    return unknown_preset(spec, also=", and no checkpoint file or folder of that name")
+
+
 def _clip_vision(patch_size: int, width: int = 768, depth: int = 12, heads: int = 12, image_size: int = 224) -> VisionConfig:
     return VisionConfig(
         width=width, depth=depth, heads=heads, image_size=image_size, patch_size=patch_size,
-        patch_bias=False, norm_pre=True, act="quick_gelu", norm_eps=1e-5,
+        patch_bias=False, norm_pre=True, act="quick_gelu", norm_eps=1e-5, init="clip",
         image_mean=OPENAI_MEAN, image_std=OPENAI_STD,
     )  # fmt: skip
 
@@ -258,7 +290,7 @@ def _clip_vision(patch_size: int, width: int = 768, depth: int = 12, heads: int 
 def _clip_text(width: int = 512, depth: int = 12, heads: int = 8, vocab_size: int = 49408, context_length: int = 77) -> TextConfig:
     return TextConfig(
         width=width, depth=depth, heads=heads, vocab_size=vocab_size, context_length=context_length,
-        act="quick_gelu", causal=True, pool="eot", eot_token_id=vocab_size - 1, pad_token_id=0,
+        act="quick_gelu", causal=True, pool="eot", eot_token_id=vocab_size - 1, pad_token_id=0, init="clip",
     )  # fmt: skip
 
 
@@ -289,7 +321,7 @@ def _() -> CLIPConfig:
 
 def _timm_vit(patch_size: int, width: int, depth: int, heads: int, num_classes: int = 1000) -> VisionConfig:
     return VisionConfig(
-        width=width, depth=depth, heads=heads, patch_size=patch_size, norm_eps=1e-6, act="gelu",
+        width=width, depth=depth, heads=heads, patch_size=patch_size, norm_eps=1e-6, act="gelu", init="timm",
         num_classes=num_classes, image_mean=HALF, image_std=HALF,
     )  # fmt: skip
 
@@ -304,7 +336,7 @@ def _bert(width: int = 768, depth: int = 12, heads: int = 12, vocab_size: int = 
     return TextConfig(
         width=width, depth=depth, heads=heads, vocab_size=vocab_size, context_length=512, type_vocab_size=2,
         causal=False, pre_norm=False, embed_norm=True, final_norm=False, norm_eps=1e-12, act="gelu",
-        pool=pool, pad_token_id=0, eot_token_id=102, mask_token_id=103, dropout=0.1, attn_dropout=0.1,
+        pool=pool, pad_token_id=0, eot_token_id=102, mask_token_id=103, dropout=0.1, attn_dropout=0.1, init="bert",
     )  # fmt: skip
 
 
@@ -318,7 +350,7 @@ def _gpt2(width: int = 768, depth: int = 12, heads: int = 12, vocab_size: int = 
     return TextConfig(
         width=width, depth=depth, heads=heads, vocab_size=vocab_size, context_length=1024, causal=True,
         act="gelu_tanh", norm_eps=1e-5, pool="last", pad_token_id=vocab_size - 1, eot_token_id=vocab_size - 1,
-        dropout=0.1, attn_dropout=0.1,
+        dropout=0.1, attn_dropout=0.1, init="gpt2",
     )  # fmt: skip
 
 

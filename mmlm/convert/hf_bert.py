@@ -85,7 +85,7 @@ def config_from_hf(
         vocab_size=c.vocab_size, context_length=c.max_position_embeddings, causal=False,
         type_vocab_size=c.type_vocab_size, embed_norm=True, final_norm=False, pool=pool,
         pad_token_id=c.pad_token_id if c.pad_token_id is not None else ids.get("[PAD]", 0),
-        eot_token_id=ids.get("[SEP]"), mask_token_id=ids.get("[MASK]"),
+        eot_token_id=ids.get("[SEP]"), mask_token_id=ids.get("[MASK]"), init="bert",
     )  # fmt: skip
 
 

@@ -82,7 +82,7 @@ def vision_config_from_hf(hf: Mapping[str, Any], preprocessor: Mapping[str, Any]
         mlp_ratio=mlp_ratio(c.hidden_size, c.intermediate_size), act=act_from_hf(c.hidden_act),
         norm_eps=c.layer_norm_eps, pre_norm=True, qkv_bias=True, dropout=0.0, attn_dropout=c.attention_dropout,
         image_size=c.image_size, patch_size=c.patch_size, in_chans=c.num_channels, patch_bias=False,
-        class_token=True, norm_pre=True, final_norm=True, pool="cls",
+        class_token=True, norm_pre=True, final_norm=True, pool="cls", init="clip",
         image_mean=tuple(pre.get("image_mean", OPENAI_MEAN)), image_std=tuple(pre.get("image_std", OPENAI_STD)),
     )  # fmt: skip
 

@@ -46,7 +46,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> TextConfig:
         mlp_ratio=mlp_ratio(c.n_embd, c.n_inner or 4 * c.n_embd), act=act_from_hf(c.activation_function),
         norm_eps=c.layer_norm_epsilon, pre_norm=True, qkv_bias=True, dropout=c.resid_pdrop, attn_dropout=c.attn_pdrop,
         vocab_size=c.vocab_size, context_length=c.n_positions, causal=True, pool="last",
-        pad_token_id=c.pad_token_id if c.pad_token_id is not None else eot, eot_token_id=eot,
+        pad_token_id=c.pad_token_id if c.pad_token_id is not None else eot, eot_token_id=eot, init="gpt2",
     )  # fmt: skip
 
 

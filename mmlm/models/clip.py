@@ -16,6 +16,7 @@ from torch import nn
 
 from mmlm.config import CLIPConfig
 from mmlm.layers import MODALITIES, Transformer
+from mmlm.models.init import init_clip
 from mmlm.models.text import TextEncoder
 from mmlm.models.vision import VisionTransformer
 
@@ -34,8 +35,7 @@ class CLIP(nn.Module):
         self.text_projection = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
-        nn.init.normal_(self.visual_projection.weight, std=cfg.vision.width**-0.5)
-        nn.init.normal_(self.text_projection.weight, std=cfg.text.width**-0.5)
+        init_clip(self)  # the towers initialised themselves
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B, 3, H, W) -> (B, embed_dim)."""

@@ -13,6 +13,7 @@ from torch import nn
 
 from mmlm.config import TextConfig
 from mmlm.layers import Transformer, build_attn_mask
+from mmlm.models.init import init_weights
 
 
 def sinusoidal_positions(length: int, width: int) -> torch.Tensor:
@@ -23,6 +24,22 @@ def sinusoidal_positions(length: int, width: int) -> torch.Tensor:
     table[:, 0::2] = torch.sin(pos * freq)
     table[:, 1::2] = torch.cos(pos * freq[: width // 2])
     return table
+
+
+def check_shapes(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+    """What a text batch must look like, checked without reading its values (no device sync)."""
+    if input_ids.dim() != 2:
+        hint = "; wrap the ids of a single text as ids[None]" if input_ids.dim() == 1 else ""
+        raise ValueError(f"expected token ids of shape (batch, length), got shape {tuple(input_ids.shape)}{hint}")
+    if 0 in input_ids.shape:
+        raise ValueError(f"got no token ids: input_ids has shape {tuple(input_ids.shape)}")
+    if input_ids.dtype not in (torch.long, torch.int):
+        raise TypeError(f"token ids must be integers (torch.long or torch.int), got {input_ids.dtype}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, input_ids {tuple(input_ids.shape)}: "
+            "they must be equal"
+        )
 
 
 class TextEncoder(nn.Module):
@@ -51,14 +68,7 @@ class TextEncoder(nn.Module):
         else:
             object.__setattr__(self, "blocks", blocks)  # shared: owned (and saved) by the CLIP
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
-        self.init_weights()
-
-    def init_weights(self) -> None:
-        nn.init.normal_(self.token_embed.weight, std=0.02)
-        if isinstance(self.pos_embed, nn.Parameter):
-            nn.init.normal_(self.pos_embed, std=0.01)
-        if self.type_embed is not None:
-            nn.init.normal_(self.type_embed.weight, std=0.02)
+        init_weights(self, cfg, self.modality)  # shared blocks are not registered here: their owner initialises them
 
     def forward_features(
         self,
@@ -74,9 +84,8 @@ class TextEncoder(nn.Module):
         ``attn_mask`` overrides it with a full boolean (B, 1, T, T) mask, e.g. the
         block-diagonal mask of packed documents.
         """
+        self.check_inputs(input_ids, attention_mask)
         B, T = input_ids.shape
-        if T > self.cfg.context_length:
-            raise ValueError(f"sequence length {T} exceeds context_length {self.cfg.context_length}")
         x = self.token_embed(input_ids)  # (B, T, width)
         x = x + (self.pos_embed[:T] if position_ids is None else self.pos_embed[position_ids])
         if self.type_embed is not None:
@@ -88,6 +97,29 @@ class TextEncoder(nn.Module):
             attn_mask, is_causal = build_attn_mask(attention_mask, self.cfg.causal, T)
         x = self.blocks(x, self.modality, attn_mask, is_causal)
         return self.norm(x)
+
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        """One clear error for ids or a mask the model cannot take, at one device sync for all of them."""
+        check_shapes(input_ids, attention_mask)
+        if input_ids.shape[1] > self.cfg.context_length:
+            raise ValueError(
+                f"sequence length {input_ids.shape[1]} exceeds context_length {self.cfg.context_length}"
+            )
+        stats = [input_ids.min().long(), input_ids.max().long()]
+        if attention_mask is not None:
+            stats.append((attention_mask == 0).all(-1).sum())  # texts without a real token
+        low, high, *empty = torch.stack(stats).tolist()
+        vocab = self.cfg.vocab_size
+        if low < 0 or high >= vocab:
+            raise ValueError(
+                f"token id {low if low < 0 else high} is outside the vocabulary "
+                f"(vocab_size {vocab}: ids 0..{vocab - 1}); were the texts tokenised for another model?"
+            )
+        if empty and empty[0]:
+            raise ValueError(
+                f"attention_mask marks no real token in {empty[0]} of {len(input_ids)} texts; "
+                "each text needs at least one 1 (1 = real token, 0 = padding)"
+            )
 
     def pool(self, x: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, width) -> (B, width) by the configured pooling."""
@@ -129,8 +161,10 @@ class TextEncoder(nn.Module):
         more than one padded to its longest text. For causal eot pooling, tokens after the
         last end-of-text token are invisible even without an attention mask.
         """
+        check_shapes(input_ids, attention_mask)
         if attention_mask is not None:
-            length = int(attention_mask.any(0).nonzero().max()) + 1  # right- or left-padded
+            # up to the last column holding a real token (right- or left-padded); argmax finds the first maximum
+            length = int(attention_mask.any(0).cumsum(0).argmax()) + 1
         elif self.cfg.causal and self.cfg.pool == "eot":
             length = int((input_ids == self.cfg.eot_token_id).int().argmax(-1).max()) + 1
         else:

@@ -13,6 +13,7 @@ from torch import nn
 
 from mmlm.config import VisionConfig
 from mmlm.layers import Transformer
+from mmlm.models.init import init_weights
 
 
 class PatchDropout(nn.Module):
@@ -67,12 +68,7 @@ class VisionTransformer(nn.Module):
             object.__setattr__(self, "blocks", blocks)  # shared: owned (and saved) by the CLIP
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
         self.head = nn.Linear(cfg.width, cfg.num_classes) if cfg.num_classes else nn.Identity()
-        self.init_weights()
-
-    def init_weights(self) -> None:
-        nn.init.normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
+        init_weights(self, cfg, self.modality)  # shared blocks are not registered here: their owner initialises them
 
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         pos = self.pos_embed
@@ -87,16 +83,30 @@ class VisionTransformer(nn.Module):
 
     def forward_features(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, H, W) -> (B, 1 + N, width); N shrinks under patch dropout in training."""
+        self.check_images(images)
         H, W = images.shape[-2:]
         p = self.cfg.patch_size
-        if H % p or W % p:
-            raise ValueError(f"image size {H}x{W} is not divisible by patch size {p}")
         x = self.patch_embed(images)  # (B, N, width)
         x = self._pos_embed(x, (H // p, W // p))
         x = self.norm_pre(self.patch_drop(x))
         x = self.blocks(x, self.modality)
         # gap pools first and normalises the mean (timm's fc_norm); cls normalises every token
         return x if self.cfg.pool == "gap" else self.norm(x)
+
+    def check_images(self, images: torch.Tensor) -> None:
+        """One clear error for a batch the model cannot take (read from the shape alone: no device sync)."""
+        C, p, size = self.cfg.in_chans, self.cfg.patch_size, self.cfg.image_size
+        if images.dim() != 4 or images.shape[1] != C:
+            hint = "; wrap a single image as images[None]" if images.dim() == 3 else ""
+            raise ValueError(f"expected images of shape (batch, {C}, height, width), got {tuple(images.shape)}{hint}")
+        if not images.is_floating_point():
+            raise TypeError(f"images must be floating point (normalised pixels), got {images.dtype}")
+        H, W = images.shape[-2:]
+        if H % p or W % p:
+            raise ValueError(
+                f"image size {H}x{W} is not a multiple of the patch size {p}: resize or crop to a multiple "
+                f"of {p} (the model's own image_size is {size}x{size})"
+            )
 
     def pool(self, x: torch.Tensor) -> torch.Tensor:
         if self.cfg.pool == "gap":
