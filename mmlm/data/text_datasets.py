@@ -13,7 +13,7 @@ import math
 import random
 import re
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -325,6 +325,18 @@ class SquadDataset(Dataset):
         return self.features[idx]
 
 
+# example index -> (start + end logit of its best span, that span's text)
+Answers = dict[int, tuple[float, str]]
+
+
+def merge_answers(best: Answers, candidates: Iterable[tuple[int, float, str]]) -> Answers:
+    """Keep, per example, the highest-scoring of ``best`` and the (example, score, text) candidates; updates ``best``."""
+    for ex, score, text in candidates:
+        if ex not in best or score > best[ex][0]:
+            best[ex] = (score, text)
+    return best
+
+
 def extract_answers(
     start_logits: torch.Tensor,
     end_logits: torch.Tensor,
@@ -332,16 +344,19 @@ def extract_answers(
     example_index: torch.Tensor,
     contexts: Sequence[str],
     max_answer_length: int = 30,
-) -> dict[int, str]:
-    """Best answer text per example over all its windows: max start + end logit, start <= end.
+    best: Answers | None = None,
+) -> Answers:
+    """Best answer per example over all its windows: max start + end logit, start <= end.
 
     Args are the batch's ``offset_mapping`` / ``example_index`` and the model's
-    (B, T) logits; ``contexts[example_index]`` is the example's context.
+    (B, T) logits; ``contexts[example_index]`` is the example's context. An example's
+    windows may fall in several batches: pass the previous result as ``best`` and the
+    windows of this batch compete with those seen before (``best`` is updated and returned).
     """
-    best: dict[int, tuple[float, str]] = {}
+    candidates = []
     valid = offset_mapping[..., 0] >= 0  # (B, T) context tokens only
     T = start_logits.shape[1]
-    band = torch.ones(T, T, dtype=torch.bool).triu().tril(max_answer_length - 1)
+    band = torch.ones(T, T, dtype=torch.bool, device=start_logits.device).triu().tril(max_answer_length - 1)
     for b in range(start_logits.shape[0]):
         s = start_logits[b].float().masked_fill(~valid[b], -math.inf)
         e = end_logits[b].float().masked_fill(~valid[b], -math.inf)
@@ -352,7 +367,5 @@ def extract_answers(
             continue
         i, j = divmod(flat, T)
         ex = int(example_index[b])
-        text = contexts[ex][int(offset_mapping[b, i, 0]) : int(offset_mapping[b, j, 1])]
-        if ex not in best or score > best[ex][0]:
-            best[ex] = (score, text)
-    return {ex: text for ex, (_, text) in best.items()}
+        candidates.append((ex, score, contexts[ex][int(offset_mapping[b, i, 0]) : int(offset_mapping[b, j, 1])]))
+    return merge_answers({} if best is None else best, candidates)

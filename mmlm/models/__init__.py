@@ -1,4 +1,22 @@
-"""mmlm models: the two towers and CLIP, all built from ``mmlm.layers.Block``."""
+"""mmlm models: the two towers and CLIP, all built from ``mmlm.layers.Block``.
+
+What each model returns (head outputs named as transformers names them):
+
+=========================  =====================================================================
+model                      ``forward`` returns
+=========================  =====================================================================
+``VisionTransformer``      (B, width) pooled features; (B, num_classes) logits with ``num_classes``
+``TextEncoder``            (B, width) pooled features (``forward_features``: (B, T, width))
+``CLIP``                   (B_img, B_txt) logits; ``encode_image`` / ``encode_text``: (B, embed_dim)
+``TextWithHeads``          dict: ``hidden_states`` (B, T, width) and, per head, ``pooled``,
+                           ``mlm_logits``, ``nsp_logits``, ``clm_logits``, ``logits`` (classifier
+                           (B, labels) or token_classifier (B, T, labels)), ``start_logits`` /
+                           ``end_logits`` (qa, (B, T) each)
+=========================  =====================================================================
+
+``tower(model, "image" | "text")`` takes a tower out of any of them; one taken out of a
+CLIP (``clip_tower``) is a standalone copy that owns every weight it runs on.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +28,7 @@ from mmlm.config import CLIPConfig, ModelConfig, TextConfig, TextWithHeadsConfig
 from mmlm.models.clip import CLIP
 from mmlm.models.heads import TextWithHeads
 from mmlm.models.text import TextEncoder
+from mmlm.models.towers import clip_tower, clip_with_tower, text_with_heads, tower, vit_with_classes
 from mmlm.models.vision import VisionTransformer
 
 MODEL_TYPES: dict[type, type[nn.Module]] = {
@@ -32,4 +51,15 @@ def create_model(name_or_config: str | ModelConfig, **overrides: Any) -> nn.Modu
     return MODEL_TYPES[type(cfg)](cfg)
 
 
-__all__ = ["CLIP", "TextEncoder", "TextWithHeads", "VisionTransformer", "create_model"]
+__all__ = [
+    "CLIP",
+    "TextEncoder",
+    "TextWithHeads",
+    "VisionTransformer",
+    "clip_tower",
+    "clip_with_tower",
+    "create_model",
+    "text_with_heads",
+    "tower",
+    "vit_with_classes",
+]

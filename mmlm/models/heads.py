@@ -9,6 +9,9 @@ which safetensors requires (it refuses tensors that share memory).
     input_ids -> encoder.forward_features -> (B, T, W) -+-> mlm  -> (B, T, vocab)   tied + bias
                                                         +-> clm  -> (B, T, vocab)   tied
                                                         +-> x[:, 0] -> pooler -> (B, W) -> nsp -> (B, 2)
+                                                        +-> encoder.pool -> classifier -> (B, labels)   logits
+                                                        +-> token_classifier -> (B, T, labels)          logits
+                                                        +-> qa -> (B, T, 2)      start_logits, end_logits
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from torch import nn
 
 from mmlm.config import TextConfig, TextWithHeadsConfig
 from mmlm.layers import ACTIVATIONS
+from mmlm.models.init import init_weights
 from mmlm.models.text import TextEncoder
 
 
@@ -70,7 +74,11 @@ class TextWithHeads(nn.Module):
     """A ``TextEncoder`` (``encoder``) and the heads named in ``cfg.heads``, saved and loaded as one model.
 
     ``forward`` returns a dict: ``hidden_states`` always, and ``pooled``, ``mlm_logits``,
-    ``nsp_logits``, ``clm_logits`` for the heads present.
+    ``nsp_logits``, ``clm_logits`` for the heads present; the fine-tuning heads are named as
+    transformers names them: ``logits`` (B, num_labels) from ``classifier`` or (B, T, num_labels)
+    from ``token_classifier``, ``start_logits`` / ``end_logits`` (B, T) from ``qa``.
+    The fine-tuning heads are plain ``nn.Linear``s; ``classifier`` reads the encoder's own
+    pooling (``TextConfig.pool``), not BERT's pooler.
     """
 
     def __init__(self, cfg: TextWithHeadsConfig):
@@ -82,6 +90,14 @@ class TextWithHeads(nn.Module):
         self.mlm = MLMHead(cfg.text) if "mlm" in heads else None
         self.nsp = NSPHead(cfg.text.width) if "nsp" in heads else None
         self.clm = CLMHead() if "clm" in heads else None
+        labelled = heads & {"classifier", "token_classifier"}
+        self.dropout = nn.Dropout(cfg.classifier_dropout) if labelled else None
+        self.classifier = nn.Linear(cfg.text.width, cfg.num_labels) if "classifier" in heads else None
+        self.token_classifier = nn.Linear(cfg.text.width, cfg.num_labels) if "token_classifier" in heads else None
+        self.qa = nn.Linear(cfg.text.width, 2) if "qa" in heads else None
+        for head in self.children():  # every head by the encoder's family; the encoder initialised itself
+            if head is not self.encoder:
+                init_weights(head, cfg.text, "text")
 
     def forward(
         self,
@@ -100,4 +116,10 @@ class TextWithHeads(nn.Module):
             out["mlm_logits"] = self.mlm(x, embedding)
         if self.clm is not None:
             out["clm_logits"] = self.clm(x, embedding)
+        if self.classifier is not None:
+            out["logits"] = self.classifier(self.dropout(self.encoder.pool(x, input_ids, attention_mask)))
+        if self.token_classifier is not None:
+            out["logits"] = self.token_classifier(self.dropout(x))
+        if self.qa is not None:
+            out["start_logits"], out["end_logits"] = self.qa(x).unbind(-1)
         return out

@@ -26,7 +26,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch.utils.checkpoint import checkpoint
 
 from mmlm.losses import ContrastiveLoss
-from mmlm.models import CLIP
+from mmlm.models import CLIP, clip_with_tower, tower
 from mmlm.retrieval import retrieval_metrics
 from mmlm.tasks.base import Task, adamw, build_model
 from mmlm.zeroshot import build_classifier, classification_metrics
@@ -80,9 +80,9 @@ class ContrastiveAlignment(Task):
         self.model: CLIP = build_model(model, model_overrides)
         if not isinstance(self.model, CLIP):
             raise TypeError(f"{model!r} is not a CLIP model")
-        for path, tower in ((text_tower, "text"), (image_tower, "visual")):
+        for path, modality in ((text_tower, "text"), (image_tower, "image")):
             if path is not None:
-                self._replace_tower(tower, path)
+                self._replace_tower(modality, path)
         if (lock_image or lock_text) and self.model.cfg.share != "none":
             raise ValueError("locking one tower needs share='none': shared blocks belong to both towers")
         self.locked = []
@@ -96,20 +96,16 @@ class ContrastiveAlignment(Task):
         self.micro_batches = micro_batches
         self._val: dict[str, list[torch.Tensor]] = {}
 
-    def _replace_tower(self, tower: str, path: str | Path) -> None:
+    def _replace_tower(self, modality: str, path: str | Path) -> None:
+        """Put the ``modality`` tower of the checkpoint at ``path`` (itself a tower, a text model
+        with heads, or a CLIP) into the CLIP; the result shares nothing and owns every weight."""
         from mmlm.pretrained import load_pretrained
 
-        encoder = load_pretrained(path)
-        encoder = getattr(encoder, "encoder", encoder)  # a text model with heads: keep its encoder
-        old = getattr(self.model, tower)
-        if type(encoder) is not type(old):
-            raise TypeError(f"{path} holds a {type(encoder).__name__}, the {tower} tower is a {type(old).__name__}")
-        cfg = self.model.cfg
-        setattr(cfg, "text" if tower == "text" else "vision", encoder.cfg)
-        setattr(self.model, tower, encoder)
-        projection = "text_projection" if tower == "text" else "visual_projection"
-        if getattr(self.model, projection).in_features != encoder.cfg.width:
-            setattr(self.model, projection, torch.nn.Linear(encoder.cfg.width, cfg.embed_dim, bias=False))
+        try:
+            new = tower(load_pretrained(path), modality)
+        except TypeError as e:
+            raise TypeError(f"{modality}_tower {path}: {e}") from None
+        self.model = clip_with_tower(self.model, modality, new)
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -1,7 +1,20 @@
-"""Fine-tuning heads on either tower: image / text / token classification and extractive QA.
+"""Fine-tuning on either tower: image / text / token classification and extractive QA.
 
-Each task is an encoder (a tower from a preset or a checkpoint) plus one thin linear
-head; ``linear_probe`` freezes the encoder and trains the head alone.
+Each task holds one mmlm model, ``self.model``, its head included, so the checkpoint of
+any task loads without the task (``mmlm.load_pretrained(run.ckpt)``):
+
+    ImageClassification   VisionTransformer with num_classes        -> (B, classes)
+    TextClassification    TextWithHeads, head "classifier"          -> logits (B, classes)
+    TokenClassification   TextWithHeads, head "token_classifier"    -> logits (B, T, tags)
+    QuestionAnswering     TextWithHeads, head "qa"                  -> start_logits, end_logits (B, T)
+
+The encoder comes from a preset or a checkpoint; a CLIP gives a standalone copy of its
+tower (``mmlm.models.tower``). ``linear_probe`` trains the head alone.
+
+Token classification and QA score whole examples (entity F1, SQuAD EM / F1): under DDP
+every rank's predictions are gathered before scoring, so N processes score what one does.
+(Lightning's DistributedSampler repeats up to N - 1 samples to give every rank as many:
+QA keeps one answer per example, entity F1 counts a repeated sentence twice.)
 """
 
 from __future__ import annotations
@@ -15,23 +28,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from mmlm.data.collators import IGNORE
-from mmlm.data.text_datasets import extract_answers
-from mmlm.models import CLIP, TextEncoder, TextWithHeads, VisionTransformer
+from mmlm.data.text_datasets import Answers, extract_answers, merge_answers
+from mmlm.models import text_with_heads, vit_with_classes
 from mmlm.tasks.base import Task, adamw, build_model
-
-
-def tower(model: str, overrides: dict[str, Any] | None, kind: type[nn.Module]) -> nn.Module:
-    """The ``kind`` tower of a preset or checkpoint: a CLIP gives its visual / text tower."""
-    loaded = build_model(model, overrides)
-    if isinstance(loaded, CLIP):
-        loaded = loaded.visual if kind is VisionTransformer else loaded.text
-    if isinstance(loaded, TextWithHeads):
-        loaded = loaded.encoder
-    if not isinstance(loaded, kind):
-        raise TypeError(f"{model} gives a {type(loaded).__name__}, this task needs a {kind.__name__}")
-    if isinstance(loaded, VisionTransformer):
-        loaded.head = nn.Identity()  # the task brings its own head
-    return loaded
 
 
 def accuracy_per_stage(num_classes: int) -> nn.ModuleDict:
@@ -43,9 +42,11 @@ def accuracy_per_stage(num_classes: int) -> nn.ModuleDict:
 
 
 class _FineTune(Task):
-    """Shared: linear probe (frozen encoder in eval mode) and the data module's class count check."""
+    """Shared: linear probe (the head trains, the rest is frozen and in eval mode), the class
+    count check, and gathering python objects from every rank."""
 
-    encoder: nn.Module
+    model: nn.Module
+    head_names: tuple[str, ...]  # the modules of ``model`` a linear probe trains
 
     def __init__(self, linear_probe: bool, optimizer: OptimizerCallable, warmup_steps: int, min_lr_ratio: float):
         super().__init__(optimizer, warmup_steps, min_lr_ratio)
@@ -53,18 +54,31 @@ class _FineTune(Task):
 
     def freeze_if_probe(self) -> None:
         if self.linear_probe:
-            self.encoder.requires_grad_(False)
+            self.model.requires_grad_(False)
+            for name in self.head_names:
+                getattr(self.model, name).requires_grad_(True)
 
     def train(self, mode: bool = True):
         super().train(mode)
         if self.linear_probe:
-            self.encoder.eval()
+            self.model.eval()  # the frozen encoder: no dropout, no drop path
+            for name in self.head_names:
+                getattr(self.model, name).train(mode)
         return self
 
     def setup(self, stage: str) -> None:
         expected = getattr(getattr(self.trainer, "datamodule", None), "num_classes", None)
         if expected is not None and expected != self.hparams.num_classes:
             raise ValueError(f"the data has {expected} classes, the task num_classes={self.hparams.num_classes}")
+
+    def gather_objects(self, items: list[Any]) -> list[Any]:
+        """Every rank's ``items`` (tag lists, answers), concatenated in rank order."""
+        world = self.trainer.world_size
+        if world == 1:
+            return items
+        parts: list[list[Any] | None] = [None] * world
+        torch.distributed.all_gather_object(parts, items)
+        return [item for part in parts for item in part]
 
 
 class _Classification(_FineTune):
@@ -107,6 +121,8 @@ class ImageClassification(_Classification):
         min_lr_ratio: final LR as a fraction of the peak.
     """
 
+    head_names = ("head",)
+
     def __init__(
         self,
         model: str = "vit-tiny",
@@ -119,13 +135,12 @@ class ImageClassification(_Classification):
     ):
         super().__init__(linear_probe, optimizer, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
-        self.encoder = tower(model, model_overrides, VisionTransformer)
-        self.head = nn.Linear(self.encoder.cfg.width, num_classes)
+        self.model = vit_with_classes(build_model(model, model_overrides), num_classes)
         self.freeze_if_probe()
         self.accuracy = accuracy_per_stage(num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(images))  # (B, num_classes)
+        return self.model(images)  # (B, num_classes)
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self(batch["image"])
@@ -145,6 +160,8 @@ class TextClassification(_Classification):
         min_lr_ratio: final LR as a fraction of the peak.
     """
 
+    head_names = ("dropout", "classifier")
+
     def __init__(
         self,
         model: str = "bert-tiny",
@@ -158,13 +175,14 @@ class TextClassification(_Classification):
     ):
         super().__init__(linear_probe, optimizer, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
-        self.encoder = tower(model, model_overrides, TextEncoder)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.encoder.cfg.width, num_classes))
+        self.model = text_with_heads(
+            build_model(model, model_overrides), ["classifier"], num_labels=num_classes, classifier_dropout=dropout
+        )
         self.freeze_if_probe()
         self.accuracy = accuracy_per_stage(num_classes)
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        return self.head(self.encoder(input_ids, attention_mask, token_type_ids))  # (B, num_classes)
+        return self.model(input_ids, attention_mask, token_type_ids)["logits"]  # (B, num_classes)
 
     def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
@@ -172,6 +190,8 @@ class TextClassification(_Classification):
 
 class TokenClassification(_FineTune):
     """Per-token tagging (NER, chunking) with entity-level precision / recall / F1 (seqeval, BIO tags).
+
+    A word's tag is read at its first sub-word: the positions the batch's ``labels`` do not ignore.
 
     Args:
         model: text preset (random init) or checkpoint.
@@ -183,6 +203,8 @@ class TokenClassification(_FineTune):
         warmup_steps: linear LR warmup steps before the cosine decay.
         min_lr_ratio: final LR as a fraction of the peak.
     """
+
+    head_names = ("dropout", "token_classifier")
 
     def __init__(
         self,
@@ -197,17 +219,24 @@ class TokenClassification(_FineTune):
     ):
         super().__init__(linear_probe, optimizer, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
-        self.encoder = tower(model, model_overrides, TextEncoder)
-        self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(self.encoder.cfg.width, num_classes))
+        self.model = text_with_heads(
+            build_model(model, model_overrides), ["token_classifier"], num_labels=num_classes,
+            classifier_dropout=dropout,
+        )  # fmt: skip
         self.freeze_if_probe()
-        self._tags: tuple[list[list[str]], list[list[str]]] = ([], [])
+        self._tags: list[tuple[list[str], list[str]]] = []  # (gold, predicted) per sentence
 
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> torch.Tensor:
-        return self.head(self.encoder.forward_features(input_ids, attention_mask, token_type_ids))  # (B, T, C)
+        return self.model(input_ids, attention_mask, token_type_ids)["logits"]  # (B, T, C)
 
     def _loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         logits = self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         return F.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=IGNORE), logits
+
+    def word_tags(self, tags: torch.Tensor, labels: torch.Tensor) -> list[list[str]]:
+        """(B, T) tag ids -> the tag names of each sentence's words (at their first sub-words)."""
+        names = self.trainer.datamodule.classes
+        return [[names[t] for t in row[keep].tolist()] for row, keep in zip(tags, labels != IGNORE)]
 
     def training_step(self, batch, batch_idx):
         loss, _ = self._loss(batch)
@@ -215,29 +244,34 @@ class TokenClassification(_FineTune):
         return loss
 
     def on_validation_epoch_start(self) -> None:
-        self._tags = ([], [])
+        self._tags = []
 
     def validation_step(self, batch, batch_idx):
         loss, logits = self._loss(batch)
         self.log("val/loss", loss, sync_dist=True)
-        names = self.trainer.datamodule.classes
-        for pred, gold in zip(logits.argmax(-1).tolist(), batch["labels"].tolist()):
-            keep = [i for i, g in enumerate(gold) if g != IGNORE]  # first sub-word of each word
-            self._tags[0].append([names[gold[i]] for i in keep])
-            self._tags[1].append([names[pred[i]] for i in keep])
+        labels = batch["labels"]
+        self._tags.extend(zip(self.word_tags(labels, labels), self.word_tags(logits.argmax(-1), labels)))
 
     def on_validation_epoch_end(self) -> None:
         from seqeval.metrics import f1_score, precision_score, recall_score
 
-        gold, pred = self._tags
-        if gold:
+        tags = self.gather_objects(self._tags)
+        if tags:
+            gold, pred = (list(t) for t in zip(*tags))
             self.log("val/entity_f1", f1_score(gold, pred), prog_bar=True)
             self.log("val/entity_precision", precision_score(gold, pred))
             self.log("val/entity_recall", recall_score(gold, pred))
 
+    def predict_step(self, batch, batch_idx) -> dict[str, list[list[str]]]:
+        """The predicted tag name of every word, per sentence (``mmlm predict``)."""
+        logits = self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        return {"tags": self.word_tags(logits.argmax(-1), batch["labels"])}
+
 
 class QuestionAnswering(_FineTune):
     """Extractive QA (SQuAD): start / end logits over the context tokens; exact match and F1.
+
+    An example's answer is the best span over all its windows, wherever they fall.
 
     Args:
         model: text preset (random init) or checkpoint (e.g. a BERT folder).
@@ -248,6 +282,8 @@ class QuestionAnswering(_FineTune):
         warmup_steps: linear LR warmup steps before the cosine decay.
         min_lr_ratio: final LR as a fraction of the peak.
     """
+
+    head_names = ("qa",)
 
     def __init__(
         self,
@@ -261,50 +297,65 @@ class QuestionAnswering(_FineTune):
     ):
         super().__init__(linear_probe, optimizer, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
-        self.encoder = tower(model, model_overrides, TextEncoder)
-        self.head = nn.Linear(self.encoder.cfg.width, 2)  # start, end
+        self.model = text_with_heads(build_model(model, model_overrides), ["qa"])
         self.freeze_if_probe()
-        self._answers: dict[int, str] = {}
+        self._answers: Answers = {}
 
     def setup(self, stage: str) -> None:  # no class count to check
         pass
 
-    def on_validation_epoch_start(self) -> None:
-        self._answers = {}
-
     def forward(self, input_ids, attention_mask=None, token_type_ids=None) -> tuple[torch.Tensor, torch.Tensor]:
-        start, end = self.head(self.encoder.forward_features(input_ids, attention_mask, token_type_ids)).unbind(-1)
-        return start, end  # (B, T) each
+        out = self.model(input_ids, attention_mask, token_type_ids)
+        return out["start_logits"], out["end_logits"]  # (B, T) each
 
     def _loss(self, batch):
         start, end = self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
         loss = (F.cross_entropy(start, batch["start_positions"]) + F.cross_entropy(end, batch["end_positions"])) / 2
         return loss, start, end
 
+    def _answers_of(self, batch, start, end, split: str, best: Answers | None = None) -> Answers:
+        examples = self.trainer.datamodule.datasets[split].examples
+        return extract_answers(start, end, batch["offset_mapping"], batch["example_index"],
+                               [e["context"] for e in examples], self.hparams.max_answer_length, best)  # fmt: skip
+
     def training_step(self, batch, batch_idx):
         loss, _, _ = self._loss(batch)
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
+    def on_validation_epoch_start(self) -> None:
+        self._answers = {}
+
     def validation_step(self, batch, batch_idx):
         loss, start, end = self._loss(batch)
         self.log("val/loss", loss, sync_dist=True)
-        contexts = [e["context"] for e in self.trainer.datamodule.datasets["val"].examples]
-        # an example whose windows fall in different batches keeps the answer of its last batch
-        self._answers.update(
-            extract_answers(start, end, batch["offset_mapping"], batch["example_index"], contexts,
-                            self.hparams.max_answer_length)  # fmt: skip
-        )
+        self._answers_of(batch, start, end, "val", best=self._answers)
 
     def on_validation_epoch_end(self) -> None:
+        # DDP gives each rank some windows of an example: the best span over every rank's wins
+        answers = merge_answers({}, self.gather_objects([(i, s, t) for i, (s, t) in self._answers.items()]))
+        if not answers:
+            return
         examples = self.trainer.datamodule.datasets["val"].examples
-        preds = [{"prediction_text": text, "id": examples[i]["id"]} for i, text in self._answers.items()]
+        preds = [{"prediction_text": text, "id": examples[i]["id"]} for i, (_, text) in answers.items()]
         target = [
             {"answers": {"text": [a["text"] for a in examples[i]["answers"]] or [""],
                          "answer_start": [a["answer_start"] for a in examples[i]["answers"]] or [0]},
              "id": examples[i]["id"]}
-            for i in self._answers
+            for i in answers
         ]  # fmt: skip
         scores = torchmetrics.functional.text.squad(preds, target)
         self.log("val/exact_match", scores["exact_match"])
         self.log("val/f1", scores["f1"], prog_bar=True)
+
+    def predict_step(self, batch, batch_idx) -> dict[str, list]:
+        """The answer text of each example in the batch, with its score (start + end logit).
+
+        ``mmlm predict`` runs on ``test_data``. An example whose windows fall in two batches
+        is answered in both: keep its highest-scoring answer.
+        """
+        start, end = self(batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids"))
+        answers = self._answers_of(batch, start, end, "test")
+        examples = self.trainer.datamodule.datasets["test"].examples
+        return {"id": [examples[i]["id"] for i in answers], "answer": [t for _, t in answers.values()],
+                "score": [s for s, _ in answers.values()]}  # fmt: skip

@@ -14,31 +14,9 @@ import torch.nn.functional as F
 import torchmetrics
 from lightning.pytorch.cli import OptimizerCallable
 
-from mmlm.config import TextConfig, TextWithHeadsConfig, from_name
 from mmlm.data.collators import IGNORE, document_attention_mask
-from mmlm.models import TextEncoder, TextWithHeads
+from mmlm.models import text_with_heads
 from mmlm.tasks.base import Task, adamw, build_model
-
-
-def text_model_with_heads(model: str, overrides: dict[str, Any] | None, heads: tuple[str, ...]) -> TextWithHeads:
-    """A preset (fresh heads) or a checkpoint (its own heads where it has them, fresh ones otherwise)."""
-    from mmlm.config import PRESETS
-
-    if model in PRESETS:
-        cfg = from_name(model, **(overrides or {}))
-        if not isinstance(cfg, TextConfig):
-            raise TypeError(f"preset {model!r} is not a text model")
-        return TextWithHeads(TextWithHeadsConfig(text=cfg, heads=heads))
-    loaded = build_model(model)
-    encoder = loaded.encoder if isinstance(loaded, TextWithHeads) else loaded
-    if not isinstance(encoder, TextEncoder):
-        raise TypeError(f"{model} is not a text model")
-    new = TextWithHeads(TextWithHeadsConfig(text=encoder.cfg, heads=heads))
-    new.encoder.load_state_dict(encoder.state_dict())
-    for head in heads:  # heads the checkpoint has keep their weights
-        if getattr(loaded, head, None) is not None:
-            getattr(new, head).load_state_dict(getattr(loaded, head).state_dict())
-    return new
 
 
 class LanguagePretraining(Task):
@@ -73,7 +51,8 @@ class LanguagePretraining(Task):
         )
         if not heads:
             raise ValueError("give at least one of mlm_weight, nsp_weight, clm_weight a non-zero weight")
-        self.model = text_model_with_heads(model, model_overrides, heads)
+        # a checkpoint's own heads keep their weights, the others start fresh
+        self.model = text_with_heads(build_model(model, model_overrides), heads)
         if clm_weight and not self.model.cfg.text.causal:
             raise ValueError("CLM needs a causal text model (e.g. a gpt2 preset)")
         self.weights = {"mlm": mlm_weight, "nsp": nsp_weight, "clm": clm_weight}

@@ -45,14 +45,35 @@ def test_micro_batches_give_the_full_batch_gradient(loss):
 
 
 def test_micro_batches_match_with_patch_dropout_randomness():
-    """Checkpointing replays the RNG, so random patch dropout recomputes the same tokens."""
+    """Checkpointing replays the RNG: each chunk is recomputed with the patch-dropout mask of its
+    first forward, so the chunked gradient is the gradient of the loss on the features encoded
+    with those masks (here: the same chunks encoded directly, from the same RNG state)."""
     torch.manual_seed(0)
     task = ContrastiveAlignment("clip-tiny", {"vision": {"patch_dropout": 0.5}}, micro_batches=2)
     data = batch(4)
+    scale = task.model.scale()
+
     torch.manual_seed(1)
-    loss, objective = task._chunked_loss(data, task.model.scale(), None)
+    task.zero_grad()
+    loss, objective = task._chunked_loss(data, scale, None)
     objective.backward()
-    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in task.parameters() if p.grad is not None)
+    got = {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
+
+    torch.manual_seed(1)
+    task.zero_grad()
+    chunks = [{k: data[k][i : i + 2] for k in ("image", "input_ids", "attention_mask")} for i in (0, 2)]
+    images, texts = (torch.cat(parts) for parts in zip(*(task.features(c) for c in chunks)))
+    expected_loss = task.loss_fn(images, texts, task.model.scale(), None)
+    expected_loss.backward()
+    expected = {n: p.grad.clone() for n, p in task.named_parameters() if p.grad is not None}
+
+    torch.testing.assert_close(loss, expected_loss, rtol=0, atol=0)
+    assert got.keys() == expected.keys() and "model.visual.patch_embed.proj.weight" in got
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-5, atol=1e-7, msg=name)
+    # the masks matter: other masks give another loss, so a recompute with fresh masks could not match
+    torch.manual_seed(2)
+    assert not torch.allclose(task._chunked_loss(data, scale, None)[0], loss)
 
 
 def test_lit_locks_the_image_tower_but_top_layers():
