@@ -19,7 +19,9 @@ import functools
 from typing import Any, Callable, Literal
 
 import lightning as L
+import torch
 from torch.utils.data import Dataset
+from torchdata.stateful_dataloader.sampler import RandomSampler
 
 from mmlm.data.collators import (
     CLMCollator,
@@ -62,6 +64,8 @@ class _DataModule(L.LightningDataModule):
         self, batch_size: int, num_workers: int, drop_last: bool, seed: int, bad_samples: str = "drop"
     ) -> None:
         super().__init__()
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be 1 or more, got {batch_size}")
         self.bad_samples = bad_samples
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -85,9 +89,14 @@ class _DataModule(L.LightningDataModule):
         train = stage == "train"
         if train and self.bad_samples == "replace":
             ds = ReplaceBad(ds)
+        # Shuffling and the workers' base seed draw from generators of their own, never from the
+        # global RNG: the augmentations use that one, RestoreRNG restores it, and a loader made or
+        # iterated anew on resume then leaves it as the uninterrupted run found it.
+        sampler = RandomSampler(ds, generator=torch.Generator().manual_seed(self.seed)) if train else None
         return SkippingDataLoader(
-            ds, batch_size=self.batch_size, shuffle=train, drop_last=train and self.drop_last,
+            ds, batch_size=self.batch_size, sampler=sampler, drop_last=train and self.drop_last,
             num_workers=self.num_workers, collate_fn=collate, stats=self._stats(stage),
+            generator=torch.Generator().manual_seed(self.seed + 1),
         )  # fmt: skip
 
     def _rank_world(self) -> tuple[int | None, int | None]:

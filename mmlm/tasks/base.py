@@ -27,10 +27,13 @@ def adamw(params: Iterable[Any], lr: float = 5e-4, weight_decay: float = 0.1, be
 def build_model(model: str | Path, overrides: dict[str, Any] | None = None) -> nn.Module:
     """A preset name (random init), an mmlm checkpoint folder or any checkpoint ``load_pretrained`` reads."""
     import mmlm
-    from mmlm.config import PRESETS
+    from mmlm.config import PRESETS, unknown_model
+    from mmlm.paths import resolve
 
     if isinstance(model, str) and model in PRESETS:
         return mmlm.create_model(model, **(overrides or {}))
+    if not resolve(model).exists():
+        raise ValueError(unknown_model(str(model)))
     if overrides:
         raise ValueError("model_overrides apply to presets only, not to a checkpoint")
     return mmlm.load_pretrained(model)
@@ -42,6 +45,15 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float
         return (step + 1) / warmup_steps
     progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def check_optimizer(optimizer: OptimizerCallable) -> None:
+    """Build the optimizer once on a stand-in parameter, so that torch's own checks of lr, betas, eps and
+    weight_decay fail when the task is configured, not minutes later when training starts."""
+    try:
+        optimizer([nn.Parameter(torch.zeros(1))])
+    except ValueError as e:  # torch: "Invalid learning rate: -0.001"
+        raise ValueError(f"optimizer: {e} (lr, eps and weight_decay must be >= 0, betas in [0, 1))") from None
 
 
 class Task(L.LightningModule):
@@ -58,6 +70,11 @@ class Task(L.LightningModule):
         min_lr_ratio: float = 0.0,
     ):
         super().__init__()
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be 0 or more, got {warmup_steps}")
+        if not 0.0 <= min_lr_ratio <= 1.0:
+            raise ValueError(f"min_lr_ratio must be between 0 and 1, got {min_lr_ratio}")
+        check_optimizer(optimizer)
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
         self.min_lr_ratio = min_lr_ratio
