@@ -1,28 +1,54 @@
-"""mmlm: a multimodal vision-language toolkit built on one shared Transformer block."""
+"""mmlm: a multimodal vision-language toolkit built on one shared Transformer block.
 
-from mmlm.checkpoint import load, save
-from mmlm.config import CLIPConfig, TextConfig, VisionConfig, from_name, list_presets
-from mmlm.data.tokenizers import get_tokenizer
-from mmlm.models import CLIP, TextEncoder, TextWithHeads, VisionTransformer, create_model
-# mmlm.convert is the converters' package; the convert(src, dst, to) entry point is mmlm.pretrained.convert
-from mmlm.pretrained import export_hf_clip, load_pretrained
+The public names below are imported on first use (PEP 562), so ``import mmlm`` and
+``mmlm --help`` stay fast: torch, transformers and Lightning load only when a model,
+a converter or a task is touched.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CLIP",
-    "CLIPConfig",
-    "TextConfig",
-    "TextEncoder",
-    "TextWithHeads",
-    "VisionConfig",
-    "VisionTransformer",
-    "create_model",
-    "export_hf_clip",
-    "from_name",
-    "get_tokenizer",
-    "list_presets",
-    "load",
-    "load_pretrained",
-    "save",
-]
+# public name -> the module that defines it
+_EXPORTS = {
+    "load": "mmlm.checkpoint",
+    "save": "mmlm.checkpoint",
+    "CLIPConfig": "mmlm.config",
+    "TextConfig": "mmlm.config",
+    "VisionConfig": "mmlm.config",
+    "from_name": "mmlm.config",
+    "list_presets": "mmlm.config",
+    "get_tokenizer": "mmlm.data.tokenizers",
+    "CLIP": "mmlm.models",
+    "TextEncoder": "mmlm.models",
+    "TextWithHeads": "mmlm.models",
+    "VisionTransformer": "mmlm.models",
+    "create_model": "mmlm.models",
+    # mmlm.convert is the converters' package; the convert(src, dst, to) entry point is mmlm.pretrained.convert
+    "export_hf_clip": "mmlm.pretrained",
+    "load_pretrained": "mmlm.pretrained",
+}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from mmlm.checkpoint import load, save
+    from mmlm.config import CLIPConfig, TextConfig, VisionConfig, from_name, list_presets
+    from mmlm.data.tokenizers import get_tokenizer
+    from mmlm.models import CLIP, TextEncoder, TextWithHeads, VisionTransformer, create_model
+    from mmlm.pretrained import export_hf_clip, load_pretrained
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mmlm' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

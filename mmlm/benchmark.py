@@ -39,7 +39,7 @@ import webdataset as wds
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from mmlm.config import PRESETS
+from mmlm.config import PRESETS, unknown_model
 from mmlm.data import (
     DIGIT_CLASSNAMES,
     DIGIT_TEMPLATES,
@@ -76,7 +76,7 @@ def load_model(spec: str | Path, act: str | None = None, device: str | torch.dev
         torch.manual_seed(seed)
         model = create_model(str(spec)).to(device).eval()
     else:
-        raise FileNotFoundError(f"model {spec!r}: no such checkpoint file or folder, and not a preset name")
+        raise FileNotFoundError(unknown_model(str(spec)))
     if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
         raise ValueError(f"{spec} is a {type(model).__name__}: zero-shot evaluation needs an image-text (CLIP) model")
     return model
@@ -104,16 +104,31 @@ def describe_model(spec: str | Path, seed: int = 0) -> tuple[str, str]:
 
 
 def benchmark_result(
-    dataset: str, model: str, pretrained: str, task: str, metrics: dict[str, float], language: str = "en"
-) -> dict[str, Any]:
-    """One run's result, in the JSON layout CLIP_benchmark writes (and its ``build_csv`` reads)."""
-    return {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
-            "language": language}  # fmt: skip
+    dataset: str, model: str, pretrained: str, task: str, metrics: dict[str, float | None], language: str = "en",
+    samples: dict[str, Any] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """One run's result, in the JSON layout CLIP_benchmark writes (and its ``build_csv`` reads),
+    plus ``samples``: what the metrics were computed on (see ``sample_counts``)."""
+    result = {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
+              "language": language}  # fmt: skip
+    return result if samples is None else {**result, "samples": samples}
+
+
+def sample_counts(loader: SkippingDataLoader) -> dict[str, Any]:
+    """``{"used": N, "skipped": {reason: count}}`` of the loader's last full pass.
+
+    A result computed on 1 image out of 3 must say so in the result, not only in a log line.
+    """
+    return {"used": loader.stats.good, "skipped": loader.stats.history[-1] if loader.stats.history else {}}
 
 
 def write_result(result: dict[str, Any], path: str | Path | None = None) -> str:
-    """Print the result as JSON and write it to ``path`` if given. NaN stays NaN, as CLIP_benchmark writes it."""
-    text = json.dumps(result, indent=2)
+    """Print the result as JSON and write it to ``path`` if given.
+
+    Strict JSON: a metric that does not exist (acc5 with fewer than 5 classes) is ``null``, never
+    ``NaN``, which JSON readers other than Python's refuse.
+    """
+    text = json.dumps(result, indent=2, allow_nan=False)
     print(text)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

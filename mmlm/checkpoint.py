@@ -2,13 +2,22 @@
 
 safetensors holds only tensors (no pickle, no code), and the config beside it is
 enough to rebuild the module before loading the weights.
+
+The file helpers here (``read_json``, ``read_safetensors``, ``safetensors_header``,
+``save_safetensors``, ``refuse_to_overwrite``) are what every reader and writer of
+model folders uses, so a broken or existing file gets the same one-line message
+naming it wherever it is met.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
+import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -18,30 +27,102 @@ WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 FORMAT = "mmlm"
 
+# ------------------------------------------------------------------------------ files
 
-def save(model: nn.Module, path: str | Path) -> Path:
-    """Write ``model`` (anything with a ``cfg``) to the folder ``path``; returns the folder."""
+
+def read_json(path: str | Path) -> Any:
+    """The parsed JSON file; a ValueError naming the file and the position when it is not JSON."""
     path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e})") from e
+
+
+def read_safetensors(path: str | Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file; a ValueError naming the file when it is empty, damaged or cut short."""
+    try:
+        return load_file(path, device=str(device))
+    except SafetensorError as e:
+        raise _invalid_safetensors(path, e) from e
+
+
+def safetensors_header(path: str | Path) -> tuple[set[str], dict[str, str]]:
+    """The tensor names and the metadata of a safetensors file, without reading the tensors."""
+    try:
+        with safe_open(path, "pt") as f:
+            return set(f.keys()), f.metadata() or {}
+    except SafetensorError as e:
+        raise _invalid_safetensors(path, e) from e
+
+
+def _invalid_safetensors(path: str | Path, error: Exception) -> ValueError:
+    return ValueError(f"{path} is not a valid or complete safetensors file ({error})")
+
+
+def save_safetensors(
+    tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str] | None = None
+) -> None:
+    """``safetensors.torch.save_file``, leaving the file with the permissions the user's umask gives new files.
+
+    safetensors >= 0.8 writes through a temporary file, which is created 0600, and renames it
+    into place (safetensors#782), so a saved model would be unreadable to other users.
+    """
+    save_file(tensors, path, metadata=metadata)
+    os.chmod(path, 0o666 & ~_umask())
+
+
+def _umask() -> int:
+    mask = os.umask(0)  # the only portable way to read it is to set it
+    os.umask(mask)
+    return mask
+
+
+def refuse_to_overwrite(folder: str | Path, overwrite: bool) -> None:
+    """Raise unless ``folder`` is absent, empty, or ``overwrite`` says to write into it anyway."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FileExistsError(f"{folder} is a file, not a folder: give a folder to write the model into")
+    if not overwrite and folder.is_dir() and any(folder.iterdir()):
+        raise FileExistsError(
+            f"{folder} already exists and is not empty: give a new folder, or pass --overwrite "
+            "(overwrite=True) to replace the model files in it"
+        )
+
+
+# ------------------------------------------------------------------------------ the format
+
+
+def save(model: nn.Module, path: str | Path, overwrite: bool = False) -> Path:
+    """Write ``model`` (anything with a ``cfg``) to the folder ``path``; returns the folder.
+
+    A folder that already holds files is refused unless ``overwrite=True``.
+    """
+    path = Path(path)
+    refuse_to_overwrite(path, overwrite)
     path.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, path / WEIGHTS_NAME, metadata={"format": FORMAT})
+    save_safetensors(state, path / WEIGHTS_NAME, metadata={"format": FORMAT})
     (path / CONFIG_NAME).write_text(json.dumps({"format": FORMAT, "config": to_dict(model.cfg)}, indent=2))
     return path
 
 
 def is_mmlm_checkpoint(path: str | Path) -> bool:
     config = Path(path) / CONFIG_NAME
-    return config.is_file() and json.loads(config.read_text()).get("format") == FORMAT
+    if not config.is_file():
+        return False
+    meta = read_json(config)
+    return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
 def load(path: str | Path, device: str = "cpu") -> nn.Module:
-    """Rebuild the model saved by ``save`` and load its weights (strictly)."""
+    """Rebuild the model saved by ``save`` and load its weights (strictly); in eval mode, as ``load_pretrained``."""
     from mmlm.models import create_model
 
     path = Path(path)
     if not is_mmlm_checkpoint(path):
         raise ValueError(f"{path} is not an mmlm checkpoint folder (expected {CONFIG_NAME} with format 'mmlm')")
-    meta = json.loads((path / CONFIG_NAME).read_text())
+    meta = read_json(path / CONFIG_NAME)
     model = create_model(from_dict(meta["config"]))
-    model.load_state_dict(load_file(path / WEIGHTS_NAME, device=device))
-    return model.to(device)
+    model.load_state_dict(read_safetensors(path / WEIGHTS_NAME, device=device))
+    return model.to(device).eval()

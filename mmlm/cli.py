@@ -2,23 +2,32 @@
 
     mmlm fit|validate|test|predict --config FILE   LightningCLI: model and data are class_path choices
     mmlm convert SRC DST [--to mmlm|hf]            any checkpoint load_pretrained reads -> mmlm / transformers
-    mmlm tokenizer train '[FILE, ...]' --vocab_size N --out DIR
-    mmlm zeroshot MODEL --dataset DATA                zero-shot classification, CLIP_benchmark JSON + confusion PNG
-    mmlm eval-retrieval MODEL --dataset DATA          image<->text recall@k in bounded memory
+    mmlm tokenizer train FILE [FILE ...] --vocab_size N --out DIR
+    mmlm zeroshot MODEL --dataset DATA             zero-shot classification, CLIP_benchmark JSON + confusion PNG
+    mmlm eval-retrieval MODEL --dataset DATA       image<->text recall@k in bounded memory
     mmlm demo                                      encode the bundled images and captions, print similarities
     mmlm presets                                   list the model presets
+
+Options take dashes or underscores (``--vocab-size`` = ``--vocab_size``). A mistake in what was
+typed or pointed at prints one line and exits with 2; ``--debug`` (or ``MMLM_DEBUG=1``) shows the
+traceback instead. Heavy libraries (torch, Lightning, transformers) load only inside the commands,
+so ``mmlm --help`` answers at once.
 """
 
 from __future__ import annotations
 
 import csv
+import inspect
+import os
 import sys
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
-import torch
+if TYPE_CHECKING:  # jsonargparse runs this block to read the annotations: keep torch out of it
+    from jsonargparse import ArgumentParser
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+DEBUG_FLAG = "--debug"
 
 
 def presets() -> None:
@@ -35,24 +44,28 @@ def presets() -> None:
 def demo(
     preset: str = "clip-tiny",
     manifest: Path = ASSETS / "captions.csv",
-    checkpoint: Path | None = None,
+    checkpoint: str | None = None,
     seed: int = 0,
-) -> torch.Tensor:
+) -> Any:
     """Encode the bundled photographs and one caption each; print the image-text cosine similarities.
+
+    Returns the (images, captions) similarity tensor.
 
     Args:
         preset: model preset to build (random weights) when no checkpoint is given.
         manifest: CSV with ``filepath`` and ``title`` columns (paths relative to the CSV).
-        checkpoint: an mmlm checkpoint folder to load instead of random weights.
+        checkpoint: a CLIP to load instead of random weights: a ``.ckpt`` that ``mmlm fit`` wrote,
+            an mmlm folder, or anything else ``mmlm.load_pretrained`` reads.
         seed: seed for the random initialisation.
     """
+    import torch
     from PIL import Image
 
-    import mmlm
-    from mmlm.data import get_tokenizer, image_transform
+    from mmlm import benchmark
+    from mmlm.data import image_transform
 
-    torch.manual_seed(seed)
-    model = (mmlm.load(checkpoint) if checkpoint else mmlm.create_model(preset)).eval()
+    spec = checkpoint or preset
+    model = benchmark.load_model(spec, seed=seed)
     with open(manifest, newline="") as f:
         rows = list(csv.DictReader(f))
     first: dict[str, str] = {}
@@ -62,12 +75,12 @@ def demo(
 
     transform = image_transform(model.cfg.vision, train=False)
     images = torch.stack([transform(Image.open(manifest.parent / p).convert("RGB")) for p in paths])
-    tokens = get_tokenizer("clip", context_length=model.cfg.text.context_length)(captions)
+    tokens = benchmark.model_tokenizer(model, checkpoint=checkpoint)(captions)
     with torch.no_grad():
         sim = model.encode_image(images) @ model.encode_text(tokens["input_ids"], tokens["attention_mask"]).T
 
     names = [Path(p).stem[:10] for p in paths]
-    print(f"{model.cfg.__class__.__name__} '{preset}': {sum(p.numel() for p in model.parameters()):,} parameters")
+    print(f"{model.cfg.__class__.__name__} '{spec}': {sum(p.numel() for p in model.parameters()):,} parameters")
     print(f"cosine similarity, {len(paths)} images (rows) x {len(captions)} captions (columns)")
     print(" " * 11 + " ".join(f"{i:>5d}" for i in range(len(captions))))
     for name, row in zip(names, sim):
@@ -79,19 +92,26 @@ def demo(
     return sim
 
 
-def convert(src: Path, dst: Path, to: Literal["mmlm", "hf"] = "mmlm", act: str | None = None) -> None:
-    """Convert a checkpoint (HF, OpenAI / OpenCLIP, timm, sentence-transformers, mmlm) to mmlm or transformers.
+def convert(
+    src: Path,
+    dst: Path,
+    to: Literal["mmlm", "hf"] = "mmlm",
+    act: Literal["gelu", "quick_gelu"] | None = None,
+    overwrite: bool = False,
+) -> None:
+    """Convert a checkpoint (HF, OpenAI / OpenCLIP, timm, sentence-transformers, `mmlm fit` .ckpt) to mmlm or HF.
 
     Args:
         src: checkpoint file or folder.
-        dst: output folder.
+        dst: output folder; new or empty unless ``--overwrite``.
         to: ``mmlm`` (safetensors + config.json) or ``hf`` (a transformers CLIPModel folder; CLIP only).
         act: MLP activation of an OpenAI / OpenCLIP file when it cannot be detected (``quick_gelu`` or ``gelu``).
+        overwrite: write into ``dst`` even if it already holds files (those of the same name are replaced).
     """
     from mmlm.pretrained import convert as run
 
     kwargs = {"act": act} if act else {}
-    print(f"wrote {run(src, dst, to, **kwargs)}")
+    print(f"wrote {run(src, dst, to, overwrite=overwrite, **kwargs)}")
 
 
 def train_tokenizer(
@@ -100,7 +120,7 @@ def train_tokenizer(
     """Train a WordPiece (BERT) or byte-level BPE (GPT-2) tokenizer and save it as a tokenizer.json folder.
 
     Args:
-        files: plain-text files.
+        files: plain-text files, one or more (typed one after the other: ``a.txt b.txt``).
         vocab_size: target vocabulary size, special tokens included.
         out: output folder (loads with ``mmlm.get_tokenizer(out)`` or transformers' ``AutoTokenizer``).
         kind: ``wordpiece`` or ``bpe``.
@@ -170,11 +190,12 @@ def zeroshot(
     if not data.classes:
         raise ValueError(f"{dataset} does not name its classes: give --classnames")
     prompts = load_templates(templates) if templates else data.templates or list(OPENAI_IMAGENET_TEMPLATES)
-    metrics, logits, labels = zero_shot_classify(net, tok, data.loader(batch_size, num_workers), data.classes, prompts, device)
+    loader = data.loader(batch_size, num_workers)
+    metrics, logits, labels = zero_shot_classify(net, tok, loader, data.classes, prompts, device)
     if confusion_matrix is not None:
         save_confusion_matrix(labels, logits.argmax(1), data.classes, confusion_matrix)
     result = benchmark.benchmark_result(dataset, *benchmark.describe_model(model, seed), "zeroshot_classification",
-                                        metrics, language)  # fmt: skip
+                                        metrics, language, benchmark.sample_counts(loader))  # fmt: skip
     benchmark.write_result(result, output)
     return result
 
@@ -221,16 +242,19 @@ def eval_retrieval(
         language: the ``language`` field of the result.
         seed: seed of a preset's random weights.
     """
+    from mmlm.retrieval.evaluate import check_retrieval_args, evaluate_retrieval
+
+    check_retrieval_args(ks, chunk_size)  # before the slow imports and the model
     from mmlm import benchmark
     from mmlm.data import image_transform
-    from mmlm.retrieval import evaluate_retrieval
 
     net = benchmark.load_model(model, act, device, seed)
     tok = benchmark.model_tokenizer(net, tokenizer, model)
     data = benchmark.retrieval_data(dataset, image_transform(net.cfg.vision, train=False), split, image_key, caption_key)
-    metrics = evaluate_retrieval(net, tok, data.loader(batch_size, num_workers), device, tuple(ks), chunk_size)
+    loader = data.loader(batch_size, num_workers)
+    metrics = evaluate_retrieval(net, tok, loader, device, tuple(ks), chunk_size)
     result = benchmark.benchmark_result(dataset, *benchmark.describe_model(model, seed), "zeroshot_retrieval",
-                                        metrics, language)  # fmt: skip
+                                        metrics, language, benchmark.sample_counts(loader))  # fmt: skip
     benchmark.write_result(result, output)
     return result
 
@@ -239,36 +263,154 @@ LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True):
-    """LightningCLI over every mmlm task and data module (``class_path`` in the YAML)."""
-    import lightning as L
-    from lightning.pytorch.cli import LightningCLI
+    """LightningCLI over every mmlm task and data module (``class_path`` in the YAML).
 
-    import mmlm.data  # noqa: F401  (registers the data modules as subclasses)
-    import mmlm.tasks  # noqa: F401
-    from mmlm.callbacks import RestoreRNG
+    Each command writes into its own folder under ``trainer.default_root_dir`` (``mmlm.runs``):
+    ``mmlm fit`` into a new ``version_N``, ``--ckpt_path last`` continues the newest one.
+    """
+    from mmlm.runs import RunCLI
 
-    return LightningCLI(
-        L.LightningModule,
-        L.LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,  # tasks build their own optimizer and warmup + cosine schedule
-        save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [RestoreRNG()]},
-        args=args,
-        run=run,
-    )
+    return RunCLI(args, run)
+
+
+# mmlm's own commands; a dict is a command with subcommands
+COMMANDS: dict[str, Any] = {
+    "convert": convert,
+    "demo": demo,
+    "presets": presets,
+    "tokenizer": {"train": train_tokenizer},
+    "zeroshot": zeroshot,
+    "eval-retrieval": eval_retrieval,
+}
+# what a positional that takes one or more values is called, per command; jsonargparse reads a
+# list[Path] positional given one path as a file *listing* paths, so these get nargs="+" instead
+VARIADIC = {train_tokenizer: "files"}
+
+
+def build_parser() -> ArgumentParser:
+    """The parser of every command, Lightning's included (listed only: ``main`` hands those to LightningCLI)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(
+        prog="mmlm", description="Train, convert and evaluate vision-language models built on one shared block.",
+        epilog=f"`mmlm COMMAND --help` lists a command's options; they take dashes or underscores (--vocab-size). "
+        f"Errors print one line; add {DEBUG_FLAG} or set MMLM_DEBUG=1 for the traceback.",
+    )  # fmt: skip
+    subcommands = parser.add_subcommands(required=True)
+    for name in LIGHTNING_COMMANDS:
+        text = f"Lightning {name}: task, data and trainer from --config FILE (`mmlm {name} --help` lists the options)"
+        subcommands.add_subcommand(name, ArgumentParser(description=text), help=text)
+    _add_commands(subcommands, COMMANDS)
+    return parser
+
+
+def _add_commands(subcommands: Any, commands: dict[str, Any]) -> None:
+    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+
+    for name, target in commands.items():
+        if isinstance(target, dict):  # jsonargparse wants a level added before the one below it
+            sub = ArgumentParser(description=f"{name} commands")
+            subcommands.add_subcommand(name, sub, help=f"{name} commands: {', '.join(target)}")
+            _add_commands(sub.add_subcommands(required=True), target)
+            continue
+        sub = ArgumentParser(description=_summary(target))
+        sub.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
+        own = {VARIADIC[target]} if target in VARIADIC else set()
+        for arg in own:
+            sub.add_argument(arg, nargs="+", type=Path, help=_param_doc(target, arg))
+        for param in inspect.signature(target).parameters.values():
+            if param.annotation in (bool, "bool"):  # a flag: `--overwrite` alone, or `--overwrite false`
+                sub.add_argument(f"--{param.name}", action=ActionYesNo, nargs="?", default=param.default,
+                                 help=_param_doc(target, param.name))  # fmt: skip
+                own.add(param.name)
+        sub.add_function_arguments(target, as_group=False, as_positional=True, skip=own)
+        subcommands.add_subcommand(name, sub, help=_summary(target))
+
+
+def _summary(obj: Any) -> str:
+    return (inspect.getdoc(obj) or "").strip().splitlines()[0]
+
+
+def _param_doc(fn: Callable, name: str) -> str:
+    from docstring_parser import parse
+
+    return next(p.description for p in parse(inspect.getdoc(fn) or "").params if p.arg_name == name)
+
+
+def run_command(args: list[str]) -> Any:
+    """Parse ``args`` with ``build_parser`` and call the chosen command with what was parsed."""
+    cfg = build_parser().parse_args(args)
+    target: Any = COMMANDS
+    while isinstance(target, dict):  # walk down nested subcommands
+        target, cfg = target[cfg.subcommand], cfg[cfg.subcommand]
+    kwargs = {k: v for k, v in vars(cfg).items() if k != "config"}
+    return target(**kwargs)
+
+
+def underscore_options(args: list[str]) -> list[str]:
+    """``--vocab-size 8000`` -> ``--vocab_size 8000``, ``--trainer.max-steps`` -> ``--trainer.max_steps``:
+    options are Python parameter names, and people type dashes."""
+    out = []
+    for i, arg in enumerate(args):
+        if arg == "--":  # everything after it is a value
+            return out + args[i:]
+        if arg.startswith("--"):
+            name, eq, value = arg.partition("=")
+            arg = "--" + name[2:].replace("-", "_") + eq + value
+        out.append(arg)
+    return out
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean a mistake in what was typed or pointed at, not a bug in mmlm.
+
+    ValueError covers ConversionError and json.JSONDecodeError; OSError covers FileNotFoundError
+    and FileExistsError; KeyError is what an unknown name in a table raises.
+    """
+    from argparse import ArgumentError
+
+    from safetensors import SafetensorError
+
+    errors: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, OSError, ArgumentError, SafetensorError)
+    lightning = sys.modules.get("lightning.fabric.utilities.exceptions")  # imported only when a Lightning command ran
+    return errors + ((lightning.MisconfigurationException,) if lightning else ())
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a KeyError's str() would add quotes around it)."""
+    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(str(message).split()) or type(error).__name__
+
+
+def _command_words(args: list[str]) -> str:
+    """``tokenizer train`` of ``tokenizer train a.txt --out x``: the words naming the command."""
+    words: list[str] = []
+    level: Any = {**COMMANDS, **dict.fromkeys(LIGHTNING_COMMANDS)}
+    for arg in args:
+        if not isinstance(level, dict) or arg not in level:
+            break
+        words.append(arg)
+        level = level[arg]
+    return " ".join(words)
 
 
 def main(argv: list[str] | None = None) -> None:
-    from jsonargparse import CLI
-
-    args = sys.argv[1:] if argv is None else argv
-    if args and args[0] in LIGHTNING_COMMANDS:
-        lightning_cli(argv)  # None: LightningCLI reads sys.argv itself
-    else:
-        CLI({"convert": convert, "demo": demo, "presets": presets, "tokenizer": {"train": train_tokenizer},
-             "zeroshot": zeroshot, "eval-retrieval": eval_retrieval}, args=args)  # fmt: skip
+    args = list(sys.argv[1:] if argv is None else argv)
+    cut = args.index("--") if "--" in args else len(args)
+    debug = DEBUG_FLAG in args[:cut] or os.environ.get("MMLM_DEBUG", "0") not in ("", "0")
+    args = underscore_options([a for a in args[:cut] if a != DEBUG_FLAG] + args[cut:])
+    command = _command_words(args)
+    try:
+        if command in LIGHTNING_COMMANDS:
+            lightning_cli(args)
+        else:
+            run_command(args)
+    except user_errors() as e:
+        if debug:
+            raise
+        where = f"mmlm {command}".strip()
+        print(f"{where}: error: {one_line(e)} (add {DEBUG_FLAG} for the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@
 what ``path`` is                       recognised by                               returns
 =====================================  ==========================================  =========================
 mmlm folder                            config.json with ``"format": "mmlm"``       whatever was saved
+``mmlm fit`` checkpoint (``.ckpt``)    ``mmlm_config`` stored by the task          the task's model, head
+                                                                                   included
 sentence-transformers folder           modules.json (+ 1_Pooling/config.json)      TextEncoder (its pooling)
 transformers folder                    config.json ``model_type``: clip,           CLIP, TextEncoder,
                                        clip_text_model, clip_vision_model, bert,   VisionTransformer,
@@ -24,7 +26,7 @@ The heavy work is in ``mmlm.convert``; this module only finds files and dispatch
 
 from __future__ import annotations
 
-import json
+import re
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -32,14 +34,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmlm import checkpoint
-from mmlm.config import Activation, CLIPConfig, ModelConfig, TextWithHeadsConfig, from_dict, update
+from mmlm.config import Activation, CLIPConfig, ModelConfig, TextWithHeadsConfig, VisionConfig, from_dict, update
 from mmlm.convert import hf_bert, hf_clip, hf_gpt2, hf_vit, openclip, timm_vit
 from mmlm.convert.common import ConversionError, StateDict
-from mmlm.models import CLIP, TextWithHeads, VisionTransformer, create_model
+from mmlm.models import CLIP, create_model
 from mmlm.paths import resolve
 
 SAFE_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors")
@@ -66,7 +67,7 @@ def read_state_dict(path: str | Path) -> StateDict:
     """
     path = Path(path)
     if path.suffix == ".safetensors":
-        return load_file(path)
+        return checkpoint.read_safetensors(path)
     if path.suffix not in PICKLE_SUFFIXES:
         raise ConversionError(
             f"{path}: unknown weights file type {path.suffix!r} (expected .safetensors, .bin, .pt, .pth)"
@@ -78,7 +79,7 @@ def read_state_dict(path: str | Path) -> StateDict:
             "`safetensors.torch.save_file(torch.jit.load(path, map_location='cpu').state_dict(), 'weights.safetensors')`, "
             "and load that file."
         )
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = torch_load(path)
     for key in ("state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -92,12 +93,29 @@ def read_state_dict(path: str | Path) -> StateDict:
     return dict(obj)
 
 
+def torch_load(path: Path) -> Any:
+    """``torch.load(weights_only=True)``; a ConversionError naming the file when it cannot be read that way.
+
+    An empty, cut-short or non-pickle file fails inside torch's pure-Python unpickler with whatever
+    it trips over (``EOFError``, ``RuntimeError``, ``KeyError: 101``, ``IndexError``, ``UnpicklingError``)
+    and a message that names neither the file nor the problem.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- any failure here means the file is not a readable checkpoint
+        # weights_only failures bury the reason in a paragraph of advice
+        reason = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", str(e))
+        first_line = str(e).splitlines()[0] if str(e) else "the file ends early"
+        detail = reason.group(1) if reason else f"{type(e).__name__}: {first_line}"
+        raise ConversionError(f"{path} is not a valid or complete PyTorch checkpoint ({detail})") from e
+
+
 def read_folder_weights(folder: Path, names: tuple[str, ...] = SAFE_WEIGHTS + PICKLED_WEIGHTS) -> StateDict:
     """The weights of a model folder: single or sharded (``*.index.json``), safetensors preferred."""
     for name in names:
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            shards = sorted(set(checkpoint.read_json(index)["weight_map"].values()))
             sd: StateDict = {}
             for shard in shards:
                 sd |= read_state_dict(folder / shard)
@@ -108,7 +126,7 @@ def read_folder_weights(folder: Path, names: tuple[str, ...] = SAFE_WEIGHTS + PI
 
 
 def _json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+    return checkpoint.read_json(path) if path.is_file() else None
 
 
 # ------------------------------------------------------------------------------ detection
@@ -153,12 +171,10 @@ def detect_format(path: str | Path) -> str:
 
 def _keys(path: Path) -> set[str]:
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(path, "pt") as f:
-            if (f.metadata() or {}).get("format") == checkpoint.FORMAT:
-                raise ConversionError(f"{path} is an mmlm weights file: pass its folder (with config.json)")
-            return set(f.keys())
+        keys, metadata = checkpoint.safetensors_header(path)
+        if metadata.get("format") == checkpoint.FORMAT:
+            raise ConversionError(f"{path} is an mmlm weights file: pass its folder (with config.json)")
+        return keys
     return set(read_state_dict(path))
 
 
@@ -207,11 +223,8 @@ def load_pretrained(
 
     if fmt == "mmlm":
         model = checkpoint.load(path)
-        if not with_heads and isinstance(model, TextWithHeads):
-            model = model.encoder
-        if not with_heads and isinstance(model, VisionTransformer) and model.cfg.num_classes:
-            sd = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
-            model = _build(update(model.cfg, num_classes=0), sd)
+        if not with_heads:
+            model = _build(*_without_heads(model.cfg, model.state_dict()))
         if overrides or act:
             model = _build(finish(model.cfg), model.state_dict())
         return model.eval().to(device)
@@ -236,14 +249,26 @@ def load_pretrained(
     return _build(cfg, convert(cfg)).eval().to(device)
 
 
-def _lightning(path: Path, **_: Any) -> Loaded:
-    """A checkpoint written by ``mmlm fit``: the task stored its model's config beside the weights."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+def _lightning(path: Path, with_heads: bool, **_: Any) -> Loaded:
+    """A checkpoint written by ``mmlm fit``: every task stores its one model's config beside the
+    weights (the task's ``model.*`` entries), fine-tuned heads included."""
+    ckpt = torch_load(path)
     if "mmlm_config" not in ckpt:
         raise ConversionError(f"{path}: a Lightning checkpoint without an mmlm model config (not from mmlm fit?)")
     cfg = from_dict(ckpt["mmlm_config"])
     sd = {k[len("model.") :]: v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    if not with_heads:
+        cfg, sd = _without_heads(cfg, sd)
     return cfg, lambda _cfg: sd
+
+
+def _without_heads(cfg: ModelConfig, sd: StateDict) -> tuple[ModelConfig, StateDict]:
+    """The bare encoder: a text model's without its heads, a ViT without its classifier; others as they are."""
+    if isinstance(cfg, TextWithHeadsConfig):
+        return cfg.text, {k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")}
+    if isinstance(cfg, VisionConfig) and cfg.num_classes:
+        return update(cfg, num_classes=0), {k: v for k, v in sd.items() if not k.startswith("head.")}
+    return cfg, sd
 
 
 def _build(cfg: ModelConfig, sd: Mapping[str, torch.Tensor]) -> nn.Module:
@@ -311,7 +336,7 @@ def _sentence_transformers(folder: Path, with_heads: bool, act: Activation | Non
     A trailing ``Normalize`` module is not part of the model: compare embeddings by cosine,
     or ``F.normalize`` them, as sentence-transformers does.
     """
-    modules = json.loads((folder / "modules.json").read_text())
+    modules = checkpoint.read_json(folder / "modules.json")
     kinds = {m["type"].rsplit(".", 1)[-1]: folder / m.get("path", "") for m in modules}
     unsupported = set(kinds) - {"Transformer", "Pooling", "Normalize"}
     if unsupported or "Transformer" not in kinds:
@@ -394,13 +419,14 @@ def _openclip_act(path: Path, sd: Mapping[str, torch.Tensor], oc_config: dict[st
 # ------------------------------------------------------------------------------ export
 
 
-def export_hf_clip(model: CLIP, folder: str | Path) -> Path:
+def export_hf_clip(model: CLIP, folder: str | Path, overwrite: bool = False) -> Path:
     """Write ``model`` as a transformers ``CLIPModel`` folder (config.json, model.safetensors,
     preprocessor_config.json) that ``CLIPModel.from_pretrained`` loads with the same outputs.
 
     Only two-tower CLIPs (``share="none"``) in the shape HF's CLIP has can be exported;
     anything else raises ``ConversionError`` saying what does not fit. No tokenizer is
     written: mmlm's CLIP presets use OpenAI's BPE, i.e. ``openai/clip-vit-base-patch32``'s tokenizer.
+    A folder that already holds files is refused unless ``overwrite=True``.
     """
     import transformers
 
@@ -410,11 +436,12 @@ def export_hf_clip(model: CLIP, folder: str | Path) -> Path:
     hf_config = transformers.CLIPConfig(**hf_clip.config_to_hf(cfg))  # raises for what HF cannot express
     sd = hf_clip.mmlm_to_hf_clip(model.state_dict(), cfg)
     folder = Path(folder)
+    checkpoint.refuse_to_overwrite(folder, overwrite)
     folder.mkdir(parents=True, exist_ok=True)
     hf_config.architectures = ["CLIPModel"]
     hf_config.save_pretrained(folder)
     # the same file transformers' save_pretrained writes: safetensors with format "pt"
-    save_file(
+    checkpoint.save_safetensors(
         {k: v.detach().cpu().float().contiguous() for k, v in sd.items()},
         folder / "model.safetensors",
         metadata={"format": "pt"},
@@ -428,16 +455,20 @@ def export_hf_clip(model: CLIP, folder: str | Path) -> Path:
     return folder
 
 
-def convert(src: str | Path, dst: str | Path, to: Literal["mmlm", "hf"] = "mmlm", **kwargs: Any) -> Path:
+def convert(
+    src: str | Path, dst: str | Path, to: Literal["mmlm", "hf"] = "mmlm", overwrite: bool = False, **kwargs: Any
+) -> Path:
     """Convert a checkpoint: anything ``load_pretrained`` reads -> an mmlm folder, or a CLIP -> a transformers folder.
 
-    ``kwargs`` go to ``load_pretrained`` (``act``, ``with_heads``, config overrides).
+    ``dst`` must be new or empty unless ``overwrite=True``. ``kwargs`` go to ``load_pretrained``
+    (``act``, ``with_heads``, config overrides).
     """
+    checkpoint.refuse_to_overwrite(dst, overwrite)  # before the slow part
     model = load_pretrained(src, **kwargs)
     if to == "mmlm":
-        return checkpoint.save(model, dst)
+        return checkpoint.save(model, dst, overwrite=overwrite)
     if to == "hf":
         if not isinstance(model, CLIP):
             raise ConversionError(f"--to hf exports CLIP models only; {src} loaded as a {type(model).__name__}")
-        return export_hf_clip(model, dst)
+        return export_hf_clip(model, dst, overwrite=overwrite)
     raise ValueError(f"to must be 'mmlm' or 'hf', not {to!r}")

@@ -12,7 +12,6 @@ prediction is the class whose column is most similar to its normalised embedding
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -144,11 +143,14 @@ def encode_images(
     return torch.cat(features), torch.cat(labels)
 
 
-def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None) -> dict[str, float]:
+def classification_metrics(
+    logits: torch.Tensor, labels: torch.Tensor, num_classes: int | None = None
+) -> dict[str, float | None]:
     """acc1, acc5 and mean per-class recall, as CLIP_benchmark reports them.
 
-    As there, acc5 is NaN with fewer than 5 classes, and the mean per-class recall
-    (sklearn's balanced accuracy) averages over the classes that occur in ``labels``.
+    acc5 is None (JSON ``null``) with fewer than 5 classes, where CLIP_benchmark writes NaN,
+    which is not JSON. The mean per-class recall (sklearn's balanced accuracy) averages over
+    the classes that occur in ``labels``.
     """
     num_classes = num_classes or logits.shape[1]
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (N, k)
@@ -157,7 +159,7 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, num_class
     recalls = [(pred[labels == c] == c).double().mean() for c in range(num_classes) if (labels == c).any()]
     return {
         "acc1": hit[:, :1].any(1).double().mean().item(),
-        "acc5": hit.any(1).double().mean().item() if num_classes >= 5 else math.nan,
+        "acc5": hit.any(1).double().mean().item() if num_classes >= 5 else None,
         "mean_per_class_recall": torch.stack(recalls).mean().item(),
     }
 
@@ -170,7 +172,7 @@ def zero_shot_classify(
     templates: Sequence[Template] = OPENAI_IMAGENET_TEMPLATES,
     device: torch.device | str | None = None,
     progress: bool = True,
-) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+) -> tuple[dict[str, float | None], torch.Tensor, torch.Tensor]:
     """Classify every image of ``batches``: (metrics, logits (N, C), labels (N,)).
 
     Logits are cosine similarities times 100, CLIP's scale; the metrics do not depend on it.

@@ -50,6 +50,10 @@ BROKEN_SHARD = "broken_shard"  # a tar that cannot be read to its end
 BAD_LABEL = "bad_label"
 
 
+class NoGoodSamples(RuntimeError, ValueError):
+    """Not one usable sample: the data the user pointed at is wrong (a ValueError), found mid-run."""
+
+
 @dataclass(frozen=True)
 class Skip:
     """What a dataset returns instead of a sample it cannot use."""
@@ -201,7 +205,7 @@ class SkipStats:
         self.good += good
         bad = sum(self.counts.values())
         if self.good == 0 and bad >= self.fail_after:
-            raise RuntimeError(self._all_bad_message(f"the first {bad} samples read were all bad"))
+            raise NoGoodSamples(self._all_bad_message(f"the first {bad} samples read were all bad"))
 
     def end_epoch(self) -> dict[str, int]:
         """Log and return this epoch's counts; an epoch with no good sample is an error."""
@@ -209,7 +213,7 @@ class SkipStats:
         report = dict(sorted(self.counts.items()))
         self.history.append(report)
         if bad and self.good == 0:
-            raise RuntimeError(self._all_bad_message(f"all {bad} samples of the epoch were bad"))
+            raise NoGoodSamples(self._all_bad_message(f"all {bad} samples of the epoch were bad"))
         if bad:
             log.warning("%s: epoch done, %d good samples, %d skipped: %s", self.name, self.good, bad, report)
         return report

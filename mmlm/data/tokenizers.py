@@ -13,6 +13,7 @@ Calling a tokenizer pads to the longest text of the batch, never to the context.
 
 from __future__ import annotations
 
+import codecs
 import functools
 import gzip
 import html
@@ -397,6 +398,13 @@ def train_tokenizer(
         lowercase: WordPiece only; BPE keeps case.
         context_length: ``model_max_length`` written to the folder.
     """
+    if kind not in ("wordpiece", "bpe"):
+        raise ValueError(f"kind must be 'wordpiece' or 'bpe', got {kind!r}")
+    # a byte-level BPE always keeps its 256 byte tokens
+    smallest = len(WORDPIECE_SPECIALS) + 1 if kind == "wordpiece" else len(BPE_SPECIALS) + 256
+    if vocab_size < smallest:
+        raise ValueError(f"vocab_size {vocab_size} is too small for {kind}: at least {smallest}, e.g. 8000")
+    check_corpus(files)
     files = [str(f) for f in files]
     if kind == "wordpiece":
         specials = WORDPIECE_SPECIALS
@@ -430,8 +438,39 @@ def train_tokenizer(
         tok.post_processor = processors.TemplateProcessing(
             single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tok.token_to_id(eos))]
         )
-    else:
-        raise ValueError(f"kind must be 'wordpiece' or 'bpe', got {kind!r}")
     tokenizer = Tokenizer(tok, context_length, specials)
     tokenizer.save(out_dir)
     return tokenizer
+
+
+def check_corpus(files: Sequence[str | Path], chunk_size: int = 1 << 20) -> None:
+    """Raise, naming the file, unless ``files`` are existing UTF-8 text files with some text in them.
+
+    HF's trainer would otherwise panic on a binary file without naming it, and learn a
+    vocabulary of special tokens alone from an empty corpus.
+    """
+    if not files:
+        raise ValueError("no text files to train on")
+    empty = True
+    for path in map(Path, files):
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such text file")
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        offset = 0
+        with open(path, "rb") as f:
+            while chunk := f.read(chunk_size):
+                try:
+                    text = decoder.decode(chunk)
+                except UnicodeDecodeError as e:
+                    where = offset + e.start
+                    raise ValueError(f"{path} is not UTF-8 text (byte {where}): give plain-text files") from e
+                if "\x00" in text:
+                    raise ValueError(f"{path} holds NUL bytes, so it is binary, not text: give plain-text files")
+                empty = empty and not text.strip()
+                offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path} is not UTF-8 text (it ends inside a character): give plain-text files") from e
+    if empty:
+        raise ValueError(f"no text to train on: {', '.join(map(str, files))}: empty or only whitespace")

@@ -10,11 +10,20 @@ positive. Exact ties are broken by index, as a stable sort would.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+
+
+def check_retrieval_args(ks: Sequence[int], chunk_size: int) -> None:
+    """Raise for a recall@k that cannot exist or a chunk that scores nothing, before any work is done."""
+    bad = [k for k in ks if not (isinstance(k, int) and k >= 1)]
+    if not ks or bad:
+        raise ValueError(f"ks {list(ks)}: recall@k needs integers k >= 1, e.g. [1, 5, 10]")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size {chunk_size}: give the number of query rows scored at a time, >= 1 (e.g. 1024)")
 
 
 def _ranks(queries: torch.Tensor, keys: torch.Tensor, positives: torch.Tensor, chunk_size: int) -> torch.Tensor:
@@ -102,6 +111,7 @@ def retrieval_metrics(
         ``image_retrieval_*`` (text queries, image keys) and ``text_retrieval_*`` (image
         queries, text keys), the names CLIP_benchmark uses.
     """
+    check_retrieval_args(ks, chunk_size)
     n_img, n_txt = image_features.shape[0], text_features.shape[0]
     if text_to_image is None:
         if n_img != n_txt:
@@ -158,6 +168,7 @@ def evaluate_retrieval(
 
     Only the (N + M) x D embeddings are kept; scores are computed chunk by chunk on ``device``.
     """
+    check_retrieval_args(ks, chunk_size)
     images, texts, text_to_image = embed_image_captions(model, tokenizer, batches, device, progress=progress)
     device = device or next(model.parameters()).device
     return retrieval_metrics(images.to(device), texts.to(device), text_to_image, ks, chunk_size)

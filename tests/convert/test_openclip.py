@@ -10,7 +10,6 @@ from _parity import assert_parity, randomize_
 from safetensors.torch import save_file
 
 import mmlm
-from mmlm.convert import openclip as openclip_convert
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -51,9 +50,49 @@ def test_vit_b_32_quickgelu_fp16_pickle(tmp_path):
     _compare(ref, model, "ViT-B-32-quickgelu (fp16 file)")
 
 
-def test_openai_keys_mean_quickgelu():
-    sd = {"input_resolution": torch.tensor(224), "visual.conv1.weight": torch.zeros(1)}
-    assert openclip_convert.is_openai(sd)
+SMALL_CLIP = {  # heads of 64 channels, the head width mmlm assumes when a bare state dict does not say
+    "embed_dim": 24,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 128, "layers": 2},
+    "text_cfg": {"context_length": 16, "vocab_size": 500, "width": 64, "heads": 1, "layers": 2},
+}
+
+
+def _small_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(1, 499, (2, 16))
+    ids[0, 7], ids[1, 15] = 499, 499  # eot = vocab - 1, the largest id
+    ids[0, 8:] = 0
+    return torch.randn(2, 3, 32, 32), ids
+
+
+def _assert_same_towers(model: mmlm.CLIP, ref: torch.nn.Module, what: str) -> None:
+    images, ids = _small_inputs()
+    with torch.no_grad():
+        assert_parity(model.encode_image(images, normalize=False), ref.encode_image(images), what=f"{what} image")
+        assert_parity(model.encode_text(ids, normalize=False), ref.encode_text(ids), what=f"{what} text")
+
+
+def test_openai_keys_mean_quickgelu(tmp_path, recwarn):
+    """A file with OpenAI's extra keys, no quickgelu in its name and no open_clip_config.json: load_pretrained
+    detects QuickGELU from the keys alone, silently, and matches open_clip built with quick_gelu=True."""
+    ref = randomize_(open_clip.CLIP(**SMALL_CLIP, quick_gelu=True)).eval()
+    openai_extras = {"input_resolution": torch.tensor(32), "context_length": torch.tensor(16),
+                     "vocab_size": torch.tensor(500)}  # fmt: skip
+    path = tmp_path / "weights.pt"
+    torch.save({**ref.state_dict(), **openai_extras}, path)
+    model = mmlm.load_pretrained(path)
+    assert model.cfg.vision.act == model.cfg.text.act == "quick_gelu"
+    assert not [w for w in recwarn if "QuickGELU" in str(w.message)]
+    _assert_same_towers(model, ref, "OpenAI-keyed small CLIP")
+
+
+def test_openclip_keys_without_hints_warn_and_mean_gelu(tmp_path):
+    """The same weights with OpenCLIP's keys only: nothing tells the activation, so a warning and OpenCLIP's gelu."""
+    ref = randomize_(open_clip.CLIP(**SMALL_CLIP)).eval()  # quick_gelu=False: nn.GELU
+    save_file(ref.state_dict(), tmp_path / "weights.safetensors")
+    with pytest.warns(UserWarning, match="cannot tell whether this CLIP was trained with QuickGELU"):
+        model = mmlm.load_pretrained(tmp_path / "weights.safetensors")
+    assert model.cfg.vision.act == model.cfg.text.act == "gelu"
+    _assert_same_towers(model, ref, "OpenCLIP-keyed small CLIP")
 
 
 def test_small_openclip_hub_folder(tmp_path):

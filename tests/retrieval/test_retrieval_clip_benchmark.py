@@ -190,8 +190,9 @@ def test_eval_retrieval_equals_clip_benchmark_end_to_end(checkpoint, captioned_d
         assert ours_shards["metrics"][key] == pytest.approx(ref_shards[key], abs=1e-6), key
         assert ref_shards[key] == pytest.approx(ref[key], abs=1e-6), key
     assert json.loads(out.read_text()) == ours
-    assert set(ours) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+    assert set(ours) == {"dataset", "model", "pretrained", "task", "metrics", "language", "samples"}
     assert ours["task"] == "zeroshot_retrieval"
+    assert ours["samples"] == ours_shards["samples"] == {"used": len(items), "skipped": {}}
 
 
 def test_eval_retrieval_command_on_digits(tmp_path, capsys):

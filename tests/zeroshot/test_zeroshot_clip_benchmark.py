@@ -138,8 +138,9 @@ def test_mmlm_zeroshot_equals_clip_benchmark(
         result = zeroshot(str(tiny_checkpoint), dataset=dataset, templates=templates, output=out, batch_size=50)
     _assert_same_metrics(result["metrics"], reference["metrics"])
     assert json.loads(out.read_text()) == result
-    assert set(result) == {"dataset", "model", "pretrained", "task", "metrics", "language"}
+    assert set(result) == {"dataset", "model", "pretrained", "task", "metrics", "language", "samples"}
     assert result["task"] == "zeroshot_classification" and result["language"] == "en"
+    assert result["samples"] == {"used": len(digit_pngs), "skipped": {}}  # all 360 scans of the test split
 
 
 def test_clip_benchmark_reads_its_wds_folder_like_mmlm(clip_benchmark_wds, tiny_checkpoint, reference):

@@ -9,7 +9,6 @@ import pytest
 import torch
 import webdataset as wds
 from PIL import Image
-from sklearn.metrics import confusion_matrix
 
 from mmlm.benchmark import ImageCaptions, classification_data, retrieval_data
 from mmlm.data import DIGIT_CLASSNAMES
@@ -65,11 +64,57 @@ def test_manifest_groups_captions_by_image(tmp_path, digit_pngs):
     assert ds[1]["captions"] == ["only b"] and [s.reason for s in ds[1]["skipped"]] == ["empty_text"]
 
 
-@pytest.mark.parametrize("classes", [10, 40])
-def test_confusion_matrix_png(tmp_path, classes):
+def test_confusion_matrix_counts_known_labels(tmp_path):
+    """Counts written out by hand: rows are the true class, columns the prediction; class 3 never occurs."""
+    labels = [0, 0, 1, 2, 2, 2, 1]
+    preds = [0, 1, 1, 2, 0, 2, 3]
+    counts = save_confusion_matrix(labels, preds, ["a", "b", "c", "d"], tmp_path / "cm.png")
+    expected = [[1, 1, 0, 0],
+                [0, 1, 0, 1],
+                [1, 0, 2, 0],
+                [0, 0, 0, 0]]  # fmt: skip
+    np.testing.assert_array_equal(counts, expected)
+
+
+@pytest.mark.parametrize(("classes", "pixels"), [(10, 600), (40, 1400)])
+def test_confusion_matrix_png(tmp_path, classes, pixels):
+    """Random labels against a count of (label, prediction) pairs; the PNG decodes at the size asked for
+    (6 inches, or 0.35 inch a class, at 100 dpi) and is not blank."""
     rng = np.random.default_rng(0)
     labels, preds = rng.integers(0, classes, 500), rng.integers(0, classes, 500)
     counts = save_confusion_matrix(labels, preds, [f"class {i}" for i in range(classes)], tmp_path / "cm.png")
-    np.testing.assert_array_equal(counts, confusion_matrix(labels, preds, labels=np.arange(classes)))
+    pairs = np.bincount(labels * classes + preds, minlength=classes * classes).reshape(classes, classes)
+    np.testing.assert_array_equal(counts, pairs)
     with Image.open(tmp_path / "cm.png") as im:
-        assert im.format == "PNG" and min(im.size) >= 500
+        im.load()  # decodes the whole file: a truncated PNG fails here
+        assert im.format == "PNG" and im.size == (pixels, pixels)
+        assert len(im.convert("RGB").getcolors(maxcolors=pixels * pixels)) > 20  # cells in shades of blue
+
+
+def _strict_json(text: str):
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_result_says_what_it_was_computed_on(tmp_path, tiny_checkpoint, digit_pngs):
+    """3 classes and a missing file: the JSON counts 3 images used and 1 skipped, and acc5 (undefined with
+    fewer than 5 classes) is null, not NaN, so strict JSON readers accept the file."""
+    from mmlm.cli import zeroshot
+
+    names = ["zero", "one", "two"]
+    rows = ["filepath,label"]
+    for label in range(3):
+        png = next(png for png, y in digit_pngs if y == label)
+        (tmp_path / f"{label}.png").write_bytes(png)
+        rows.append(f"{label}.png,{names[label]}")
+    rows.append("gone.png,one")
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "zs.json"
+    result = zeroshot(str(tiny_checkpoint), dataset=str(tmp_path / "m.csv"), classnames=None, templates="simple",
+                      output=out)  # fmt: skip
+    assert result["samples"] == {"used": 3, "skipped": {"missing_file": 1}}
+    assert result["metrics"]["acc5"] is None
+    assert _strict_json(out.read_text()) == result
+    assert {"dataset", "model", "pretrained", "task", "metrics", "language"} <= set(result)  # CLIP_benchmark's keys
