@@ -27,6 +27,7 @@ _EXPORTS = {
     "TextWithHeads": "mmlm.models",
     "VisionTransformer": "mmlm.models",
     "create_model": "mmlm.models",
+    "resolve": "mmlm.models",
     # mmlm.convert is the converters' package; the convert(src, dst, to) entry point is mmlm.pretrained.convert
     "export_hf_clip": "mmlm.pretrained",
     "load_pretrained": "mmlm.pretrained",
@@ -38,7 +39,7 @@ if TYPE_CHECKING:
     from mmlm.checkpoint import load, save
     from mmlm.config import CLIPConfig, TextConfig, VisionConfig, from_name, list_presets
     from mmlm.data.tokenizers import get_tokenizer
-    from mmlm.models import CLIP, TextEncoder, TextWithHeads, VisionTransformer, create_model
+    from mmlm.models import CLIP, TextEncoder, TextWithHeads, VisionTransformer, create_model, resolve
     from mmlm.pretrained import export_hf_clip, load_pretrained
 
 

@@ -39,7 +39,6 @@ import webdataset as wds
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from mmlm.config import PRESETS, unknown_model
 from mmlm.data import (
     DIGIT_CLASSNAMES,
     DIGIT_TEMPLATES,
@@ -64,19 +63,11 @@ CLIP_VOCAB_SIZE = 49408
 
 
 def load_model(spec: str | Path, act: str | None = None, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
-    """An image-text model in eval mode: a checkpoint (anything ``mmlm.load_pretrained`` reads, also as
-    ``package:NAME/...``) or, for smoke tests, a preset name built with random weights seeded by ``seed``."""
-    from mmlm.models import create_model
-    from mmlm.pretrained import load_pretrained
+    """The image-text model ``spec`` names (``mmlm.models.resolve``; a preset's random weights seeded by
+    ``seed``, for smoke tests) in eval mode, refused unless it encodes both images and text."""
+    from mmlm.models import resolve as resolve_model
 
-    path = resolve(spec)
-    if path.exists():
-        model = load_pretrained(path, act=act, device=device)  # type: ignore[arg-type]
-    elif str(spec) in PRESETS:
-        torch.manual_seed(seed)
-        model = create_model(str(spec)).to(device).eval()
-    else:
-        raise FileNotFoundError(unknown_model(str(spec)))
+    model = resolve_model(spec, act=act, device=device, seed=seed).eval()
     if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
         raise ValueError(f"{spec} is a {type(model).__name__}: zero-shot evaluation needs an image-text (CLIP) model")
     return model

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 if TYPE_CHECKING:  # jsonargparse runs this block to read the annotations: keep torch out of it
     from jsonargparse import ArgumentParser
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+from mmlm.paths import ASSETS
+
 DEBUG_FLAG = "--debug"
 
 
@@ -54,8 +55,8 @@ def demo(
     Args:
         preset: model preset to build (random weights) when no checkpoint is given.
         manifest: CSV with ``filepath`` and ``title`` columns (paths relative to the CSV).
-        checkpoint: a CLIP to load instead of random weights: a ``.ckpt`` that ``mmlm fit`` wrote,
-            an mmlm folder, or anything else ``mmlm.load_pretrained`` reads.
+        checkpoint: the CLIP to use instead of ``preset``: a preset name, an mmlm folder, a ``mmlm fit`` .ckpt,
+            or any checkpoint ``mmlm.load_pretrained`` reads.
         seed: seed for the random initialisation.
     """
     import torch
@@ -152,8 +153,8 @@ def zeroshot(
     """Zero-shot classification: acc1, acc5, mean per-class recall, printed as CLIP_benchmark's result JSON.
 
     Args:
-        model: an mmlm checkpoint folder, anything ``mmlm.load_pretrained`` reads (OpenCLIP / OpenAI
-            state dict, transformers CLIP folder), or a preset name (random weights, for smoke tests).
+        model: the CLIP: a preset name, an mmlm folder, a ``mmlm fit`` .ckpt, or any checkpoint
+            ``mmlm.load_pretrained`` reads (a preset has random weights, for smoke tests).
         dataset: ``digits``, an ImageFolder, a CSV / TSV / JSONL manifest, WebDataset shards
             (``data/{0..9}.tar``, image + ``cls``) or a CLIP_benchmark ``wds`` folder.
         classnames: file with one class name per line, in label order; default: the dataset's.
@@ -223,8 +224,8 @@ def eval_retrieval(
     top k. Scores are computed ``chunk_size`` query rows at a time, never as the full matrix.
 
     Args:
-        model: an mmlm checkpoint folder, anything ``mmlm.load_pretrained`` reads, or a preset name
-            (random weights, for smoke tests).
+        model: the CLIP: a preset name, an mmlm folder, a ``mmlm fit`` .ckpt, or any checkpoint
+            ``mmlm.load_pretrained`` reads (a preset has random weights, for smoke tests).
         dataset: ``digits``, a CSV / TSV / JSONL manifest (one row per caption; repeat the image path
             for more captions), WebDataset shards (image + ``txt`` lines or ``json`` captions) or a
             CLIP_benchmark ``wds`` folder.

@@ -70,7 +70,7 @@ def test_package_names_import_lazily():
     assert done.returncode == 0, done.stderr
     public = ["CLIP", "CLIPConfig", "TextConfig", "TextEncoder", "TextWithHeads", "VisionConfig", "VisionTransformer",
               "create_model", "export_hf_clip", "from_name", "get_tokenizer", "list_presets", "load",
-              "load_pretrained", "save"]  # fmt: skip
+              "load_pretrained", "resolve", "save"]  # fmt: skip
     assert sorted(mmlm.__all__) == public
     assert all(callable(getattr(mmlm, name)) for name in public)
     from mmlm import CLIP, create_model

@@ -1,4 +1,4 @@
-"""What every mmlm LightningModule shares: building its model, the optimizer and the LR schedule.
+"""What every mmlm LightningModule shares: the optimizer and the LR schedule (models: ``mmlm.models.resolve``).
 
 The schedule is linear warmup then cosine decay sized from ``trainer.max_steps``.
 Reading ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` would drop
@@ -8,7 +8,6 @@ the saved dataloader state on resume (Lightning #20550), so runs must set max_st
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any, Iterable
 
 import lightning as L
@@ -22,21 +21,6 @@ from mmlm.config import to_dict
 def adamw(params: Iterable[Any], lr: float = 5e-4, weight_decay: float = 0.1, betas=(0.9, 0.98), eps: float = 1e-6):
     """AdamW with CLIP's betas and eps; the default optimizer of every task."""
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
-
-
-def build_model(model: str | Path, overrides: dict[str, Any] | None = None) -> nn.Module:
-    """A preset name (random init), an mmlm checkpoint folder or any checkpoint ``load_pretrained`` reads."""
-    import mmlm
-    from mmlm.config import PRESETS, unknown_model
-    from mmlm.paths import resolve
-
-    if isinstance(model, str) and model in PRESETS:
-        return mmlm.create_model(model, **(overrides or {}))
-    if not resolve(model).exists():
-        raise ValueError(unknown_model(str(model)))
-    if overrides:
-        raise ValueError("model_overrides apply to presets only, not to a checkpoint")
-    return mmlm.load_pretrained(model)
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float = 0.0) -> float:

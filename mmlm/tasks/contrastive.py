@@ -26,9 +26,9 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch.utils.checkpoint import checkpoint
 
 from mmlm.losses import ContrastiveLoss
-from mmlm.models import CLIP, clip_with_tower, tower
+from mmlm.models import CLIP, clip_with_tower, resolve
 from mmlm.retrieval import retrieval_metrics
-from mmlm.tasks.base import Task, adamw, build_model
+from mmlm.tasks.base import Task, adamw
 from mmlm.zeroshot import build_classifier, classification_metrics
 
 
@@ -46,10 +46,12 @@ class ContrastiveAlignment(Task):
     """Train a CLIP with the CLIP or SigLIP loss.
 
     Args:
-        model: preset name (random init) or checkpoint path of a CLIP.
+        model: a CLIP: a preset name, an mmlm folder, a ``mmlm fit`` .ckpt, or any checkpoint
+            ``mmlm.load_pretrained`` reads.
         model_overrides: preset field overrides, e.g. ``{share: attention, vision: {patch_dropout: 0.5}}``.
-        text_tower: checkpoint (e.g. a sentence-transformers folder) whose text encoder replaces the CLIP's.
-        image_tower: checkpoint (e.g. a timm ViT) whose vision encoder replaces the CLIP's.
+        text_tower: a model named as ``model`` is (e.g. a sentence-transformers folder) whose text encoder
+            replaces the CLIP's.
+        image_tower: a model named as ``model`` is (e.g. a timm ViT) whose vision encoder replaces the CLIP's.
         loss: ``clip`` (softmax InfoNCE) or ``siglip`` (sigmoid).
         lock_image: freeze the image tower (LiT), keeping ``lock_image_unlocked_layers`` top blocks trainable.
         lock_text: freeze the text tower, keeping ``lock_text_unlocked_layers`` top blocks trainable.
@@ -77,7 +79,7 @@ class ContrastiveAlignment(Task):
     ):
         super().__init__(optimizer, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
-        self.model: CLIP = build_model(model, model_overrides)
+        self.model: CLIP = resolve(model, overrides=model_overrides)
         if not isinstance(self.model, CLIP):
             raise TypeError(f"{model!r} is not a CLIP model")
         for path, modality in ((text_tower, "text"), (image_tower, "image")):
@@ -96,15 +98,13 @@ class ContrastiveAlignment(Task):
         self.micro_batches = micro_batches
         self._val: dict[str, list[torch.Tensor]] = {}
 
-    def _replace_tower(self, modality: str, path: str | Path) -> None:
-        """Put the ``modality`` tower of the checkpoint at ``path`` (itself a tower, a text model
+    def _replace_tower(self, modality: str, spec: str | Path) -> None:
+        """Put the ``modality`` tower of the model ``spec`` names (itself a tower, a text model
         with heads, or a CLIP) into the CLIP; the result shares nothing and owns every weight."""
-        from mmlm.pretrained import load_pretrained
-
         try:
-            new = tower(load_pretrained(path), modality)
+            new = resolve(spec, part=modality)
         except TypeError as e:
-            raise TypeError(f"{modality}_tower {path}: {e}") from None
+            raise TypeError(f"{modality}_tower {spec}: {e}") from None
         self.model = clip_with_tower(self.model, modality, new)
 
     def train(self, mode: bool = True):

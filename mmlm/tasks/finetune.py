@@ -29,8 +29,8 @@ from torch import nn
 
 from mmlm.data.collators import IGNORE
 from mmlm.data.text_datasets import Answers, extract_answers, merge_answers
-from mmlm.models import text_with_heads, vit_with_classes
-from mmlm.tasks.base import Task, adamw, build_model
+from mmlm.models import resolve, text_with_heads, vit_with_classes
+from mmlm.tasks.base import Task, adamw
 
 
 def accuracy_per_stage(num_classes: int) -> nn.ModuleDict:
@@ -112,7 +112,8 @@ class ImageClassification(_Classification):
     """Fine-tune or linearly probe an image tower (ViT, or a CLIP's visual tower).
 
     Args:
-        model: vision / CLIP preset (random init) or checkpoint (timm ViT, OpenCLIP, HF CLIP, mmlm).
+        model: a ViT or a CLIP (its image tower): a preset name, an mmlm folder, a ``mmlm fit`` .ckpt, or any
+            checkpoint ``mmlm.load_pretrained`` reads.
         num_classes: output classes; must equal the data module's.
         linear_probe: freeze the encoder, train only the head.
         model_overrides: preset field overrides.
@@ -135,7 +136,7 @@ class ImageClassification(_Classification):
     ):
         super().__init__(linear_probe, optimizer, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
-        self.model = vit_with_classes(build_model(model, model_overrides), num_classes)
+        self.model = vit_with_classes(resolve(model, part="image", overrides=model_overrides), num_classes)
         self.freeze_if_probe()
         self.accuracy = accuracy_per_stage(num_classes)
 
@@ -150,7 +151,8 @@ class TextClassification(_Classification):
     """Sequence classification on the pooled output of a text tower (BERT, MiniLM, GPT-2, CLIP text).
 
     Args:
-        model: text / CLIP preset (random init) or checkpoint.
+        model: a text model or a CLIP (its text tower): a preset name, an mmlm folder, a ``mmlm fit`` .ckpt, or
+            any checkpoint ``mmlm.load_pretrained`` reads.
         num_classes: output classes; must equal the data module's.
         linear_probe: freeze the encoder, train only the head.
         dropout: dropout before the classifier.
@@ -176,7 +178,7 @@ class TextClassification(_Classification):
         super().__init__(linear_probe, optimizer, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
         self.model = text_with_heads(
-            build_model(model, model_overrides), ["classifier"], num_labels=num_classes, classifier_dropout=dropout
+            resolve(model, overrides=model_overrides), ["classifier"], num_labels=num_classes, classifier_dropout=dropout
         )
         self.freeze_if_probe()
         self.accuracy = accuracy_per_stage(num_classes)
@@ -194,7 +196,8 @@ class TokenClassification(_FineTune):
     A word's tag is read at its first sub-word: the positions the batch's ``labels`` do not ignore.
 
     Args:
-        model: text preset (random init) or checkpoint.
+        model: a text model: a preset name, an mmlm folder, a ``mmlm fit`` .ckpt, or any checkpoint
+            ``mmlm.load_pretrained`` reads.
         num_classes: number of tags; must equal the data module's.
         linear_probe: freeze the encoder, train only the head.
         dropout: dropout before the classifier.
@@ -220,7 +223,7 @@ class TokenClassification(_FineTune):
         super().__init__(linear_probe, optimizer, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
         self.model = text_with_heads(
-            build_model(model, model_overrides), ["token_classifier"], num_labels=num_classes,
+            resolve(model, overrides=model_overrides), ["token_classifier"], num_labels=num_classes,
             classifier_dropout=dropout,
         )  # fmt: skip
         self.freeze_if_probe()
@@ -274,7 +277,8 @@ class QuestionAnswering(_FineTune):
     An example's answer is the best span over all its windows, wherever they fall.
 
     Args:
-        model: text preset (random init) or checkpoint (e.g. a BERT folder).
+        model: a text model (e.g. a BERT folder): a preset name, an mmlm folder, a ``mmlm fit`` .ckpt, or any
+            checkpoint ``mmlm.load_pretrained`` reads.
         linear_probe: freeze the encoder, train only the span head.
         model_overrides: preset field overrides.
         max_answer_length: longest answer span in tokens at evaluation.
@@ -297,7 +301,7 @@ class QuestionAnswering(_FineTune):
     ):
         super().__init__(linear_probe, optimizer, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
-        self.model = text_with_heads(build_model(model, model_overrides), ["qa"])
+        self.model = text_with_heads(resolve(model, overrides=model_overrides), ["qa"])
         self.freeze_if_probe()
         self._answers: Answers = {}
 

@@ -15,15 +15,16 @@ import torchmetrics
 from lightning.pytorch.cli import OptimizerCallable
 
 from mmlm.data.collators import IGNORE, document_attention_mask
-from mmlm.models import text_with_heads
-from mmlm.tasks.base import Task, adamw, build_model
+from mmlm.models import resolve, text_with_heads
+from mmlm.tasks.base import Task, adamw
 
 
 class LanguagePretraining(Task):
     """Pretrain a text Transformer with MLM, NSP and/or CLM.
 
     Args:
-        model: text preset (random init) or checkpoint (BERT / GPT-2 / mmlm).
+        model: a text model (e.g. BERT, GPT-2): a preset name, an mmlm folder, a ``mmlm fit`` .ckpt, or any
+            checkpoint ``mmlm.load_pretrained`` reads.
         model_overrides: preset field overrides; ``vocab_size`` must match the tokenizer.
         mlm_weight: weight of the masked-LM loss (0 = no MLM head).
         nsp_weight: weight of the next-sentence loss (0 = no NSP head).
@@ -52,7 +53,7 @@ class LanguagePretraining(Task):
         if not heads:
             raise ValueError("give at least one of mlm_weight, nsp_weight, clm_weight a non-zero weight")
         # a checkpoint's own heads keep their weights, the others start fresh
-        self.model = text_with_heads(build_model(model, model_overrides), heads)
+        self.model = text_with_heads(resolve(model, overrides=model_overrides), heads)
         if clm_weight and not self.model.cfg.text.causal:
             raise ValueError("CLM needs a causal text model (e.g. a gpt2 preset)")
         self.weights = {"mlm": mlm_weight, "nsp": nsp_weight, "clm": clm_weight}

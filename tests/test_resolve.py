@@ -1,0 +1,112 @@
+"""``mmlm.models.resolve``: every kind of model spec gives the model it names."""
+
+from __future__ import annotations
+
+import inspect
+
+import lightning as L
+import pytest
+import torch
+import transformers
+
+import mmlm
+from mmlm import cli
+from mmlm.models import SPEC_DOC, clip_tower, resolve
+from mmlm.tasks import (
+    ContrastiveAlignment,
+    ImageClassification,
+    LanguagePretraining,
+    QuestionAnswering,
+    TextClassification,
+    TokenClassification,
+)
+
+
+def images(n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, 32, 32)
+
+
+def test_preset_with_a_seed_is_the_seeded_create_model_and_leaves_the_rng_alone():
+    torch.manual_seed(7)
+    expected = mmlm.create_model("vit-tiny", num_classes=3)
+    torch.manual_seed(123)
+    state = torch.random.get_rng_state()
+    model = resolve("vit-tiny", overrides={"num_classes": 3}, seed=7)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), expected.eval()(x), rtol=0, atol=0)
+
+
+def test_mmlm_folder(tmp_path):
+    source = mmlm.create_model("clip-tiny").eval()
+    mmlm.save(source, tmp_path / "clip")
+    model = resolve(tmp_path / "clip")
+    assert not model.training  # a checkpoint loads in eval mode
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(x), source.encode_image(x), rtol=0, atol=0)
+
+
+def test_lightning_checkpoint_from_a_short_fit(tmp_path):
+    task = ImageClassification("vit-tiny", num_classes=3)
+    data = [{"image": images(1)[0], "label": torch.tensor(i % 3)} for i in range(4)]
+    trainer = L.Trainer(
+        max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, default_root_dir=tmp_path, accelerator="cpu",
+    )  # fmt: skip
+    trainer.fit(task, torch.utils.data.DataLoader(data, batch_size=2))
+    trainer.save_checkpoint(tmp_path / "run.ckpt")
+    model = resolve(tmp_path / "run.ckpt")
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), task.model.eval()(x), rtol=0, atol=0)
+
+
+def test_hf_bert_folder(tmp_path):
+    hf = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=16,
+    )  # fmt: skip
+    ref = transformers.BertModel(hf).eval()
+    ref.save_pretrained(tmp_path)
+    ids = torch.randint(1, 100, (2, 10))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = ref(input_ids=ids, attention_mask=mask).last_hidden_state
+        got = resolve(tmp_path, part="text").forward_features(ids, mask)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_part_of_a_shared_clip_is_its_standalone_tower():
+    clip = mmlm.create_model("clip-shared-tiny").eval()
+    got, expected = resolve(clip, part="image"), clip_tower(clip, "image")
+    assert dict(got.named_parameters()).keys() == dict(expected.named_parameters()).keys()
+    x = images()
+    with torch.no_grad():
+        torch.testing.assert_close(got(x), expected(x), rtol=0, atol=0)
+
+
+def test_a_module_comes_back_as_it_is():
+    model = mmlm.create_model("bert-tiny")
+    assert resolve(model) is model
+
+
+def test_unknown_name_and_overrides_of_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="unknown preset 'clip-tinyy'.*did you mean 'clip-tiny'"):
+        resolve("clip-tinyy", overrides={"share": "all"})  # the name is the mistake, not the overrides
+    with pytest.raises(ValueError, match="no checkpoint file or folder .*missing.ckpt"):
+        resolve(str(tmp_path / "missing.ckpt"))
+    mmlm.save(mmlm.create_model("vit-tiny"), tmp_path / "vit")
+    with pytest.raises(ValueError, match="model_overrides apply to presets only"):
+        resolve(tmp_path / "vit", overrides={"num_classes": 2})
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [ContrastiveAlignment, ImageClassification, LanguagePretraining, QuestionAnswering, TextClassification,
+     TokenClassification, cli.zeroshot, cli.eval_retrieval],
+)  # fmt: skip
+def test_every_model_argument_documents_the_same_specs(fn):
+    doc = " ".join(inspect.getdoc(fn).split())
+    assert SPEC_DOC in doc
