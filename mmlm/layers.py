@@ -80,6 +80,9 @@ def build_attn_mask(
     if causal:
         tril = torch.ones(seq_len, seq_len, dtype=torch.bool, device=mask.device).tril()
         mask = mask & tril  # (B, 1, T, T)
+        # a left-padded text's padding rows see no key at all; some SDPA kernels answer NaN there, which
+        # would leak into real tokens through 0 * NaN. Let such rows see every key: their output is unused
+        mask = mask | ~mask.any(-1, keepdim=True)
     return mask, False
 
 
@@ -160,7 +163,7 @@ class Transformer(nn.ModuleList):
             Block(cfg, modalities, share if start <= i < stop else "none", drop_path=rates[i]) for i in range(cfg.depth)
         )
         self.modalities = tuple(modalities)
-        self.grad_checkpointing = False
+        self.grad_checkpointing = False  # set through the models' set_grad_checkpointing, as in timm
 
     def forward(
         self,

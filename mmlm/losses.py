@@ -13,12 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-
-def world() -> tuple[int, int]:
-    """(rank, world_size) of the default process group, (0, 1) without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+from mmlm.distributed import world
 
 
 class _GatherWithGrad(torch.autograd.Function):
@@ -113,10 +108,3 @@ class ContrastiveLoss(nn.Module):
     def forward(self, image_features, text_features, logit_scale, logit_bias=None) -> torch.Tensor:
         return LOSSES[self.kind](image_features, text_features, logit_scale, logit_bias)
 
-
-def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the student's image->text and text->image logits against the teacher's softmax."""
-    def ce(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return -(t.softmax(-1) * s.log_softmax(-1)).sum(-1).mean()
-
-    return (ce(student_logits, teacher_logits) + ce(student_logits.T, teacher_logits.T)) / 2

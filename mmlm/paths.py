@@ -11,6 +11,7 @@ import importlib.util
 from pathlib import Path
 
 PREFIX = "package:"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"  # sample data: in a source checkout, not in a wheel
 
 
 def resolve(path: str | Path) -> Path:

@@ -60,8 +60,8 @@ sys.path.insert(0, str(ROOT))  # run from a source checkout without installing
 import mmlm
 from mmlm.data import get_tokenizer, image_transform
 from mmlm.losses import clip_loss
+from mmlm.paths import ASSETS
 
-ASSETS = ROOT / "assets"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # ------------------------------------------------------------------------------ sizes

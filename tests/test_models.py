@@ -5,6 +5,7 @@ import torch
 import mmlm
 from mmlm.config import from_name
 from mmlm.convert import timm_vit
+from mmlm.layers import Transformer
 
 from _text import random_text
 
@@ -52,6 +53,25 @@ def test_causal_state_at_t_ignores_later_tokens():
         a, b = enc.forward_features(ids), enc.forward_features(changed)
     assert (a[:, :9] - b[:, :9]).abs().max() <= 1e-6
     assert (a[:, 9:] - b[:, 9:]).abs().max() > 1e-3  # and later positions do see the change
+
+
+def test_last_token_pooling_is_the_same_for_left_and_right_padding():
+    """GPT-2 pools its last real token; left padding must not move it or shift the positions."""
+    enc = mmlm.create_model("gpt2-tiny", dropout=0.0, attn_dropout=0.0).eval()
+    with torch.no_grad():
+        enc.pos_embed.normal_()  # positions as large as the tokens: a shifted position cannot hide
+    texts = [torch.randint(1, 1000, (3,)), torch.randint(1, 1000, (6,))]
+    right = torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)
+    left = torch.zeros(2, 6, dtype=torch.long), torch.zeros(2, 6, dtype=torch.long)
+    for i, t in enumerate(texts):
+        right[0][i, : len(t)], right[1][i, : len(t)] = t, 1
+        left[0][i, 6 - len(t) :], left[1][i, 6 - len(t) :] = t, 1
+    with torch.no_grad():
+        alone = torch.cat([enc(t[None]) for t in texts])  # no padding, no mask: the reference
+        from_right, from_left = enc(*right), enc(*left)
+    torch.testing.assert_close(from_right, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(from_left, alone, rtol=0, atol=1e-5)
+    torch.testing.assert_close(from_left, from_right, rtol=0, atol=1e-5)
 
 
 def test_bidirectional_state_sees_later_tokens():
@@ -107,6 +127,33 @@ def test_shared_parameters_get_gradients_from_both_modalities(share):
     ids, mask = random_text(2, [4, 6], 6, 1000, eot=EOT)
     model.encode_text(ids, mask).sum().backward()
     assert g_image.abs().sum() > 0 and qkv.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("preset", ["clip-tiny", "clip-shared-tiny"])
+def test_gradient_checkpointing_gives_the_same_gradients(preset, monkeypatch):
+    model = mmlm.create_model(preset).train()
+    images = torch.randn(2, 3, 32, 32)
+    ids, mask = random_text(2, [4, 6], 6, 1000, eot=EOT)
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.zero_grad()
+        torch.manual_seed(0)  # the same dropout draws in both runs; checkpoint replays them in its recompute
+        model(images, ids, mask).pow(2).mean().backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    plain = gradients()
+    model.set_grad_checkpointing()
+    transformers = [m for m in model.modules() if isinstance(m, Transformer)]
+    assert len(transformers) == (1 if model.cfg.share != "none" else 2)
+    assert all(t.grad_checkpointing for t in transformers)
+    calls = []
+    checkpoint = torch.utils.checkpoint.checkpoint
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda *a, **k: calls.append(1) or checkpoint(*a, **k))
+    checkpointed = gradients()
+    assert len(calls) == model.cfg.vision.depth + model.cfg.text.depth  # every block of both towers recomputed
+    torch.testing.assert_close(checkpointed, plain)
+    model.set_grad_checkpointing(False)
+    assert not any(t.grad_checkpointing for t in transformers)
 
 
 def test_vit_resamples_positions_for_other_resolutions():

@@ -27,15 +27,13 @@ from tokenizers import Encoding, Regex, decoders, models, normalizers, pre_token
 from tokenizers import Tokenizer as Backend
 
 from mmlm.config import PRESETS
-from mmlm.paths import resolve
+from mmlm.paths import ASSETS, resolve
 
 ROLES = ("pad", "unk", "cls", "sep", "mask", "bos", "eos")
 CLIP_NAMES = ("clip", "clip-bpe", "openai-clip")
 CLIP_SOT, CLIP_EOT = "<start_of_text>", "<end_of_text>"
 WORDPIECE_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 BPE_SPECIALS = {"eos": "<|endoftext|>", "pad": "<pad>", "mask": "<mask>"}
-# The repository's sample data; present in source checkouts, not in an installed wheel.
-ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 class Tokenizer:

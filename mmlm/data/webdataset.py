@@ -32,11 +32,11 @@ import warnings
 from typing import Any, Callable, Iterator, Sequence
 
 import braceexpand
-import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from mmlm.data.skips import BROKEN_SHARD, MISSING_FIELD, SKIPPED, Skip, check_text, load_image
+from mmlm.distributed import world
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 
@@ -46,13 +46,6 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     if isinstance(urls, str):
         urls = urls.split("::")
     return [u for pattern in urls for u in braceexpand.braceexpand(pattern)]
-
-
-def dist_info() -> tuple[int, int]:
-    """(rank, world size): torch.distributed when initialised, else torchrun's RANK / WORLD_SIZE."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def image_id_of(url: str, key: str) -> int:
@@ -75,7 +68,7 @@ class ImageTextShards(IterableDataset):
         caption_key: field of a ``.json`` member holding the caption(s).
         seed: base seed; shard order depends on (seed, epoch) only, so every rank
             agrees on the split.
-        rank / world_size: default ``dist_info()`` at construction.
+        rank / world_size: default ``world(launcher_env=True)`` at construction.
         num_workers: the DataLoader's, to size each worker's share of the epoch.
         drop_last: drop a worker's final partial batch (one-pass mode only).
     """
@@ -102,7 +95,7 @@ class ImageTextShards(IterableDataset):
             raise ValueError(f"no shards in {urls!r}")
         if resampled and epoch_length is None:
             raise ValueError("resampled shards are an endless stream: give epoch_length")
-        r, w = dist_info()
+        r, w = world(launcher_env=True)
         self.rank = r if rank is None else rank
         self.world_size = w if world_size is None else world_size
         if not resampled and len(self.urls) < self.world_size:

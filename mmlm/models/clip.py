@@ -37,6 +37,11 @@ class CLIP(nn.Module):
         self.logit_bias = None if cfg.init_logit_bias is None else nn.Parameter(torch.tensor(float(cfg.init_logit_bias)))
         init_clip(self)  # the towers initialised themselves
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint both towers' blocks (shared ones are set twice, to the same value)."""
+        self.visual.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
+
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         """(B, 3, H, W) -> (B, embed_dim)."""
         x = self.visual_projection(self.visual.pool(self.visual.forward_features(images)))

@@ -99,6 +99,10 @@ class TextWithHeads(nn.Module):
             if head is not self.encoder:
                 init_weights(head, cfg.text, "text")
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute the encoder's blocks in the backward pass instead of storing their activations."""
+        self.encoder.set_grad_checkpointing(enable)
+
     def forward(
         self,
         input_ids: torch.Tensor,

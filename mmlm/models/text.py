@@ -42,6 +42,18 @@ def check_shapes(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -
         )
 
 
+def real_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) position ids that start at 0 on each text's first real token; padding before it gets 0.
+
+    A left-padded text then sits at the positions it has alone, as transformers' GPT-2 generation
+    places it (``attention_mask.cumsum(-1) - 1``). Counting from the first real token rather than
+    summing the mask keeps a right-padded batch at 0..T-1 everywhere, padding included, so its
+    outputs stay exactly those of a batch without position ids.
+    """
+    first = attention_mask.int().argmax(-1, keepdim=True)  # (B, 1): leading padding columns
+    return (torch.arange(attention_mask.shape[1], device=attention_mask.device) - first).clamp(min=0)
+
+
 class TextEncoder(nn.Module):
     """Text Transformer. ``forward_features`` -> per-token states, ``pool`` -> (B, width).
 
@@ -86,6 +98,10 @@ class TextEncoder(nn.Module):
         """
         self.check_inputs(input_ids, attention_mask)
         B, T = input_ids.shape
+        if position_ids is None and attention_mask is not None and not bool(attention_mask[:, 0].all()):
+            # left-padded: count positions from each text's first real token. Only then: the gather's
+            # backward accumulates in no fixed order, while pos_embed[:T] keeps training bit-reproducible
+            position_ids = real_positions(attention_mask)
         x = self.token_embed(input_ids)  # (B, T, width)
         x = x + (self.pos_embed[:T] if position_ids is None else self.pos_embed[position_ids])
         if self.type_embed is not None:
@@ -97,6 +113,10 @@ class TextEncoder(nn.Module):
             attn_mask, is_causal = build_attn_mask(attention_mask, self.cfg.causal, T)
         x = self.blocks(x, self.modality, attn_mask, is_causal)
         return self.norm(x)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations (timm's name)."""
+        self.blocks.grad_checkpointing = enable
 
     def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         """One clear error for ids or a mask the model cannot take, at one device sync for all of them."""
@@ -134,8 +154,11 @@ class TextEncoder(nn.Module):
         if kind == "eot":
             # first end-of-text token (OpenAI's argmax(ids) finds the same one: eot is the largest id)
             idx = (input_ids == self.cfg.eot_token_id).int().argmax(-1)
-        else:  # "last" real token
-            idx = (attention_mask.sum(-1) - 1) if attention_mask is not None else torch.full_like(input_ids[:, 0], -1)
+        elif attention_mask is None:  # "last" token
+            idx = torch.full_like(input_ids[:, 0], -1)
+        else:  # "last" real token: the last column whose mask is 1 (argmax finds the first maximum)
+            columns = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+            idx = (attention_mask.bool() * columns).argmax(-1)
         return x[torch.arange(x.shape[0], device=x.device), idx]
 
     def forward(

@@ -70,6 +70,10 @@ class VisionTransformer(nn.Module):
         self.head = nn.Linear(cfg.width, cfg.num_classes) if cfg.num_classes else nn.Identity()
         init_weights(self, cfg, self.modality)  # shared blocks are not registered here: their owner initialises them
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Recompute each block in the backward pass instead of storing its activations (timm's name)."""
+        self.blocks.grad_checkpointing = enable
+
     def _pos_embed(self, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         pos = self.pos_embed
         if grid != (self.cfg.grid_size, self.cfg.grid_size):

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import runpy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,7 +21,6 @@ from mmlm.zeroshot import build_classifier
 zsc = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
 open_clip = pytest.importorskip("open_clip")
 
-ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = [t.replace("{}", "{c}") for t in DIGIT_TEMPLATES]  # CLIP_benchmark's placeholder is {c}
 
 
@@ -128,11 +124,8 @@ def test_mmlm_zeroshot_equals_clip_benchmark(
         dataset = str(clip_benchmark_wds)
     templates = None if kind == "wds" else str(templates_file)
     out = tmp_path / "result.json"
-    if kind == "digits":  # through scripts/zero_shot.py and its own argument parsing
-        argv = ["zero_shot.py", str(tiny_checkpoint), "--dataset", dataset, "--templates", templates, "--output", str(out)]
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(sys, "argv", argv)
-            runpy.run_path(str(ROOT / "scripts" / "zero_shot.py"), run_name="__main__")
+    if kind == "digits":  # through the `mmlm zeroshot` command line and its own argument parsing
+        main(["zeroshot", str(tiny_checkpoint), "--dataset", dataset, "--templates", templates, "--output", str(out)])
         result = json.loads(out.read_text())
     else:
         result = zeroshot(str(tiny_checkpoint), dataset=dataset, templates=templates, output=out, batch_size=50)
