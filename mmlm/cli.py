@@ -62,11 +62,11 @@ def demo(
     import torch
     from PIL import Image
 
-    from mmlm import benchmark
     from mmlm.data import image_transform
+    from mmlm.eval.results import load_model, model_tokenizer
 
     spec = checkpoint or preset
-    model = benchmark.load_model(spec, seed=seed)
+    model = load_model(spec, seed=seed)
     with open(manifest, newline="") as f:
         rows = list(csv.DictReader(f))
     first: dict[str, str] = {}
@@ -76,7 +76,7 @@ def demo(
 
     transform = image_transform(model.cfg.vision, train=False)
     images = torch.stack([transform(Image.open(manifest.parent / p).convert("RGB")) for p in paths])
-    tokens = benchmark.model_tokenizer(model, checkpoint=checkpoint)(captions)
+    tokens = model_tokenizer(model, checkpoint=checkpoint)(captions)
     with torch.no_grad():
         sim = model.encode_image(images) @ model.encode_text(tokens["input_ids"], tokens["attention_mask"]).T
 
@@ -173,9 +173,17 @@ def zeroshot(
         language: the ``language`` field of the result.
         seed: seed of a preset's random weights.
     """
-    from mmlm import benchmark
     from mmlm.data import image_transform
-    from mmlm.zeroshot import (
+    from mmlm.data.eval_datasets import classification_data
+    from mmlm.eval.results import (
+        benchmark_result,
+        describe_model,
+        load_model,
+        model_tokenizer,
+        sample_counts,
+        write_result,
+    )
+    from mmlm.eval.zeroshot import (
         OPENAI_IMAGENET_TEMPLATES,
         load_classnames,
         load_templates,
@@ -183,11 +191,11 @@ def zeroshot(
         zero_shot_classify,
     )
 
-    net = benchmark.load_model(model, act, device, seed)
-    tok = benchmark.model_tokenizer(net, tokenizer, model)
+    net = load_model(model, act, device, seed)
+    tok = model_tokenizer(net, tokenizer, model)
     names = load_classnames(classnames) if classnames is not None else None
-    data = benchmark.classification_data(dataset, image_transform(net.cfg.vision, train=False), split, names,
-                                         image_key, label_key)  # fmt: skip
+    data = classification_data(dataset, image_transform(net.cfg.vision, train=False), split, names,
+                               image_key, label_key)  # fmt: skip
     if not data.classes:
         raise ValueError(f"{dataset} does not name its classes: give --classnames")
     prompts = load_templates(templates) if templates else data.templates or list(OPENAI_IMAGENET_TEMPLATES)
@@ -195,9 +203,9 @@ def zeroshot(
     metrics, logits, labels = zero_shot_classify(net, tok, loader, data.classes, prompts, device)
     if confusion_matrix is not None:
         save_confusion_matrix(labels, logits.argmax(1), data.classes, confusion_matrix)
-    result = benchmark.benchmark_result(dataset, *benchmark.describe_model(model, seed), "zeroshot_classification",
-                                        metrics, language, benchmark.sample_counts(loader))  # fmt: skip
-    benchmark.write_result(result, output)
+    result = benchmark_result(dataset, *describe_model(model, seed), "zeroshot_classification", metrics, language,
+                              sample_counts(loader))  # fmt: skip
+    write_result(result, output)
     return result
 
 
@@ -243,20 +251,28 @@ def eval_retrieval(
         language: the ``language`` field of the result.
         seed: seed of a preset's random weights.
     """
-    from mmlm.retrieval.evaluate import check_retrieval_args, evaluate_retrieval
+    from mmlm.eval.retrieval import check_retrieval_args, evaluate_retrieval
 
     check_retrieval_args(ks, chunk_size)  # before the slow imports and the model
-    from mmlm import benchmark
     from mmlm.data import image_transform
+    from mmlm.data.eval_datasets import retrieval_data
+    from mmlm.eval.results import (
+        benchmark_result,
+        describe_model,
+        load_model,
+        model_tokenizer,
+        sample_counts,
+        write_result,
+    )
 
-    net = benchmark.load_model(model, act, device, seed)
-    tok = benchmark.model_tokenizer(net, tokenizer, model)
-    data = benchmark.retrieval_data(dataset, image_transform(net.cfg.vision, train=False), split, image_key, caption_key)
+    net = load_model(model, act, device, seed)
+    tok = model_tokenizer(net, tokenizer, model)
+    data = retrieval_data(dataset, image_transform(net.cfg.vision, train=False), split, image_key, caption_key)
     loader = data.loader(batch_size, num_workers)
     metrics = evaluate_retrieval(net, tok, loader, device, tuple(ks), chunk_size)
-    result = benchmark.benchmark_result(dataset, *benchmark.describe_model(model, seed), "zeroshot_retrieval",
-                                        metrics, language, benchmark.sample_counts(loader))  # fmt: skip
-    benchmark.write_result(result, output)
+    result = benchmark_result(dataset, *describe_model(model, seed), "zeroshot_retrieval", metrics, language,
+                              sample_counts(loader))  # fmt: skip
+    write_result(result, output)
     return result
 
 

@@ -103,7 +103,7 @@ def test_every_share_mode_saves_and_reloads_identically(tmp_path, share, layers)
     mmlm.save(model, tmp_path / "ckpt")
     loaded = mmlm.load(tmp_path / "ckpt").eval()
     with torch.no_grad():
-        assert torch.equal(model(images, ids, mask), loaded(images, ids, mask))
+        assert torch.equal(model(images, ids, mask).logits_per_image, loaded(images, ids, mask).logits_per_image)
         assert torch.equal(model.encode_image(images), loaded.encode_image(images))
 
 
@@ -138,7 +138,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(preset, monkeypatch):
     def gradients() -> dict[str, torch.Tensor]:
         model.zero_grad()
         torch.manual_seed(0)  # the same dropout draws in both runs; checkpoint replays them in its recompute
-        model(images, ids, mask).pow(2).mean().backward()
+        model(images, ids, mask).logits_per_image.pow(2).mean().backward()
         return {n: p.grad.clone() for n, p in model.named_parameters()}
 
     plain = gradients()
@@ -192,7 +192,7 @@ def test_every_family_runs_forward_and_backward(preset):
     model = mmlm.create_model(preset).train()
     if isinstance(model, mmlm.CLIP):
         ids, mask = random_text(4, [5, 7, 3, 8], 8, 1000, eot=EOT)
-        out = model(torch.randn(4, 3, 32, 32), ids, mask)
+        out = model(torch.randn(4, 3, 32, 32), ids, mask).logits_per_image
         assert out.shape == (4, 4)
     elif isinstance(model, mmlm.VisionTransformer):
         out = model(torch.randn(4, 3, 32, 32))
@@ -254,3 +254,42 @@ def test_images_the_model_cannot_take_are_named(shape, dtype, error, message):
     model = mmlm.create_model("clip-tiny")
     with pytest.raises(error, match=message):
         model.encode_image(torch.zeros(shape, dtype=dtype))
+
+
+@pytest.mark.parametrize("bias", [None, -10.0], ids=["clip", "siglip"])
+def test_clip_output_logits_are_scaled_embedding_products_as_in_transformers(tmp_path, bias):
+    import transformers
+
+    text = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=3, vocab_size=1000, max_position_embeddings=24, bos_token_id=998, eos_token_id=999)  # fmt: skip
+    vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, image_size=48, patch_size=8)  # fmt: skip
+    cfg = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
+    torch.manual_seed(0)
+    ref = transformers.CLIPModel(cfg).eval()
+    with torch.no_grad():  # off the init values (unit norms, zero biases), so a dropped weight cannot hide
+        for p in ref.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path)
+    model = mmlm.load_pretrained(tmp_path)
+    if bias is not None:  # SigLIP-style: HF's CLIPModel has no bias, so it is checked against the formula only
+        model.logit_bias = torch.nn.Parameter(torch.tensor(bias))
+    ids, mask = random_text(3, [5, 9, 7], 9, 998, eot=999)
+    images = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        out = model(images, ids, mask)
+        hf = ref(input_ids=ids, attention_mask=mask, pixel_values=images)
+        image_only, text_only = model(images=images), model(input_ids=ids, attention_mask=mask)
+    scale = ref.logit_scale.exp()  # HF's own temperature, not ours
+    expected = scale * out.image_embeds @ out.text_embeds.T + (0.0 if bias is None else bias)
+    torch.testing.assert_close(out.logits_per_image, expected)
+    torch.testing.assert_close(out.logits_per_text, expected.T)
+    torch.testing.assert_close(out.image_embeds, torch.nn.functional.normalize(hf.image_embeds, dim=-1))
+    torch.testing.assert_close(out.text_embeds, torch.nn.functional.normalize(hf.text_embeds, dim=-1))
+    if bias is None:
+        torch.testing.assert_close(out.logits_per_image, hf.logits_per_image)
+    assert image_only.text_embeds is None and text_only.image_embeds is None
+    torch.testing.assert_close(image_only.image_embeds, out.image_embeds, rtol=0, atol=0)
+    torch.testing.assert_close(text_only.text_embeds, out.text_embeds, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="without input_ids"):
+        image_only.logits_per_image
+    with pytest.raises(ValueError, match="got neither"):
+        model()

@@ -7,7 +7,9 @@ model                      ``forward`` returns
 =========================  =====================================================================
 ``VisionTransformer``      (B, width) pooled features; (B, num_classes) logits with ``num_classes``
 ``TextEncoder``            (B, width) pooled features (``forward_features``: (B, T, width))
-``CLIP``                   (B_img, B_txt) logits; ``encode_image`` / ``encode_text``: (B, embed_dim)
+``CLIP``                   ``CLIPOutput``: ``image_embeds`` / ``text_embeds`` (B, embed_dim),
+                           L2-normalised (None for a side not given), ``logit_scale``,
+                           ``logit_bias``; ``logits_per_image`` (B_img, B_txt) on access
 ``TextWithHeads``          dict: ``hidden_states`` (B, T, width) and, per head, ``pooled``,
                            ``mlm_logits``, ``nsp_logits``, ``clm_logits``, ``logits`` (classifier
                            (B, labels) or token_classifier (B, T, labels)), ``start_logits`` /

@@ -4,11 +4,14 @@ With ``share != "none"`` the towers run on one ``Transformer`` owned here, whose
 blocks hold each shared part once and the rest per modality::
 
     images -> visual (patch embed, positions) -+                      +-> visual_projection -+
-                                               +-> blocks (shared) -> +                      +-> logits
+                                               +-> blocks (shared) -> +                      +-> CLIPOutput
     text   -> text (token embed, positions) ---+                      +-> text_projection ---+
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +22,32 @@ from mmlm.layers import MODALITIES, Transformer
 from mmlm.models.init import init_clip
 from mmlm.models.text import TextEncoder
 from mmlm.models.vision import VisionTransformer
+
+
+@dataclass
+class CLIPOutput:
+    """What ``CLIP.forward`` returns, named as transformers' ``CLIPModel`` output (OpenCLIP's forward
+    returns the same four as a tuple). A loss that takes the embeddings (``mmlm.losses``) never builds
+    the logits: they are computed on first access only."""
+
+    image_embeds: torch.Tensor | None  # (B_img, embed_dim), L2-normalised; None when called without images
+    text_embeds: torch.Tensor | None  # (B_txt, embed_dim), L2-normalised; None when called without text
+    logit_scale: torch.Tensor  # exp(logit_scale), clamped: the factor the logits use
+    logit_bias: torch.Tensor | None  # SigLIP's learned bias; None for CLIP
+
+    @cached_property
+    def logits_per_image(self) -> torch.Tensor:
+        """(B_img, B_txt): ``logit_scale * image_embeds @ text_embeds.T (+ logit_bias)``."""
+        if self.image_embeds is None or self.text_embeds is None:
+            missing = "images" if self.image_embeds is None else "input_ids"
+            raise ValueError(f"logits need images and text; this output was computed without {missing}")
+        logits = self.logit_scale * self.image_embeds @ self.text_embeds.T
+        return logits if self.logit_bias is None else logits + self.logit_bias
+
+    @property
+    def logits_per_text(self) -> torch.Tensor:
+        """(B_txt, B_img)."""
+        return self.logits_per_image.T
 
 
 class CLIP(nn.Module):
@@ -58,13 +87,18 @@ class CLIP(nn.Module):
         """exp(logit_scale), capped at exp(max_logit_scale) = 100 as in CLIP."""
         return self.logit_scale.clamp(0, self.cfg.max_logit_scale).exp()
 
-    def logits(self, image_features: torch.Tensor, text_features: torch.Tensor) -> torch.Tensor:
-        """(B_img, D) x (B_txt, D) normalised features -> (B_img, B_txt) logits."""
-        logits = self.scale() * image_features @ text_features.T
-        return logits if self.logit_bias is None else logits + self.logit_bias
-
     def forward(
-        self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Image-text logits, (B_img, B_txt); transpose for text-image."""
-        return self.logits(self.encode_image(images), self.encode_text(input_ids, attention_mask))
+        self,
+        images: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> CLIPOutput:
+        """Normalised embeddings of the images and/or texts given, with the scale and bias the logits use."""
+        if images is None and input_ids is None:
+            raise ValueError("CLIP.forward needs images, input_ids or both; got neither")
+        return CLIPOutput(
+            image_embeds=None if images is None else self.encode_image(images),
+            text_embeds=None if input_ids is None else self.encode_text(input_ids, attention_mask),
+            logit_scale=self.scale(),
+            logit_bias=self.logit_bias,
+        )

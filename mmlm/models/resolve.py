@@ -1,6 +1,6 @@
 """The one way from what a user names a model to the model: ``resolve(spec)``.
 
-Tasks, the CLI commands and the benchmark loader all call it, so every one of them accepts
+Tasks, the CLI commands and the CLIP_benchmark loader all call it, so every one of them accepts
 the same specs (``SPEC_DOC``) and fails on a bad one with the same message.
 """
 

@@ -25,11 +25,12 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch.utils.checkpoint import checkpoint
 
+from mmlm.eval.retrieval import retrieval_metrics
+from mmlm.eval.zeroshot import build_classifier, classification_metrics
 from mmlm.losses import ContrastiveLoss
 from mmlm.models import CLIP, clip_with_tower, resolve
-from mmlm.retrieval import retrieval_metrics
+from mmlm.models.clip import CLIPOutput
 from mmlm.tasks.base import Task, adamw
-from mmlm.zeroshot import build_classifier, classification_metrics
 
 
 def lock_tower(tower: torch.nn.Module, unlocked_layers: int = 0) -> None:
@@ -116,19 +117,24 @@ class ContrastiveAlignment(Task):
 
     # ------------------------------------------------------------------ training
 
+    def forward(self, batch: dict[str, torch.Tensor]) -> CLIPOutput:
+        """The CLIP's ``CLIPOutput`` for the batch's images and texts."""
+        return self.model(batch["image"], batch["input_ids"], batch["attention_mask"])
+
     def features(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return (
-            self.model.encode_image(batch["image"]),
-            self.model.encode_text(batch["input_ids"], batch["attention_mask"]),
-        )
+        """L2-normalised (image, text) embeddings of the batch."""
+        out = self(batch)
+        return out.image_embeds, out.text_embeds
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        scale, bias = self.model.scale(), self.model.logit_bias
         if self.micro_batches <= 1:
-            loss = self.loss_fn(*self.features(batch), scale, bias)
-            objective = loss
+            out = self(batch)
+            scale = out.logit_scale
+            loss = objective = self.loss_fn(out.image_embeds, out.text_embeds, scale, out.logit_bias)
         else:
-            loss, objective = self._chunked_loss(batch, scale, bias)
+            # the scale is taken outside the checkpointed chunks: its gradient must not replay one
+            scale = self.model.scale()
+            loss, objective = self._chunked_loss(batch, scale, self.model.logit_bias)
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/logit_scale", scale.detach())
         return objective
@@ -163,8 +169,9 @@ class ContrastiveAlignment(Task):
         self._val = {"image": [], "text": [], "image_id": [], "label": []}
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        images, texts = self.features(batch)
-        self.log("val/loss", self.loss_fn(images, texts, self.model.scale(), self.model.logit_bias), sync_dist=True)
+        out = self(batch)
+        images, texts = out.image_embeds, out.text_embeds
+        self.log("val/loss", self.loss_fn(images, texts, out.logit_scale, out.logit_bias), sync_dist=True)
         self._val["image"].append(images)
         self._val["text"].append(texts)
         self._val["image_id"].append(batch["image_id"])

@@ -40,7 +40,7 @@ def test_round_trip_through_transformers(tmp_path):
         assert_parity(hf_img, model.encode_image(images, normalize=False), what="export: HF image embeds vs mmlm")
         assert_parity(hf_txt, model.encode_text(ids, mask, normalize=False), what="export: HF text embeds vs mmlm")
         out = ref(input_ids=ids, attention_mask=mask, pixel_values=images)
-        assert_parity(out.logits_per_image, model(images, ids, mask), what="export: HF logits_per_image vs mmlm")
+        assert_parity(out.logits_per_image, model(images, ids, mask).logits_per_image, what="export: HF logits_per_image vs mmlm")
 
     # and back: the HF folder loads into the very same mmlm weights
     back = mmlm.load_pretrained(tmp_path / "hf")

@@ -44,7 +44,7 @@ def test_clip_model_matches_transformers(tmp_path, eos):
         out = ref(input_ids=ids, attention_mask=mask, pixel_values=images)
         img = model.encode_image(images, normalize=False)
         txt = model.encode_text(ids, mask, normalize=False)
-        logits = model(images, ids, mask)
+        logits = model(images, ids, mask).logits_per_image
         hf_img = ref.get_image_features(pixel_values=images)
         hf_txt = ref.get_text_features(input_ids=ids, attention_mask=mask)
     hf_img = getattr(hf_img, "pooler_output", hf_img)  # v5 returns an output object, v4 a tensor

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from open_clip_train.train import get_clip_metrics
 
-from mmlm.retrieval import retrieval_metrics
+from mmlm.eval.retrieval import retrieval_metrics
 
 
 def noisy_pairs(n: int, d: int = 16, noise: float = 0.8, seed: int = 0):

@@ -12,10 +12,10 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 import mmlm
-from mmlm.benchmark import load_clip_benchmark
+from mmlm.eval.clip_benchmark import load_clip_benchmark
 from mmlm.cli import eval_retrieval, main
 from mmlm.data import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, digits_image_text, load_image
-from mmlm.retrieval import retrieval_metrics
+from mmlm.eval.retrieval import retrieval_metrics
 
 zsr = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")
 KS = (1, 5, 10)

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-import mmlm.retrieval.evaluate
+import mmlm.eval.retrieval
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
-EVALUATE = Path(mmlm.retrieval.evaluate.__file__)
+EVALUATE = Path(mmlm.eval.retrieval.__file__)
 N, D = 50_000, 32
 FULL_MATRIX_BYTES = N * N * 4
 LIMIT_BYTES = 1.5e9
@@ -21,7 +21,7 @@ LIMIT_BYTES = 1.5e9
 # A fresh process, so that nothing other tests allocated counts. Peak memory is the kernel's own high-water
 # mark of resident memory (VmHWM: exact, no sampling), reset just before the call. Not ru_maxrss: Linux carries
 # it across exec, so a child of a big pytest process would report the parent's size. The script loads
-# mmlm/retrieval/evaluate.py by path: the module needs only torch, while importing the mmlm package pulls in
+# mmlm/eval/retrieval.py by path: the module needs only torch, while importing the mmlm package pulls in
 # Lightning (seconds of start-up).
 SCRIPT = textwrap.dedent(f"""
     import importlib.util, json, time

@@ -122,6 +122,6 @@ def test_predict_gives_unit_embeddings_that_match_the_logits():
     data = batch(4)
     with torch.no_grad():
         out = task.predict_step(data, 0)
-        logits = task.model(data["image"], data["input_ids"], data["attention_mask"])
+        logits = task.model(data["image"], data["input_ids"], data["attention_mask"]).logits_per_image
     assert torch.allclose(out["image_embeds"].norm(dim=-1), torch.ones(4), atol=1e-6)
     torch.testing.assert_close(task.model.scale() * out["image_embeds"] @ out["text_embeds"].T, logits)

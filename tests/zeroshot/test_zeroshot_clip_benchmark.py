@@ -12,11 +12,11 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 import mmlm
-from mmlm.benchmark import BenchmarkModel, BenchmarkTokenizer, load_clip_benchmark, register_clip_benchmark
+from mmlm.eval.clip_benchmark import BenchmarkModel, BenchmarkTokenizer, load_clip_benchmark, register_clip_benchmark
 from mmlm.cli import main, zeroshot
 from mmlm.config import from_name, update
 from mmlm.data import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, get_tokenizer
-from mmlm.zeroshot import build_classifier
+from mmlm.eval.zeroshot import build_classifier
 
 zsc = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
 open_clip = pytest.importorskip("open_clip")
@@ -86,9 +86,9 @@ def _assert_same_metrics(ours: dict, ref: dict) -> None:
 
 def test_classifier_and_logits_equal_clip_benchmark(reference, tiny_checkpoint, digits_folder):
     """Per image, not just per metric: CLIP_benchmark's logits through the loader equal mmlm's own path."""
-    from mmlm.benchmark import classification_data
+    from mmlm.data.eval_datasets import classification_data
     from mmlm.data import image_transform
-    from mmlm.zeroshot import zero_shot_classify
+    from mmlm.eval.zeroshot import zero_shot_classify
 
     model = mmlm.load(tiny_checkpoint).eval()
     tok = get_tokenizer("clip", context_length=model.cfg.text.context_length)

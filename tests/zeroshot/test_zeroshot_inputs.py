@@ -10,9 +10,9 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mmlm.benchmark import ImageCaptions, classification_data, retrieval_data
+from mmlm.data.eval_datasets import ImageCaptions, classification_data, retrieval_data
 from mmlm.data import DIGIT_CLASSNAMES
-from mmlm.zeroshot import OPENAI_IMAGENET_TEMPLATES, load_classnames, load_templates, save_confusion_matrix
+from mmlm.eval.zeroshot import OPENAI_IMAGENET_TEMPLATES, load_classnames, load_templates, save_confusion_matrix
 
 
 def test_template_sets_and_files(tmp_path):

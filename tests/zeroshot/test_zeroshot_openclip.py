@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 import mmlm
 from mmlm.data import get_tokenizer, image_transform
-from mmlm.zeroshot import OPENAI_IMAGENET_TEMPLATES, build_classifier, fill
+from mmlm.eval.zeroshot import OPENAI_IMAGENET_TEMPLATES, build_classifier, fill
 
 open_clip = pytest.importorskip("open_clip")
 skimage_data = pytest.importorskip("skimage.data")

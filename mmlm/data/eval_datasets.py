@@ -1,8 +1,5 @@
-"""Evaluation the way CLIP_benchmark does it, and mmlm models inside CLIP_benchmark.
-
-``mmlm zeroshot`` and ``mmlm eval-retrieval`` take a model (``load_model``), a
-dataset (``classification_data`` / ``retrieval_data``) and write CLIP_benchmark's
-result JSON (``benchmark_result``). Datasets:
+"""Evaluation datasets, read as CLIP_benchmark reads them: ``classification_data`` for
+``mmlm zeroshot``, ``retrieval_data`` for ``mmlm eval-retrieval``. ``spec`` names:
 
 ===================================  ===================================================================
 ``digits``                           scikit-learn's 1,797 handwritten digits (``train`` / ``test`` split)
@@ -16,14 +13,6 @@ a folder of class folders            torchvision's ImageFolder layout (classific
 a CLIP_benchmark ``wds`` folder      ``{split}/nshards.txt``, ``{split}/0.tar ...``, ``classnames.txt``,
                                      ``zeroshot_classification_templates.txt`` (``clip_benchmark_export_wds``)
 ===================================  ===================================================================
-
-CLIP_benchmark plugs a model in as a loader returning ``(model, transform, tokenizer)``,
-where ``tokenizer(texts)`` gives a tensor of ids and ``model.encode_text(ids)`` takes
-it alone. ``load_clip_benchmark`` is such a loader for every model mmlm reads::
-
-    import mmlm.benchmark, clip_benchmark.cli
-    mmlm.benchmark.register_clip_benchmark()  # model_type "mmlm"
-    clip_benchmark.cli.main()  # eval --model_type mmlm --model /path/to/checkpoint --dataset ...
 """
 
 from __future__ import annotations
@@ -36,98 +25,24 @@ from typing import Any, Literal
 
 import torch
 import webdataset as wds
-from torch import nn
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
-from mmlm.data import (
-    DIGIT_CLASSNAMES,
-    DIGIT_TEMPLATES,
-    ImageClassificationCollator,
-    ImageClassificationDataset,
-    ImageTextDataset,
+from mmlm.data.collators import ImageClassificationCollator
+from mmlm.data.digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, digits_image_text
+from mmlm.data.image_datasets import ImageClassificationDataset, ImageTextDataset
+from mmlm.data.skips import (
+    BAD_LABEL,
+    BROKEN_SHARD,
+    MISSING_FIELD,
+    SKIPPED,
+    Skip,
     SkippingDataLoader,
     SkipStats,
-    Tokenizer,
-    digits_image_text,
-    get_tokenizer,
-    image_transform,
+    check_text,
     load_image,
+    split_skips,
 )
-from mmlm.data.skips import BAD_LABEL, BROKEN_SHARD, MISSING_FIELD, SKIPPED, Skip, check_text, split_skips
 from mmlm.data.webdataset import IMAGE_EXTS, expand_urls
-from mmlm.paths import resolve
-
-CLIP_VOCAB_SIZE = 49408
-
-# ------------------------------------------------------------------------------ the model
-
-
-def load_model(spec: str | Path, act: str | None = None, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
-    """The image-text model ``spec`` names (``mmlm.models.resolve``; a preset's random weights seeded by
-    ``seed``, for smoke tests) in eval mode, refused unless it encodes both images and text."""
-    from mmlm.models import resolve as resolve_model
-
-    model = resolve_model(spec, act=act, device=device, seed=seed).eval()
-    if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
-        raise ValueError(f"{spec} is a {type(model).__name__}: zero-shot evaluation needs an image-text (CLIP) model")
-    return model
-
-
-def model_tokenizer(model: nn.Module, tokenizer: str | Path | None = None, checkpoint: str | Path | None = None) -> Tokenizer:
-    """The tokenizer for ``model``: ``tokenizer`` if given, else one saved in the ``checkpoint`` folder
-    (``tokenizer.json``), else the CLIP BPE for a 49,408-token vocabulary. Truncates at the model's context."""
-    context = model.cfg.text.context_length
-    if tokenizer is not None:
-        return get_tokenizer(tokenizer, context_length=context)
-    if checkpoint is not None and (resolve(checkpoint) / "tokenizer.json").is_file():
-        return get_tokenizer(resolve(checkpoint), context_length=context)
-    if model.cfg.text.vocab_size == CLIP_VOCAB_SIZE:
-        return get_tokenizer("clip", context_length=context)
-    raise ValueError(
-        f"the text tower has {model.cfg.text.vocab_size} tokens, not CLIP's {CLIP_VOCAB_SIZE}: give its tokenizer folder"
-    )
-
-
-def describe_model(spec: str | Path, seed: int = 0) -> tuple[str, str]:
-    """The ``model`` and ``pretrained`` fields of a result: the argument as given, and the weights' source."""
-    path = resolve(spec)
-    return str(spec), str(path.resolve()) if path.exists() else f"random-init-seed{seed}"
-
-
-def benchmark_result(
-    dataset: str, model: str, pretrained: str, task: str, metrics: dict[str, float | None], language: str = "en",
-    samples: dict[str, Any] | None = None,
-) -> dict[str, Any]:  # fmt: skip
-    """One run's result, in the JSON layout CLIP_benchmark writes (and its ``build_csv`` reads),
-    plus ``samples``: what the metrics were computed on (see ``sample_counts``)."""
-    result = {"dataset": dataset, "model": model, "pretrained": pretrained, "task": task, "metrics": metrics,
-              "language": language}  # fmt: skip
-    return result if samples is None else {**result, "samples": samples}
-
-
-def sample_counts(loader: SkippingDataLoader) -> dict[str, Any]:
-    """``{"used": N, "skipped": {reason: count}}`` of the loader's last full pass.
-
-    A result computed on 1 image out of 3 must say so in the result, not only in a log line.
-    """
-    return {"used": loader.stats.good, "skipped": loader.stats.history[-1] if loader.stats.history else {}}
-
-
-def write_result(result: dict[str, Any], path: str | Path | None = None) -> str:
-    """Print the result as JSON and write it to ``path`` if given.
-
-    Strict JSON: a metric that does not exist (acc5 with fewer than 5 classes) is ``null``, never
-    ``NaN``, which JSON readers other than Python's refuse.
-    """
-    text = json.dumps(result, indent=2, allow_nan=False)
-    print(text)
-    if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text + "\n")
-    return text
-
-
-# ------------------------------------------------------------------------------ datasets
 
 
 @dataclass
@@ -371,106 +286,3 @@ def retrieval_data(
     if Path(text).is_file():
         return EvalData(ImageCaptions(text, transform, image_key, caption_key or "title"), collate_image_captions)
     raise FileNotFoundError(f"dataset {text!r}: not 'digits', a manifest file or WebDataset shards")
-
-
-# ------------------------------------------------------------------------------ CLIP_benchmark's interface
-
-
-class BenchmarkTokenizer:
-    """texts -> (B, T) ids, padded with the tokenizer's pad id: what CLIP_benchmark (and open_clip) call.
-
-    Args:
-        tokenizer: an mmlm tokenizer.
-        context_length: pad every batch to this length as open_clip does (None: the longest text).
-    """
-
-    def __init__(self, tokenizer: Tokenizer, context_length: int | None = None) -> None:
-        self.tokenizer, self.context_length = tokenizer, context_length
-
-    def __call__(self, texts: str | Sequence[str]) -> torch.Tensor:
-        ids = self.tokenizer(texts)["input_ids"]
-        if self.context_length is not None and ids.shape[1] < self.context_length:
-            ids = nn.functional.pad(ids, (0, self.context_length - ids.shape[1]), value=self.tokenizer.pad_token_id)
-        return ids
-
-
-class BenchmarkModel(nn.Module):
-    """An mmlm CLIP with open_clip's ``encode_image(images)`` / ``encode_text(ids)``.
-
-    CLIP_benchmark passes ids without an attention mask. The mask is rebuilt as the
-    tokens up to and including the first end-of-text token, which is where mmlm's
-    tokenizer ends a single text; a text tower that attends both ways (or pools by
-    mean) needs it, a causal eot-pooled one gets the same result either way.
-    """
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-        self.eot_token_id = model.cfg.text.eot_token_id
-
-    def attention_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        if self.eot_token_id is None:
-            return torch.ones_like(input_ids)
-        is_eot = input_ids == self.eot_token_id
-        first = torch.where(is_eot.any(1), is_eot.int().argmax(1), input_ids.shape[1] - 1)  # no eot: keep every token
-        return (torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] <= first[:, None]).long()
-
-    def encode_image(self, images: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        return self.model.encode_image(images, normalize=normalize)
-
-    def encode_text(self, input_ids: torch.Tensor, normalize: bool = False) -> torch.Tensor:
-        return self.model.encode_text(input_ids, self.attention_mask(input_ids), normalize=normalize)
-
-    def forward(self, images: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """open_clip's output: normalised image and text features and the logit scale."""
-        return self.encode_image(images, True), self.encode_text(input_ids, True), self.model.scale()
-
-
-def load_clip_benchmark(
-    model_name: str, pretrained: str | None = None, cache_dir: str | None = None, device: str | torch.device = "cpu",
-    act: str | None = None, tokenizer: str | None = None,
-) -> tuple[BenchmarkModel, Callable, BenchmarkTokenizer]:  # fmt: skip
-    """CLIP_benchmark's loader: ``(model, transform, tokenizer)`` for any model mmlm reads.
-
-    Args:
-        model_name: a checkpoint path (when ``pretrained`` is empty) or a preset name.
-        pretrained: a checkpoint path (anything ``mmlm.load_pretrained`` reads); empty to use ``model_name``.
-        cache_dir: unused (nothing is downloaded).
-        device: where the model lives.
-        act: MLP activation of an OpenAI / OpenCLIP state dict when it cannot be detected.
-        tokenizer: a tokenizer folder, when the checkpoint has none and is not a CLIP BPE model.
-    """
-    spec = pretrained or model_name
-    model = load_model(spec, act, device)
-    tok = model_tokenizer(model, tokenizer, spec)
-    transform = image_transform(model.cfg.vision, train=False)
-    return BenchmarkModel(model).eval(), transform, BenchmarkTokenizer(tok, model.cfg.text.context_length)
-
-
-def register_clip_benchmark(name: str = "mmlm") -> None:
-    """Make ``load_clip_benchmark`` CLIP_benchmark's model type ``name`` (``--model_type mmlm``)."""
-    from clip_benchmark import models
-
-    models.TYPE2FUNC[name] = load_clip_benchmark
-    if name not in models.MODEL_TYPES:
-        models.MODEL_TYPES.append(name)  # the CLI reads this list (by reference) for its choices
-
-
-__all__ = [
-    "BenchmarkModel",
-    "BenchmarkTokenizer",
-    "EvalData",
-    "EvalShards",
-    "ImageCaptions",
-    "benchmark_result",
-    "classification_data",
-    "collate_image_captions",
-    "describe_model",
-    "find_shards",
-    "load_clip_benchmark",
-    "load_model",
-    "model_tokenizer",
-    "register_clip_benchmark",
-    "retrieval_data",
-    "write_result",
-]
