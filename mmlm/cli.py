@@ -175,14 +175,7 @@ def zeroshot(
     """
     from mmlm.data import image_transform
     from mmlm.data.eval_datasets import classification_data
-    from mmlm.eval.results import (
-        benchmark_result,
-        describe_model,
-        load_model,
-        model_tokenizer,
-        sample_counts,
-        write_result,
-    )
+    from mmlm.eval import results
     from mmlm.eval.zeroshot import (
         OPENAI_IMAGENET_TEMPLATES,
         load_classnames,
@@ -191,8 +184,8 @@ def zeroshot(
         zero_shot_classify,
     )
 
-    net = load_model(model, act, device, seed)
-    tok = model_tokenizer(net, tokenizer, model)
+    net = results.load_model(model, act, device, seed)
+    tok = results.model_tokenizer(net, tokenizer, model)
     names = load_classnames(classnames) if classnames is not None else None
     data = classification_data(dataset, image_transform(net.cfg.vision, train=False), split, names,
                                image_key, label_key)  # fmt: skip
@@ -203,9 +196,10 @@ def zeroshot(
     metrics, logits, labels = zero_shot_classify(net, tok, loader, data.classes, prompts, device)
     if confusion_matrix is not None:
         save_confusion_matrix(labels, logits.argmax(1), data.classes, confusion_matrix)
-    result = benchmark_result(dataset, *describe_model(model, seed), "zeroshot_classification", metrics, language,
-                              sample_counts(loader))  # fmt: skip
-    write_result(result, output)
+    described = results.describe_model(model, seed)
+    samples = results.sample_counts(loader)
+    result = results.benchmark_result(dataset, *described, "zeroshot_classification", metrics, language, samples)
+    results.write_result(result, output)
     return result
 
 
@@ -256,23 +250,17 @@ def eval_retrieval(
     check_retrieval_args(ks, chunk_size)  # before the slow imports and the model
     from mmlm.data import image_transform
     from mmlm.data.eval_datasets import retrieval_data
-    from mmlm.eval.results import (
-        benchmark_result,
-        describe_model,
-        load_model,
-        model_tokenizer,
-        sample_counts,
-        write_result,
-    )
+    from mmlm.eval import results
 
-    net = load_model(model, act, device, seed)
-    tok = model_tokenizer(net, tokenizer, model)
+    net = results.load_model(model, act, device, seed)
+    tok = results.model_tokenizer(net, tokenizer, model)
     data = retrieval_data(dataset, image_transform(net.cfg.vision, train=False), split, image_key, caption_key)
     loader = data.loader(batch_size, num_workers)
     metrics = evaluate_retrieval(net, tok, loader, device, tuple(ks), chunk_size)
-    result = benchmark_result(dataset, *describe_model(model, seed), "zeroshot_retrieval", metrics, language,
-                              sample_counts(loader))  # fmt: skip
-    write_result(result, output)
+    described = results.describe_model(model, seed)
+    samples = results.sample_counts(loader)
+    result = results.benchmark_result(dataset, *described, "zeroshot_retrieval", metrics, language, samples)
+    results.write_result(result, output)
     return result
 
 
