@@ -96,9 +96,9 @@ class TextEncoder(nn.Module):
         ``attn_mask`` overrides it with a full boolean (B, 1, T, T) mask, e.g. the
         block-diagonal mask of packed documents.
         """
-        self.check_inputs(input_ids, attention_mask)
+        left_padded = self.check_inputs(input_ids, attention_mask)
         B, T = input_ids.shape
-        if position_ids is None and attention_mask is not None and not bool(attention_mask[:, 0].all()):
+        if position_ids is None and left_padded:
             # left-padded: count positions from each text's first real token. Only then: the gather's
             # backward accumulates in no fixed order, while pos_embed[:T] keeps training bit-reproducible
             position_ids = real_positions(attention_mask)
@@ -118,8 +118,11 @@ class TextEncoder(nn.Module):
         """Recompute each block in the backward pass instead of storing its activations (timm's name)."""
         self.blocks.grad_checkpointing = enable
 
-    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        """One clear error for ids or a mask the model cannot take, at one device sync for all of them."""
+    def check_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
+        """One clear error for ids or a mask the model cannot take, at one device sync for all of them.
+
+        Returns whether any text of the batch is left-padded, read in the same sync.
+        """
         check_shapes(input_ids, attention_mask)
         if input_ids.shape[1] > self.cfg.context_length:
             raise ValueError(
@@ -128,18 +131,21 @@ class TextEncoder(nn.Module):
         stats = [input_ids.min().long(), input_ids.max().long()]
         if attention_mask is not None:
             stats.append((attention_mask == 0).all(-1).sum())  # texts without a real token
-        low, high, *empty = torch.stack(stats).tolist()
+            stats.append((attention_mask[:, 0] == 0).sum())  # texts starting with padding
+        low, high, *mask_stats = torch.stack(stats).tolist()
+        empty, left = mask_stats or (0, 0)
         vocab = self.cfg.vocab_size
         if low < 0 or high >= vocab:
             raise ValueError(
                 f"token id {low if low < 0 else high} is outside the vocabulary "
                 f"(vocab_size {vocab}: ids 0..{vocab - 1}); were the texts tokenised for another model?"
             )
-        if empty and empty[0]:
+        if empty:
             raise ValueError(
-                f"attention_mask marks no real token in {empty[0]} of {len(input_ids)} texts; "
+                f"attention_mask marks no real token in {empty} of {len(input_ids)} texts; "
                 "each text needs at least one 1 (1 = real token, 0 = padding)"
             )
+        return left > 0
 
     def pool(self, x: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """(B, T, width) -> (B, width) by the configured pooling."""
