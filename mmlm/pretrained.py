@@ -151,7 +151,7 @@ def detect_format(path: str | Path) -> str:
             f"{path}: not a checkpoint folder mmlm knows (no usable config.json, modules.json or open_clip_config.json)"
         )
     if not path.is_file():
-        raise FileNotFoundError(path)
+        raise FileNotFoundError(f"no checkpoint file or folder {str(path)!r}")
     if path.suffix == ".ckpt":
         return "lightning"
     keys = _keys(path)

@@ -166,6 +166,14 @@ def test_debug_raises_the_error_itself(tmp_path, monkeypatch):
         main(["convert", missing, str(tmp_path / "out")])
 
 
+def test_missing_checkpoint_is_named(tmp_path, capsys):
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", str(missing), str(tmp_path / "out")])
+    assert exit_.value.code == 2
+    assert f"mmlm convert: error: no checkpoint file or folder '{missing}'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kind", ["empty", "random", "truncated"])
 def test_broken_safetensors(kind, tmp_path, clip_folder, capsys):
     folder = tmp_path / "model"
