@@ -1,7 +1,7 @@
 """The ``mmlm`` command: thin wrappers on typed functions (jsonargparse reads the signatures).
 
     mmlm fit|validate|test|predict --config FILE   LightningCLI: model and data are class_path choices
-    mmlm convert SRC DST [--to mmlm|hf]            any checkpoint load_pretrained reads -> mmlm / transformers
+    mmlm convert SRC DST [--to TARGET]             any checkpoint load_pretrained reads -> mmlm / hf / open_clip / timm / sentence_transformers
     mmlm tokenizer train FILE [FILE ...] --vocab_size N --out DIR
     mmlm zeroshot MODEL --dataset DATA             zero-shot classification, CLIP_benchmark JSON + confusion PNG
     mmlm eval-retrieval MODEL --dataset DATA       image<->text recall@k in bounded memory
@@ -96,23 +96,27 @@ def demo(
 def convert(
     src: Path,
     dst: Path,
-    to: Literal["mmlm", "hf"] = "mmlm",
+    to: Literal["mmlm", "hf", "open_clip", "timm", "sentence_transformers"] = "mmlm",
+    tokenizer: str | None = None,
     act: Literal["gelu", "quick_gelu"] | None = None,
     overwrite: bool = False,
 ) -> None:
-    """Convert a checkpoint (HF, OpenAI / OpenCLIP, timm, sentence-transformers, `mmlm fit` .ckpt) to mmlm or HF.
+    """Convert a checkpoint (HF, OpenAI / OpenCLIP, timm, sentence-transformers, `mmlm fit` .ckpt) to any target.
 
     Args:
         src: checkpoint file or folder.
         dst: output folder; new or empty unless ``--overwrite``.
-        to: ``mmlm`` (safetensors + config.json) or ``hf`` (a transformers CLIPModel folder; CLIP only).
+        to: ``mmlm`` (safetensors + config.json), ``hf`` (a transformers folder with tokenizer and
+            preprocessor), ``open_clip`` (``local-dir:DST``), ``timm`` (safetensors + pretrained
+            config) or ``sentence_transformers`` (a ``SentenceTransformer(DST)`` folder).
+        tokenizer: the model's tokenizer folder (or ``clip``) when none is beside ``src``.
         act: MLP activation of an OpenAI / OpenCLIP file when it cannot be detected (``quick_gelu`` or ``gelu``).
         overwrite: write into ``dst`` even if it already holds files (those of the same name are replaced).
     """
     from mmlm.pretrained import convert as run
 
     kwargs = {"act": act} if act else {}
-    print(f"wrote {run(src, dst, to, overwrite=overwrite, **kwargs)}")
+    print(f"wrote {run(src, dst, to, overwrite=overwrite, tokenizer=tokenizer, **kwargs)}")
 
 
 def train_tokenizer(

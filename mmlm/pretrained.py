@@ -419,56 +419,61 @@ def _openclip_act(path: Path, sd: Mapping[str, torch.Tensor], oc_config: dict[st
 # ------------------------------------------------------------------------------ export
 
 
-def export_hf_clip(model: CLIP, folder: str | Path, overwrite: bool = False) -> Path:
-    """Write ``model`` as a transformers ``CLIPModel`` folder (config.json, model.safetensors,
-    preprocessor_config.json) that ``CLIPModel.from_pretrained`` loads with the same outputs.
+def source_tokenizer(src: str | Path, model: nn.Module) -> Any:
+    """The tokenizer ``src`` was trained or shipped with: ``tokenizer.json`` in its folder, the
+    datamodule's ``tokenizer`` of a ``mmlm fit`` checkpoint, or None (CLIP BPE / none known)."""
+    from mmlm.data.tokenizers import get_tokenizer
 
-    Only two-tower CLIPs (``share="none"``) in the shape HF's CLIP has can be exported;
-    anything else raises ``ConversionError`` saying what does not fit. No tokenizer is
-    written: mmlm's CLIP presets use OpenAI's BPE, i.e. ``openai/clip-vit-base-patch32``'s tokenizer.
-    A folder that already holds files is refused unless ``overwrite=True``.
-    """
-    import transformers
+    path = resolve(src)
+    folder = path if path.is_dir() else path.parent
+    context = _context_length(model)
+    if (folder / "tokenizer.json").is_file():
+        return get_tokenizer(folder, context_length=context)
+    if path.is_file() and detect_format(path) == "lightning":
+        name = (torch_load(path).get("datamodule_hyper_parameters") or {}).get("tokenizer")
+        if name:
+            return get_tokenizer(name, context_length=context)
+    return None
+
+
+def _context_length(model: nn.Module) -> int | None:
+    cfg = getattr(model, "cfg", None)
+    text = getattr(cfg, "text", cfg)
+    return getattr(text, "context_length", None)
+
+
+def export_hf_clip(model: CLIP, folder: str | Path, overwrite: bool = False) -> Path:
+    """Write ``model`` as a complete transformers ``CLIPModel`` folder (see ``mmlm.export.hf``)."""
+    from mmlm.export import export
 
     if not isinstance(model, CLIP):
         raise ConversionError(f"export_hf_clip exports mmlm CLIP models, not {type(model).__name__}")
-    cfg = model.cfg
-    hf_config = transformers.CLIPConfig(**hf_clip.config_to_hf(cfg))  # raises for what HF cannot express
-    sd = hf_clip.mmlm_to_hf_clip(model.state_dict(), cfg)
-    folder = Path(folder)
-    checkpoint.refuse_to_overwrite(folder, overwrite)
-    folder.mkdir(parents=True, exist_ok=True)
-    hf_config.architectures = ["CLIPModel"]
-    hf_config.save_pretrained(folder)
-    # the same file transformers' save_pretrained writes: safetensors with format "pt"
-    checkpoint.save_safetensors(
-        {k: v.detach().cpu().float().contiguous() for k, v in sd.items()},
-        folder / "model.safetensors",
-        metadata={"format": "pt"},
-    )
-    v = cfg.vision
-    transformers.CLIPImageProcessor(
-        size={"shortest_edge": v.image_size}, crop_size={"height": v.image_size, "width": v.image_size},
-        image_mean=list(v.image_mean), image_std=list(v.image_std),
-        resample=3 if v.interpolation == "bicubic" else 2,  # PIL.Image.BICUBIC / BILINEAR
-    ).save_pretrained(folder)  # fmt: skip
-    return folder
+    return export(model, folder, "hf", overwrite=overwrite)
 
 
 def convert(
-    src: str | Path, dst: str | Path, to: Literal["mmlm", "hf"] = "mmlm", overwrite: bool = False, **kwargs: Any
+    src: str | Path,
+    dst: str | Path,
+    to: str = "mmlm",
+    overwrite: bool = False,
+    tokenizer: str | Path | None = None,
+    **kwargs: Any,
 ) -> Path:
-    """Convert a checkpoint: anything ``load_pretrained`` reads -> an mmlm folder, or a CLIP -> a transformers folder.
+    """Convert a checkpoint: anything ``load_pretrained`` reads -> any ``mmlm.export`` target.
 
-    ``dst`` must be new or empty unless ``overwrite=True``. ``kwargs`` go to ``load_pretrained``
-    (``act``, ``with_heads``, config overrides).
+    ``dst`` must be new or empty unless ``overwrite=True``. ``tokenizer`` (a folder or ``clip``)
+    overrides the one found beside ``src``. ``kwargs`` go to ``load_pretrained`` (``act``,
+    ``with_heads``, config overrides).
     """
+    from mmlm.data.tokenizers import get_tokenizer
+    from mmlm.export import TARGETS, export
+
+    if to != "mmlm" and to not in TARGETS:
+        raise ValueError(f"to must be one of {['mmlm', *TARGETS]}, not {to!r}")
     checkpoint.refuse_to_overwrite(dst, overwrite)  # before the slow part
     model = load_pretrained(src, **kwargs)
-    if to == "mmlm":
-        return checkpoint.save(model, dst, overwrite=overwrite)
-    if to == "hf":
-        if not isinstance(model, CLIP):
-            raise ConversionError(f"--to hf exports CLIP models only; {src} loaded as a {type(model).__name__}")
-        return export_hf_clip(model, dst, overwrite=overwrite)
-    raise ValueError(f"to must be 'mmlm' or 'hf', not {to!r}")
+    if tokenizer is not None:
+        tok = get_tokenizer(tokenizer, context_length=_context_length(model))
+    else:
+        tok = source_tokenizer(src, model) if to != "mmlm" else None
+    return export(model, dst, to, tokenizer=tok, overwrite=overwrite)  # type: ignore[arg-type]

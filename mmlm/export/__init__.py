@@ -1,0 +1,70 @@
+"""Write an mmlm model in another ecosystem's own format, for that ecosystem's own loading code.
+
+=========================  ========================================  ====================================
+``to``                     what is written                           loaded by
+=========================  ========================================  ====================================
+``mmlm``                   config.json + model.safetensors           ``mmlm.load``
+``hf``                     a transformers folder: weights, config,   ``CLIPModel`` / ``BertFor...`` /
+                           tokenizer, preprocessor_config.json       ``GPT2LMHeadModel`` / ``ViTFor...``,
+                                                                     ``pipeline(...)``
+``open_clip``              open_clip_config.json +                   ``open_clip.create_model_and_transforms
+                           open_clip_model.safetensors               ("local-dir:DIR")``
+``timm``                   model.safetensors + config.json with      ``timm.create_model(name, pretrained=True,
+                           the pretrained config                     pretrained_cfg_overlay=dict(file=...))``
+``sentence_transformers``  modules.json, the transformer folder,     ``SentenceTransformer(DIR)``
+                           Pooling (and Normalize)
+=========================  ========================================  ====================================
+
+Each target lives in a module of its own with one function
+``export(model, folder, *, tokenizer=None) -> Path``; ``export`` here checks the folder and
+dispatches. A model the target cannot express raises ``ConversionError`` saying what does not fit.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from torch import nn
+
+from mmlm import checkpoint
+
+if TYPE_CHECKING:
+    from mmlm.data.tokenizers import Tokenizer
+
+Target = Literal["mmlm", "hf", "open_clip", "timm", "sentence_transformers"]
+TARGETS: dict[str, str] = {  # target -> module under mmlm.export
+    "hf": "hf",
+    "open_clip": "open_clip",
+    "timm": "timm",
+    "sentence_transformers": "sentence_transformers",
+}
+
+
+def export(
+    model: nn.Module,
+    folder: str | Path,
+    to: Target = "mmlm",
+    *,
+    tokenizer: Tokenizer | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` into ``folder`` (new or empty unless ``overwrite``) for target ``to``.
+
+    ``tokenizer``: the tokenizer the model was trained with, written beside the weights where the
+    target keeps one (hf, open_clip, sentence_transformers); None for the CLIP BPE when the
+    vocabulary is CLIP's 49,408 tokens.
+    """
+    checkpoint.refuse_to_overwrite(folder, overwrite)
+    if to == "mmlm":
+        return checkpoint.save(model, folder, overwrite=overwrite)
+    if to not in TARGETS:
+        raise ValueError(f"to must be one of {['mmlm', *TARGETS]}, not {to!r}")
+    module = importlib.import_module(f"mmlm.export.{TARGETS[to]}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return module.export(model.eval(), folder, tokenizer=tokenizer)
+
+
+__all__ = ["TARGETS", "Target", "export"]
