@@ -19,7 +19,9 @@ if TYPE_CHECKING:
 def export(model: nn.Module, folder: Path, *, tokenizer: Tokenizer | None = None) -> Path:
     if isinstance(model, CLIP):
         return _clip(model, folder)
-    raise ConversionError(f"--to hf exports CLIP models only, not {type(model).__name__}")
+    from mmlm.export import hf_encoders  # BERT / GPT-2 with their heads, ViT classifiers
+
+    return hf_encoders.export(model, folder, tokenizer=tokenizer)
 
 
 def _clip(model: CLIP, folder: Path) -> Path:
