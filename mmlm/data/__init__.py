@@ -42,9 +42,10 @@ from mmlm.data.text_datasets import (
     read_documents,
     split_sentences,
 )
-from mmlm.data.tokenizers import ASSETS, Tokenizer, clip_tokenizer, get_tokenizer, train_tokenizer
+from mmlm.data.tokenizers import Tokenizer, clip_tokenizer, get_tokenizer, train_tokenizer
 from mmlm.data.transforms import image_transform, text_config, vision_config
 from mmlm.data.webdataset import ImageTextShards
+from mmlm.paths import ASSETS
 
 __all__ = [
     "ASSETS",

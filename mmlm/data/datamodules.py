@@ -32,9 +32,10 @@ from mmlm.data.collators import (
     TextClassificationCollator,
     TokenClassificationCollator,
 )
-from mmlm.data.digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, digits_image_text
+from mmlm.data.digits import digits_image_text
 from mmlm.data.image_datasets import ImageClassificationDataset, ImageTextDataset
 from mmlm.data.skips import ReplaceBad, SkippingDataLoader, SkipStats
+from mmlm.data.sources import find_shards, is_digits, locate, prompts
 from mmlm.data.text_datasets import (
     CLMDataset,
     MLMDataset,
@@ -50,7 +51,6 @@ from mmlm.data.webdataset import ImageTextShards
 
 Stage = Literal["train", "val", "test"]
 BadSamples = Literal["drop", "replace"]
-DIGITS = "digits"  # data source name for scikit-learn's handwritten digits
 
 
 def _passthrough(batch: Any) -> Any:
@@ -146,17 +146,14 @@ class _TokenizerMixin:
 # ----------------------------------------------------------------------------- images
 
 
-def _is_shards(source: str) -> bool:
-    return ".tar" in source or source.startswith("pipe:")
-
-
 class ImageTextDataModule(_TokenizerMixin, _DataModule):
     """Image-caption pairs for contrastive alignment (CLIP / SigLIP) and retrieval.
 
     Args:
         train_data: a CSV / TSV / JSONL manifest, WebDataset shards
-            (``data/{000..099}.tar``), or ``"digits"`` (scikit-learn's digits).
-        val_data: the same kinds; read once per epoch in order.
+            (``data/{000..099}.tar`` or a folder of them), or ``"digits"`` (see ``mmlm.data.sources``).
+        val_data: the same kinds; read once per epoch in order. Labelled images (``label_key``,
+            a shard's ``cls``, the digits) add zero-shot accuracy to the validation metrics.
         test_data: the same kinds.
         preset: model preset whose image tower sets size, interpolation and
             mean/std, and whose text tower sets the context length.
@@ -167,6 +164,11 @@ class ImageTextDataModule(_TokenizerMixin, _DataModule):
         image_key: manifest column with the image path (relative to the manifest).
         caption_key: manifest column with the caption (JSONL: a string or a list).
         json_caption_key: field of a shard's ``.json`` member with the caption(s).
+        label_key: manifest column with a class label (name or integer) for zero-shot validation.
+        classnames: class names in label order for zero-shot validation; default: the
+            source's own (the digits, a shard folder's ``classnames.txt``).
+        templates: prompt templates (``str.format`` with one class name); default: the source's
+            own, else ``"a photo of a {}."``.
         captions: manifest items: every (image, caption) pair, or one random
             caption per image and epoch.
         resampled: shards drawn with replacement (needs ``epoch_length``).
@@ -181,7 +183,7 @@ class ImageTextDataModule(_TokenizerMixin, _DataModule):
             across ranks needs) or ``"drop"`` it (shorter batches). Validation and test
             always drop, so their metrics cover exactly the good samples.
         drop_last: drop the last partial training batch (equal shapes on all ranks).
-        seed: shard order and caption choice.
+        seed: the training shuffle, shard order and caption choice.
     """
 
     def __init__(
@@ -197,6 +199,9 @@ class ImageTextDataModule(_TokenizerMixin, _DataModule):
         image_key: str = "filepath",
         caption_key: str = "title",
         json_caption_key: str = "caption",
+        label_key: str | None = None,
+        classnames: list[str] | None = None,
+        templates: list[str] | None = None,
         captions: Literal["all", "random"] = "all",
         resampled: bool = False,
         epoch_length: int | None = None,
@@ -209,23 +214,30 @@ class ImageTextDataModule(_TokenizerMixin, _DataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, drop_last, seed, bad_samples)
         self.save_hyperparameters()
-        self.sources = {"train": train_data, "val": val_data, "test": test_data}
+        self.sources = {"train": locate(train_data), "val": locate(val_data), "test": locate(test_data)}
         self.preset = preset
         self.tokenizer_name = tokenizer
         self.context_length = context_length or text_config(preset).context_length
+        self._label_names: list[str] | None = None  # the validation manifest's classes (label_key)
 
     def _collate(self) -> Callable:
         return ImageTextCollator(self.tokenizer, self.context_length)
 
+    @functools.cached_property
+    def _source_prompts(self) -> tuple[list[str] | None, list[str] | None]:
+        return prompts(self.sources["val"], "test") if self.sources["val"] is not None else (None, None)
+
     @property
     def classnames(self) -> list[str] | None:
-        """Class names for zero-shot evaluation, when the data has classes (digits)."""
-        return list(DIGIT_CLASSNAMES) if DIGITS in self.sources.values() else None
+        """Class names (label order) for zero-shot validation, when the validation images have labels."""
+        return self.hparams.classnames or self._source_prompts[0] or self._label_names
 
     @property
     def templates(self) -> list[str] | None:
         """Prompt templates (``str.format`` with one class name) matching ``classnames``."""
-        return list(DIGIT_TEMPLATES) if DIGITS in self.sources.values() else None
+        if not self.classnames:
+            return None
+        return self.hparams.templates or self._source_prompts[1] or ["a photo of a {}."]
 
     def setup(self, stage: str | None = None) -> None:
         hp = self.hparams
@@ -236,19 +248,25 @@ class ImageTextDataModule(_TokenizerMixin, _DataModule):
                 continue
             train = split == "train"
             transform = image_transform(self.preset, train, scale=tuple(hp.crop_scale), hflip=hp.hflip)
-            if source == DIGITS:
+            shards = None if is_digits(source) else find_shards(source, "train" if train else "test")
+            if is_digits(source):
                 self.datasets[split] = digits_image_text("train" if train else "test", hp.seed, transform=transform)
-            elif _is_shards(source):
+            elif shards is not None:
                 self.datasets[split] = ImageTextShards(
-                    source, self._collate(), self.batch_size, transform,
+                    shards[0], self._collate(), self.batch_size, transform,
                     resampled=hp.resampled and train, epoch_length=hp.epoch_length if train else None,
                     shuffle=train, shuffle_buffer=hp.shuffle_buffer, caption_key=hp.json_caption_key,
                     seed=hp.seed, rank=rank, world_size=world, num_workers=self.num_workers,
                     drop_last=train and self.drop_last,
                 )  # fmt: skip
             else:
-                self.datasets[split] = ImageTextDataset(source, hp.image_key, hp.caption_key, transform,
-                                                        captions=hp.captions if train else "all")  # fmt: skip
+                ds = ImageTextDataset(
+                    source, hp.image_key, hp.caption_key, transform, captions=hp.captions if train else "all",
+                    label_key=hp.label_key, classes=hp.classnames,
+                )  # fmt: skip
+                if split == "val" and hp.label_key:
+                    self._label_names = ds.classes
+                self.datasets[split] = ds
 
 
 class ImageClassificationDataModule(_DataModule):
@@ -272,7 +290,7 @@ class ImageClassificationDataModule(_DataModule):
             across ranks needs) or ``"drop"`` it (shorter batches). Validation and test
             always drop, so their metrics cover exactly the good samples.
         drop_last: drop the last partial training batch.
-        seed: digits split.
+        seed: the training shuffle and the digits split.
     """
 
     def __init__(
@@ -294,14 +312,14 @@ class ImageClassificationDataModule(_DataModule):
     ) -> None:
         super().__init__(batch_size, num_workers, drop_last, seed, bad_samples)
         self.save_hyperparameters()
-        self.sources = {"train": train_data, "val": val_data, "test": test_data}
+        self.sources = {"train": locate(train_data), "val": locate(val_data), "test": locate(test_data)}
         self.preset = preset
         self._classes = classes
 
     def _dataset(self, split: Stage, transform: Callable | None) -> Dataset:
         source = self.sources[split]
         assert source is not None
-        if source == DIGITS:
+        if is_digits(source):
             return digits_image_text("train" if split == "train" else "test", self.hparams.seed, transform=transform)
         return ImageClassificationDataset(
             source, transform, self.hparams.image_key, self.hparams.label_key, self._classes
@@ -370,7 +388,7 @@ class LanguageModelingDataModule(_TextDataModule):
         batch_size: sequences per batch and rank.
         num_workers: DataLoader worker processes.
         drop_last: drop the last partial training batch.
-        seed: NSP pairing.
+        seed: the training shuffle and NSP pairing.
     """
 
     def __init__(
@@ -393,7 +411,7 @@ class LanguageModelingDataModule(_TextDataModule):
         self.save_hyperparameters()
         if val_fraction and val_data:
             raise ValueError("give val_data or val_fraction, not both")
-        self.sources = {"train": train_data, "val": val_data, "test": None}
+        self.sources = {"train": locate(train_data), "val": locate(val_data), "test": None}
         self.val_fraction = val_fraction
         self.objective = objective
         self.mlm_probability = mlm_probability
@@ -476,7 +494,7 @@ class TextClassificationDataModule(_LabelledTextDataModule):
             across ranks needs) or ``"drop"`` it (shorter batches). Validation and test
             always drop, so their metrics cover exactly the good samples.
         drop_last: drop the last partial training batch.
-        seed: unused; kept for a uniform YAML.
+        seed: the training shuffle (a generator of its own, so a resumed run shuffles as an uninterrupted one).
     """
 
     def __init__(
@@ -499,7 +517,7 @@ class TextClassificationDataModule(_LabelledTextDataModule):
     ) -> None:
         super().__init__(tokenizer, preset, max_length, batch_size, num_workers, drop_last, seed, bad_samples)
         self.save_hyperparameters()
-        self.sources = {"train": train_data, "val": val_data, "test": test_data}
+        self.sources = {"train": locate(train_data), "val": locate(val_data), "test": locate(test_data)}
         self.keys = (text_key, label_key, text_pair_key)
         self._classes = classes
 
@@ -531,7 +549,7 @@ class TokenClassificationDataModule(_LabelledTextDataModule):
             across ranks needs) or ``"drop"`` it (shorter batches). Validation and test
             always drop, so their metrics cover exactly the good samples.
         drop_last: drop the last partial training batch.
-        seed: unused; kept for a uniform YAML.
+        seed: the training shuffle (a generator of its own, so a resumed run shuffles as an uninterrupted one).
     """
 
     def __init__(
@@ -552,7 +570,7 @@ class TokenClassificationDataModule(_LabelledTextDataModule):
     ) -> None:
         super().__init__(tokenizer, preset, max_length, batch_size, num_workers, drop_last, seed, bad_samples)
         self.save_hyperparameters()
-        self.sources = {"train": train_data, "val": val_data, "test": test_data}
+        self.sources = {"train": locate(train_data), "val": locate(val_data), "test": locate(test_data)}
         self.tag_column = tag_column
         self._classes = classes
 
@@ -580,7 +598,7 @@ class QuestionAnsweringDataModule(_TextDataModule):
         batch_size: windows per batch and rank.
         num_workers: DataLoader worker processes.
         drop_last: drop the last partial training batch.
-        seed: unused; kept for a uniform YAML.
+        seed: the training shuffle (a generator of its own, so a resumed run shuffles as an uninterrupted one).
     """
 
     def __init__(
@@ -600,7 +618,7 @@ class QuestionAnsweringDataModule(_TextDataModule):
         super().__init__(tokenizer, preset, max_length or (None if preset else 384), batch_size, num_workers,
                          drop_last, seed)  # fmt: skip
         self.save_hyperparameters()
-        self.sources = {"train": train_data, "val": val_data, "test": test_data}
+        self.sources = {"train": locate(train_data), "val": locate(val_data), "test": locate(test_data)}
         self.doc_stride = doc_stride
 
     def _collate(self) -> Callable:

@@ -1,38 +1,21 @@
 """Evaluation datasets, read as CLIP_benchmark reads them: ``classification_data`` for
-``mmlm zeroshot``, ``retrieval_data`` for ``mmlm eval-retrieval``. ``spec`` names:
-
-===================================  ===================================================================
-``digits``                           scikit-learn's 1,797 handwritten digits (``train`` / ``test`` split)
-a folder of class folders            torchvision's ImageFolder layout (classification)
-``*.csv`` / ``*.tsv`` / ``*.jsonl``  a manifest: ``filepath`` + ``label`` rows (classification), or
-                                     ``filepath`` + ``title`` rows, one per caption (retrieval: repeat
-                                     the filepath for several captions of one image)
-``*.tar``, ``data/{0..9}.tar``       WebDataset shards: an image member plus ``cls`` (an integer label)
-                                     or ``txt`` (captions, one per line) or ``json`` (``caption``: a
-                                     string or a list)
-a CLIP_benchmark ``wds`` folder      ``{split}/nshards.txt``, ``{split}/0.tar ...``, ``classnames.txt``,
-                                     ``zeroshot_classification_templates.txt`` (``clip_benchmark_export_wds``)
-===================================  ===================================================================
-"""
+``mmlm zeroshot``, ``retrieval_data`` for ``mmlm eval-retrieval``. The kinds of ``spec``
+are those of ``mmlm.data.sources``."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import webdataset as wds
 from torch.utils.data import Dataset, IterableDataset, get_worker_info
 
 from mmlm.data.collators import ImageClassificationCollator
 from mmlm.data.digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, digits_image_text
 from mmlm.data.image_datasets import ImageClassificationDataset, ImageTextDataset
 from mmlm.data.skips import (
-    BAD_LABEL,
-    BROKEN_SHARD,
     MISSING_FIELD,
     SKIPPED,
     Skip,
@@ -42,7 +25,9 @@ from mmlm.data.skips import (
     load_image,
     split_skips,
 )
-from mmlm.data.webdataset import IMAGE_EXTS, expand_urls
+from mmlm.data.sources import DIGITS, find_shards, is_digits, metadata
+from mmlm.data.webdataset import IMAGE_EXTS, expand_urls, shard_captions, shard_label, shard_samples
+from mmlm.paths import resolve
 
 
 @dataclass
@@ -123,56 +108,23 @@ class EvalShards(IterableDataset):
         info = get_worker_info()
         urls = self.urls if info is None else self.urls[info.id :: info.num_workers]
         for url in urls:
-            yield from self._samples(url)
+            for raw in shard_samples(url):
+                yield self._decode(raw, url)
 
-    def _samples(self, url: str) -> Iterator[dict[str, Any] | Skip]:
-        errors: list[Exception] = []
-
-        def handler(exn: Exception) -> bool:
-            errors.append(exn)
-            return True  # keep going: what was read before the error is still good
-
-        for raw in wds.tarfile_samples([{"url": url}], handler=handler):
-            yield self._decode(raw, url)
-        if errors:
-            yield Skip(BROKEN_SHARD, url, f"{type(errors[0]).__name__}: {errors[0]}")
-
-    def _decode(self, raw: dict[str, Any], url: str) -> dict[str, Any] | Skip:
+    def _decode(self, raw: dict[str, Any] | Skip, url: str) -> dict[str, Any] | Skip:
+        if isinstance(raw, Skip):
+            return raw
         name = f"{url}:{raw.get('__key__', '?')}"
         ext = next((e for e in IMAGE_EXTS if e in raw), None)
         if ext is None:
             return Skip(MISSING_FIELD, name, "no image member")
-        item: dict[str, Any] = {}
-        if self.target == "label":
-            try:
-                item["label"] = int(raw["cls"])
-            except (KeyError, ValueError) as e:
-                return Skip(BAD_LABEL, name, f"cls: {e!r}")
-        else:
-            captions = self._captions(raw, name)
-            if isinstance(captions, Skip):
-                return captions
-            item["captions"] = captions
+        target = shard_label(raw, name) if self.target == "label" else shard_captions(raw, name, self.caption_key)
+        if isinstance(target, Skip):
+            return target
         image = load_image(raw[ext], f"{name}.{ext}")
         if isinstance(image, Skip):
             return image
-        item["image"] = self.transform(image) if self.transform else image
-        return item
-
-    def _captions(self, raw: dict[str, Any], name: str) -> list[str] | Skip:
-        if "txt" in raw:
-            text = check_text(raw["txt"], name)
-            candidates: Any = text.splitlines() if isinstance(text, str) else []
-        elif "json" in raw:
-            try:
-                candidates = json.loads(raw["json"]).get(self.caption_key)
-            except (ValueError, AttributeError) as e:
-                return Skip(MISSING_FIELD, name, f"json: {e}")
-            candidates = candidates if isinstance(candidates, list) else [candidates]
-        else:
-            return Skip(MISSING_FIELD, name, "no txt or json member")
-        captions = [c for c in (check_text(c, name) for c in candidates) if not isinstance(c, Skip)]
-        return captions or Skip(MISSING_FIELD, name, "no usable caption")
+        return {"image": self.transform(image) if self.transform else image, self.target: target}
 
 
 class _Mapped(Dataset):
@@ -188,31 +140,6 @@ class _Mapped(Dataset):
 
 def _one_caption(sample: dict[str, Any]) -> dict[str, Any]:
     return {"image": sample["image"], "captions": [sample["text"]]}
-
-
-def find_shards(spec: str | Path, split: str = "test") -> tuple[list[str], Path] | None:
-    """(shard urls, folder of the metadata files) when ``spec`` names WebDataset shards, else None."""
-    text = str(spec)
-    path = Path(text)
-    if path.is_dir():
-        nshards = path / split / "nshards.txt"
-        if nshards.is_file():  # CLIP_benchmark's layout
-            n = int(nshards.read_text().strip())
-            return [str(path / split / f"{i}.tar") for i in range(n)], path
-        tars = sorted(str(p) for p in path.glob("*.tar"))
-        return (tars, path) if tars else None
-    if ".tar" in text:
-        urls = expand_urls(text)
-        return urls, Path(urls[0]).parent
-    return None
-
-
-def _metadata(folder: Path, name: str) -> list[str] | None:
-    """Lines of ``name`` in ``folder`` or its parent (a split folder's dataset root)."""
-    for f in (folder / name, folder.parent / name):
-        if f.is_file():
-            return [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return None
 
 
 def _display_names(found: list[str], given: Sequence[str] | None, source: str) -> list[str]:
@@ -239,17 +166,17 @@ def classification_data(
     """
     text = str(spec)
     collate = ImageClassificationCollator()
-    if text == "digits":
+    if is_digits(spec):
         ds = digits_image_text(split, transform=transform)  # type: ignore[arg-type]
-        names = _display_names(list(DIGIT_CLASSNAMES), classnames, "digits")
+        names = _display_names(list(DIGIT_CLASSNAMES), classnames, DIGITS)
         return EvalData(ds, collate, names, list(DIGIT_TEMPLATES))
     shards = find_shards(spec, split)
     if shards is not None:
         urls, meta = shards
-        names = list(classnames) if classnames is not None else _metadata(meta, "classnames.txt")
+        names = list(classnames) if classnames is not None else metadata(meta, "classnames.txt")
         return EvalData(EvalShards(urls, transform, "label"), collate, names,
-                        _metadata(meta, "zeroshot_classification_templates.txt"))  # fmt: skip
-    path = Path(text)
+                        metadata(meta, "zeroshot_classification_templates.txt"))  # fmt: skip
+    path = resolve(text)
     if path.is_dir():
         ds = ImageClassificationDataset(path, transform)
         return EvalData(ds, collate, _display_names(ds.classes, classnames, str(path)))
@@ -277,12 +204,12 @@ def retrieval_data(
     ``caption_key``: the manifest column (default ``title``) or the shard json field (default ``caption``).
     """
     text = str(spec)
-    if text == "digits":
+    if is_digits(spec):
         digits = digits_image_text(split, transform=transform)  # type: ignore[arg-type]
         return EvalData(_Mapped(digits, _one_caption), collate_image_captions)
     shards = find_shards(spec, split)
     if shards is not None:
         return EvalData(EvalShards(shards[0], transform, "captions", caption_key or "caption"), collate_image_captions)
-    if Path(text).is_file():
-        return EvalData(ImageCaptions(text, transform, image_key, caption_key or "title"), collate_image_captions)
+    if resolve(text).is_file():
+        return EvalData(ImageCaptions(resolve(text), transform, image_key, caption_key or "title"), collate_image_captions)
     raise FileNotFoundError(f"dataset {text!r}: not 'digits', a manifest file or WebDataset shards")

@@ -35,6 +35,9 @@ class ImageTextDataset(Dataset):
             item per image with one of its captions drawn each time (training on
             multi-caption sets such as COCO).
         separator: CSV field separator; default ``,`` for .csv and tab for .tsv.
+        label_key: column with the image's class label (name or integer); items then carry
+            ``label``, for zero-shot validation. An image without a known label is skipped.
+        classes: class names in label order; default: as ``ImageClassificationDataset`` finds them.
     """
 
     def __init__(
@@ -46,9 +49,11 @@ class ImageTextDataset(Dataset):
         root: str | Path | None = None,
         captions: Literal["all", "random"] = "all",
         separator: str | None = None,
+        label_key: str | None = None,
+        classes: Sequence[str] | None = None,
     ) -> None:
         rows = read_manifest(manifest, separator)
-        require_columns(rows, [image_key, caption_key], manifest)
+        require_columns(rows, [image_key, caption_key] + ([label_key] if label_key else []), manifest)
         root = Path(root) if root is not None else Path(manifest).parent
         self.transform = transform
         self.captions = captions
@@ -65,6 +70,13 @@ class ImageTextDataset(Dataset):
             caps = row.get(caption_key)
             self.texts[index[path]].extend(caps if isinstance(caps, list) else [caps])
         self.pairs = [(i, j) for i, caps in enumerate(self.texts) for j in range(len(caps))]
+        self.labels: list[int | None] | None = None
+        if label_key is not None:  # one label per image: that of its first row
+            first = {}
+            for row in rows:
+                rel = row.get(image_key)
+                first.setdefault(str(root / rel) if isinstance(rel, str) and rel else None, row.get(label_key))
+            self.classes, self.labels = label_indices([first.get(path) for path in self.images], classes)
 
     def __len__(self) -> int:
         return len(self.pairs) if self.captions == "all" else len(self.images)
@@ -79,12 +91,16 @@ class ImageTextDataset(Dataset):
         text = check_text(self.texts[image_id][j], f"{path} caption {j}")
         if isinstance(text, Skip):
             return text
+        label = self.labels[image_id] if self.labels is not None else None
+        if self.labels is not None and label is None:
+            return Skip(BAD_LABEL, path, "label not among the classes")
         image = load_image(path)
         if isinstance(image, Skip):
             return image
         if self.transform is not None:
             image = self.transform(image)
-        return {"image": image, "text": text, "image_id": image_id}
+        item = {"image": image, "text": text, "image_id": image_id}
+        return item if label is None else {**item, "label": label}
 
 
 class ImageClassificationDataset(Dataset):

@@ -27,7 +27,7 @@ from tokenizers import Encoding, Regex, decoders, models, normalizers, pre_token
 from tokenizers import Tokenizer as Backend
 
 from mmlm.config import PRESETS
-from mmlm.paths import ASSETS, resolve
+from mmlm.paths import resolve
 
 ROLES = ("pad", "unk", "cls", "sep", "mask", "bos", "eos")
 CLIP_NAMES = ("clip", "clip-bpe", "openai-clip")
@@ -254,9 +254,7 @@ def get_tokenizer(name_or_path: str | Path, context_length: int | None = None) -
     name = str(name_or_path)
     if name.lower() in CLIP_NAMES or _is_clip_preset(name):
         return clip_tokenizer(context_length or 77)
-    path = resolve(name)
-    if not path.exists() and not path.is_absolute() and (ASSETS.parent / path).exists():
-        path = ASSETS.parent / path  # "assets/tokenizer" from any working directory
+    path = resolve(name)  # also "assets/tokenizer", the bundled one, from any working directory
     if path.is_file() and path.suffix == ".json":
         backend = Backend.from_file(str(path))
         return Tokenizer(backend, context_length, _guess_specials(backend))

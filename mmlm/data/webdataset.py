@@ -1,9 +1,12 @@
 """Image-text WebDataset shards, split by rank and worker, optionally resampled.
 
 A shard is a ``.tar`` whose members share a key per sample: ``KEY.jpg|png|webp``
-plus ``KEY.txt`` (the caption) or ``KEY.json`` (a ``caption_key`` field, a string
-or a list of captions). Reading and grouping tar members is webdataset's;
-this module decides which worker reads which shard, and how long an epoch is.
+plus ``KEY.txt`` (captions, one per line) or ``KEY.json`` (a ``caption_key`` field, a
+string or a list of captions), and optionally ``KEY.cls`` (an integer class label).
+Reading and grouping tar members is webdataset's; ``shard_samples`` and
+``shard_captions`` are how every mmlm shard reader (training here, evaluation in
+``mmlm.data.eval_datasets``) reads them. ``ImageTextShards`` decides which worker reads
+which shard, and how long an epoch is.
 
 Two modes:
 
@@ -35,7 +38,7 @@ import braceexpand
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from mmlm.data.skips import BROKEN_SHARD, MISSING_FIELD, SKIPPED, Skip, check_text, load_image
+from mmlm.data.skips import BAD_LABEL, BROKEN_SHARD, MISSING_FIELD, SKIPPED, Skip, check_text, load_image
 from mmlm.distributed import world
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -46,6 +49,49 @@ def expand_urls(urls: str | Sequence[str]) -> list[str]:
     if isinstance(urls, str):
         urls = urls.split("::")
     return [u for pattern in urls for u in braceexpand.braceexpand(pattern)]
+
+
+def shard_samples(url: str) -> Iterator[dict[str, Any] | Skip]:
+    """The samples of one shard as webdataset groups them (member extension -> bytes, plus
+    ``__key__``), then one Skip if the shard broke off: what was read before the error is kept."""
+    errors: list[Exception] = []
+
+    def handler(exn: Exception) -> bool:
+        errors.append(exn)
+        return True
+
+    yield from wds.tarfile_samples([{"url": url}], handler=handler)
+    if errors:
+        yield Skip(BROKEN_SHARD, url, f"{type(errors[0]).__name__}: {errors[0]}")
+
+
+def shard_captions(raw: dict[str, Any], name: str, caption_key: str = "caption") -> list[str] | Skip:
+    """A sample's good captions: the lines of its ``txt`` member, or its ``json`` member's
+    ``caption_key`` (a string or a list); when none is usable, the first caption's Skip."""
+    if "txt" in raw:
+        text = check_text(raw["txt"], name)
+        if isinstance(text, Skip):
+            return text
+        candidates: Any = text.splitlines()
+    elif "json" in raw:
+        try:
+            candidates = json.loads(raw["json"]).get(caption_key)
+        except (ValueError, AttributeError) as e:
+            return Skip(MISSING_FIELD, name, f"json: {e}")
+        candidates = candidates if isinstance(candidates, list) else [candidates]
+    else:
+        return Skip(MISSING_FIELD, name, "no txt or json member")
+    checked = [check_text(c, name) for c in candidates]
+    captions = [c for c in checked if not isinstance(c, Skip)]
+    return captions or (checked[0] if checked else Skip(MISSING_FIELD, name, "no caption"))
+
+
+def shard_label(raw: dict[str, Any], name: str) -> int | Skip:
+    """The integer ``cls`` member (CLIP_benchmark's classification shards)."""
+    try:
+        return int(raw["cls"])
+    except (KeyError, ValueError) as e:
+        return Skip(BAD_LABEL, name, f"cls: {e!r}")
 
 
 def image_id_of(url: str, key: str) -> int:
@@ -151,46 +197,34 @@ class ImageTextShards(IterableDataset):
         # (and a worker left without a shard borrows its rank's): no rank runs short.
         yield from itertools.cycle(mine or order[self.rank :: self.world_size])
 
-    def _samples(self, url: str) -> Iterator[dict[str, Any] | Skip]:
-        errors: list[Exception] = []
-
-        def handler(exn: Exception) -> bool:
-            errors.append(exn)
-            return True  # keep going; what was read before the error is still good
-
-        for raw in wds.tarfile_samples([{"url": url}], handler=handler):
-            yield self._decode(raw, url)
-        if errors:
-            yield Skip(BROKEN_SHARD, url, f"{type(errors[0]).__name__}: {errors[0]}")
-
     def _decode(self, raw: dict[str, Any], url: str) -> dict[str, Any] | Skip:
         key = raw.get("__key__", "?")
         name = f"{url}:{key}"
         image_ext = next((e for e in IMAGE_EXTS if e in raw), None)
-        if image_ext is None or not ({"txt", "json"} & raw.keys()):
+        if image_ext is None:
             return Skip(MISSING_FIELD, name, f"members {sorted(k for k in raw if not k.startswith('__'))}")
-        if "txt" in raw:
-            caption: Any = raw["txt"]
-        else:
-            try:
-                caption = json.loads(raw["json"]).get(self.caption_key)
-            except (ValueError, AttributeError) as e:
-                return Skip(MISSING_FIELD, name, f"json: {e}")
-            if isinstance(caption, list) and caption:
-                caption = random.choice(caption)
-        text = check_text(caption, name)
-        if isinstance(text, Skip):
-            return text
+        captions = shard_captions(raw, name, self.caption_key)
+        if isinstance(captions, Skip):
+            return captions
+        label = shard_label(raw, name) if "cls" in raw else None
+        if isinstance(label, Skip):
+            return label
         image = load_image(raw[image_ext], f"{name}.{image_ext}")
         if isinstance(image, Skip):
             return image
         if self.transform is not None:
             image = self.transform(image)
-        return {"image": image, "text": text, "image_id": image_id_of(url, key), "key": name}
+        text = captions[0] if len(captions) == 1 else random.choice(captions)
+        item = {"image": image, "text": text, "image_id": image_id_of(url, key), "key": name}
+        return item if label is None else {**item, "label": label}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        samples: Iterator[Any] = (s for url in self._worker_shards() for s in self._samples(url))
+        samples: Iterator[Any] = (
+            self._decode(raw, url) if isinstance(raw, dict) else raw
+            for url in self._worker_shards()
+            for raw in shard_samples(url)
+        )
         if self.shuffle and self.shuffle_buffer > 1:
             rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{info.id if info else 0}")
             samples = wds.shuffle(self.shuffle_buffer, min(100, self.shuffle_buffer), rng=rng)(samples)

@@ -17,12 +17,12 @@ from mmlm.data import (
     TokenClassificationDataModule,
 )
 from mmlm.data.text_datasets import extract_answers, read_conll
+from mmlm.paths import ASSETS
 from mmlm.pretrained import convert
 from mmlm.tasks import ImageClassification, QuestionAnswering, TextClassification, TokenClassification
 
-ROOT = Path(__file__).resolve().parents[2]
-DATA = ROOT / "assets" / "finetune"
-TOKENIZER = str(ROOT / "assets" / "tokenizer")
+DATA = ASSETS / "finetune"
+TOKENIZER = str(ASSETS / "tokenizer")
 BERT = {"model": "bert-tiny", "model_overrides": {"vocab_size": 4016, "context_length": 128}}
 TEXT_DATA = {"tokenizer": TOKENIZER, "max_length": 128, "num_workers": 0}
 

@@ -51,7 +51,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, digit_pngs):
     loader = data.loader(batch_size=8)
     batches = list(loader)
     assert [c for b in batches for c in b["captions"]] == [["a handwritten 0.", "the digit zero."]]
-    assert loader.stats.history[-1] == {"corrupt_image": 1, "missing_field": 1}
+    assert loader.stats.history[-1] == {"corrupt_image": 1, "empty_text": 1}  # a blank txt is an empty caption
 
 
 def test_manifest_groups_captions_by_image(tmp_path, digit_pngs):

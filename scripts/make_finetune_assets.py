@@ -1,6 +1,6 @@
-"""Rebuild the small NLP fine-tuning sets in ``assets/finetune/`` from CPython's pydoc topics.
+"""Rebuild the small NLP fine-tuning sets in ``mmlm/assets/finetune/`` from CPython's pydoc topics.
 
-    python assets/make_finetune_assets.py
+    python scripts/make_finetune_assets.py
 
 Standard library only; the source is ``pydoc_data.topics`` (the Language Reference
 text shown by ``help()``), so the output depends on the Python version (built with
@@ -28,7 +28,7 @@ import json
 import re
 from pathlib import Path
 
-OUT = Path(__file__).resolve().parent / "finetune"
+OUT = Path(__file__).resolve().parent.parent / "mmlm" / "assets" / "finetune"
 
 LABELS: dict[str, list[str]] = {
     "statement": [

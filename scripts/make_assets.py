@@ -1,6 +1,6 @@
-"""Rebuild the sample data in this folder from sources installed with Python packages.
+"""Rebuild the sample data in ``mmlm/assets/`` from sources installed with Python packages.
 
-    python assets/make_assets.py
+    python scripts/make_assets.py
 
 - images/*.jpg + captions.csv: scikit-image's bundled photographs (only those whose
   licence is CC0 or public domain, see ATTRIBUTION.md), re-encoded as JPEG with the
@@ -14,16 +14,13 @@ from __future__ import annotations
 
 import csv
 import re
-import sys
 from pathlib import Path
 
 from PIL import Image
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-
-from mmlm.data.text_datasets import split_sentences  # noqa: E402
-from mmlm.data.tokenizers import train_tokenizer  # noqa: E402
+from mmlm.data.text_datasets import split_sentences
+from mmlm.data.tokenizers import train_tokenizer
+from mmlm.paths import ASSETS as HERE
 
 # output name: (skimage file, crop box or None, captions)
 IMAGES: dict[str, tuple[str, tuple[int, int, int, int] | None, list[str]]] = {
