@@ -138,8 +138,8 @@ def make_images(skimage_data: Path) -> None:
         writer.writerows(rows)
 
 
-def prose_paragraphs(text: str) -> list[str]:
-    """Unindented, non-heading paragraphs of a pydoc topic, each joined into one line."""
+def prose_paragraphs(text: str, min_chars: int = 120) -> list[str]:
+    """Unindented, non-heading paragraphs of a pydoc topic of at least ``min_chars``, each joined into one line."""
     out = []
     for block in re.split(r"\n\s*\n", text):
         lines = block.splitlines()
@@ -148,7 +148,7 @@ def prose_paragraphs(text: str) -> list[str]:
         if len(lines) > 1 and re.fullmatch(r"[*=\-^~]+", lines[1].strip()):
             continue  # a heading
         para = " ".join(line.strip() for line in lines)
-        if len(para) >= 120 and "::=" not in para and ">>>" not in para:
+        if len(para) >= min_chars and "::=" not in para and ">>>" not in para:
             out.append(para)
     return out
 

@@ -28,6 +28,8 @@ import json
 import re
 from pathlib import Path
 
+from make_assets import prose_paragraphs  # this folder is on sys.path when run as a script
+
 OUT = Path(__file__).resolve().parent.parent / "mmlm" / "assets" / "finetune"
 
 LABELS: dict[str, list[str]] = {
@@ -65,21 +67,6 @@ def split_sentences(text: str) -> list[str]:
     return [s for s in (p.strip() for p in _SENTENCE_END.split(text)) if s]
 
 
-def prose_paragraphs(text: str) -> list[str]:
-    """Unindented, non-heading paragraphs of a pydoc topic, each joined into one line."""
-    out = []
-    for block in re.split(r"\n\s*\n", text):
-        lines = block.splitlines()
-        if not lines or lines[0].startswith((" ", "*", "-", "+", "|", "[")):
-            continue  # code, grammar, lists, tables, footnotes
-        if len(lines) > 1 and re.fullmatch(r"[*=\-^~]+", lines[1].strip()):
-            continue  # a heading
-        para = " ".join(line.strip() for line in lines)
-        if len(para) >= 80 and "::=" not in para and ">>>" not in para:
-            out.append(para)
-    return out
-
-
 def key(name: str) -> str:
     return hashlib.md5(name.encode()).hexdigest()
 
@@ -95,7 +82,7 @@ def load() -> dict[str, dict[str, list[str]]]:
     names = sorted((n for ns in LABELS.values() for n in ns), key=lambda n: (len(topics[n]), n))
     for name in names:
         kept = []
-        for p in prose_paragraphs(topics[name]):
+        for p in prose_paragraphs(topics[name], min_chars=80):
             if p not in seen:
                 seen.add(p)
                 kept.append(p)
