@@ -5,6 +5,7 @@
     mmlm tokenizer train FILE [FILE ...] --vocab_size N --out DIR
     mmlm zeroshot MODEL --dataset DATA             zero-shot classification, CLIP_benchmark JSON + confusion PNG
     mmlm eval-retrieval MODEL --dataset DATA       image<->text recall@k in bounded memory
+    mmlm clip-benchmark eval --model_type mmlm ... CLIP_benchmark's own command line, with mmlm's models registered
     mmlm demo                                      encode the bundled images and captions, print similarities
     mmlm presets                                   list the model presets
 
@@ -269,6 +270,7 @@ def eval_retrieval(
 
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+CLIP_BENCHMARK = "clip-benchmark"  # its arguments go to CLIP_benchmark's own parser untouched
 
 
 def lightning_cli(args: list[str] | None = None, run: bool = True):
@@ -309,6 +311,8 @@ def build_parser() -> ArgumentParser:
     for name in LIGHTNING_COMMANDS:
         text = f"Lightning {name}: task, data and trainer from --config FILE (`mmlm {name} --help` lists the options)"
         subcommands.add_subcommand(name, ArgumentParser(description=text), help=text)
+    text = "CLIP_benchmark's command line (`clip_benchmark eval ...`) with model_type `mmlm` registered"
+    subcommands.add_subcommand(CLIP_BENCHMARK, ArgumentParser(description=text), help=text)
     _add_commands(subcommands, COMMANDS)
     return parser
 
@@ -405,6 +409,10 @@ def _command_words(args: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == [CLIP_BENCHMARK]:
+        from mmlm.eval.clip_benchmark import cli
+
+        raise SystemExit(cli(args[1:]))
     cut = args.index("--") if "--" in args else len(args)
     debug = DEBUG_FLAG in args[:cut] or os.environ.get("MMLM_DEBUG", "0") not in ("", "0")
     args = underscore_options([a for a in args[:cut] if a != DEBUG_FLAG] + args[cut:])

@@ -2,15 +2,15 @@
 
 CLIP_benchmark plugs a model in as a loader returning ``(model, transform, tokenizer)``,
 where ``tokenizer(texts)`` gives a tensor of ids and ``model.encode_text(ids)`` takes
-it alone. ``load_clip_benchmark`` is such a loader for every model mmlm reads::
+it alone. ``load_clip_benchmark`` is such a loader for every model mmlm reads, and ``cli`` is
+CLIP_benchmark's own command line with it registered as model type ``mmlm``::
 
-    import mmlm.eval.clip_benchmark, clip_benchmark.cli
-    mmlm.eval.clip_benchmark.register_clip_benchmark()  # model_type "mmlm"
-    clip_benchmark.cli.main()  # eval --model_type mmlm --model /path/to/checkpoint --dataset ...
+    mmlm clip-benchmark eval --model_type mmlm --model CHECKPOINT --dataset wds/NAME --dataset_root DIR --output result.json
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 
 import torch
@@ -19,6 +19,9 @@ from torch import nn
 from mmlm.data.tokenizers import Tokenizer
 from mmlm.data.transforms import image_transform
 from mmlm.eval.results import load_model, model_tokenizer
+
+# CLIP_benchmark's default --pretrained: an OpenCLIP weights tag, so `--model PATH` alone names the checkpoint
+DEFAULT_PRETRAINED = "laion400m_e32"
 
 
 class BenchmarkTokenizer:
@@ -78,14 +81,15 @@ def load_clip_benchmark(
     """CLIP_benchmark's loader: ``(model, transform, tokenizer)`` for any model mmlm reads.
 
     Args:
-        model_name: a checkpoint path (when ``pretrained`` is empty) or a preset name.
-        pretrained: a checkpoint path (anything ``mmlm.load_pretrained`` reads); empty to use ``model_name``.
+        model_name: a checkpoint path or a preset name, used unless ``pretrained`` names the checkpoint.
+        pretrained: a checkpoint path (anything ``mmlm.load_pretrained`` reads); empty, or CLIP_benchmark's
+            default OpenCLIP tag, to use ``model_name``.
         cache_dir: unused (nothing is downloaded).
         device: where the model lives.
         act: MLP activation of an OpenAI / OpenCLIP state dict when it cannot be detected.
         tokenizer: a tokenizer folder, when the checkpoint has none and is not a CLIP BPE model.
     """
-    spec = pretrained or model_name
+    spec = model_name if pretrained in (None, "", DEFAULT_PRETRAINED) else pretrained
     model = load_model(spec, act, device)
     tok = model_tokenizer(model, tokenizer, spec)
     transform = image_transform(model.cfg.vision, train=False)
@@ -99,3 +103,35 @@ def register_clip_benchmark(name: str = "mmlm") -> None:
     models.TYPE2FUNC[name] = load_clip_benchmark
     if name not in models.MODEL_TYPES:
         models.MODEL_TYPES.append(name)  # the CLI reads this list (by reference) for its choices
+
+
+def _accuracy(output: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] = (1,)) -> list[float]:
+    """CLIP_benchmark 1.6.2's ``accuracy`` line for line, ending in ``.item()``: its ``float()`` of a
+    one-element 1-d array raises on numpy >= 2.4 (LAION-AI/CLIP_benchmark#147)."""
+    pred = output.topk(max(topk), 1, True, True)[1].t()
+    correct = pred.eq(target.view(1, -1).expand_as(pred))
+    return [correct[:k].reshape(-1).float().sum(0).item() / len(target) for k in topk]
+
+
+def cli(argv: list[str]) -> int:
+    """Run CLIP_benchmark's command line on ``argv`` with model type ``mmlm`` registered; its exit code.
+
+    Zero-shot classification on numpy >= 2.4 gets the working ``accuracy`` above; everything else is
+    CLIP_benchmark's own code, so its flags, datasets and result JSON are unchanged.
+    """
+    from clip_benchmark import cli as benchmark_cli
+    from clip_benchmark.metrics import zeroshot_classification
+
+    register_clip_benchmark()
+    try:
+        zeroshot_classification.accuracy(torch.eye(2), torch.arange(2))
+    except TypeError:
+        zeroshot_classification.accuracy = _accuracy
+    saved, sys.argv = sys.argv, ["clip_benchmark", *argv]  # its parser reads sys.argv
+    try:
+        benchmark_cli.main()
+    except SystemExit as e:  # argparse: --help, a bad flag
+        return e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = saved
+    return 0
