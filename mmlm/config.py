@@ -59,10 +59,14 @@ class TextConfig(TransformerConfig):
     type_vocab_size: int = 0  # BERT token types (segments); 0 = none
     embed_norm: bool = False  # LayerNorm right after the embeddings (BERT)
     final_norm: bool = True  # LayerNorm after the last block (pre-LN models)
-    pool: Literal["cls", "eot", "mean", "last"] = "eot"
+    pool: Literal["cls", "eot", "mean", "max", "last"] = "eot"
     pad_token_id: int = 0
     eot_token_id: int | None = 49407  # pooled token for pool="eot"
     mask_token_id: int | None = None  # [MASK] for MLM, when the vocabulary has one
+    # what a sentence encoder adds (sentence-transformers' Transformer and Normalize modules):
+    normalize: bool = False  # forward() L2-normalises the pooled output
+    max_seq_length: int | None = None  # encode() truncates texts to this many tokens; None = context_length
+    do_lower_case: bool = False  # encode() lower-cases texts before tokenising
     init: Init = "clip"  # like every default above, that of CLIP's text tower
 
     @property

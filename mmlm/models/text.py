@@ -1,19 +1,27 @@
 """TextEncoder: token (+ position, + type) embeddings -> shared Blocks -> pooling.
 
 One class covers the CLIP text tower (causal, pooled at end-of-text), GPT-2 (causal,
-last token) and BERT / MiniLM (bidirectional, post-LN, token types, cls or mean).
+last token) and BERT / MiniLM (bidirectional, post-LN, token types, cls, mean or max),
+and, with ``normalize`` / ``max_seq_length`` / ``do_lower_case``, a sentence-transformers
+model: ``encode(texts, tokenizer)`` gives what its ``encode`` gives.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mmlm.config import TextConfig
 from mmlm.layers import Transformer, build_attn_mask
 from mmlm.models.init import init_weights
+
+if TYPE_CHECKING:
+    from mmlm.data.tokenizers import Tokenizer
 
 
 def sinusoidal_positions(length: int, width: int) -> torch.Tensor:
@@ -157,6 +165,10 @@ class TextEncoder(nn.Module):
                 return x.mean(1)
             m = attention_mask.to(x.dtype)[..., None]
             return (x * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        if kind == "max":
+            if attention_mask is None:
+                return x.amax(1)
+            return x.masked_fill(attention_mask[..., None] == 0, float("-inf")).amax(1)
         if kind == "eot":
             # first end-of-text token (OpenAI's argmax(ids) finds the same one: eot is the largest id)
             idx = (input_ids == self.cfg.eot_token_id).int().argmax(-1)
@@ -173,10 +185,40 @@ class TextEncoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Pooled text features, (B, width)."""
+        """Pooled text features, (B, width); unit vectors when ``cfg.normalize``."""
         input_ids, attention_mask, token_type_ids = self.trim(input_ids, attention_mask, token_type_ids)
         x = self.forward_features(input_ids, attention_mask, token_type_ids)
-        return self.pool(x, input_ids, attention_mask)
+        x = self.pool(x, input_ids, attention_mask)
+        return F.normalize(x, dim=-1) if self.cfg.normalize else x
+
+    @torch.no_grad()
+    def encode(self, texts: str | Sequence[str], tokenizer: Tokenizer, batch_size: int = 32) -> torch.Tensor:
+        """Embed raw texts as ``SentenceTransformer.encode`` does: (N, width) float on the CPU, (width,) for one string.
+
+        Texts are lower-cased if ``cfg.do_lower_case``, truncated to ``cfg.max_seq_length`` tokens
+        (default ``context_length``), and run in eval mode, longest first so that a batch pads little.
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        single = isinstance(texts, str)
+        texts = [texts] if single else list(texts)
+        if self.cfg.do_lower_case:
+            texts = [t.lower() for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        length = self.cfg.max_seq_length or self.cfg.context_length
+        device = self.token_embed.weight.device
+        was_training = self.training
+        self.eval()
+        try:
+            out = torch.empty(len(texts), self.cfg.width)
+            for start in range(0, len(texts), batch_size):
+                rows = order[start : start + batch_size]
+                batch = tokenizer([texts[i] for i in rows], context_length=length)
+                args = [batch.get(k) for k in ("input_ids", "attention_mask", "token_type_ids")]
+                out[rows] = self(*(None if a is None else a.to(device) for a in args)).float().cpu()
+        finally:
+            self.train(was_training)
+        return out[0] if single else out
 
     def trim(
         self,

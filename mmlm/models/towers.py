@@ -109,6 +109,8 @@ def clip_with_tower(clip: CLIP, modality: str, new: Tower) -> CLIP:
     _check_modality(modality)
     image = vit_with_classes(new, 0) if modality == "image" else clip_tower(clip, "image")
     text = new if modality == "text" else clip_tower(clip, "text")
+    if text.cfg.normalize:  # a sentence encoder's unit vectors: the CLIP projects the raw pooled features
+        text.cfg = dataclasses.replace(text.cfg, normalize=False)
     cfg = dataclasses.replace(clip.cfg, vision=image.cfg, text=text.cfg, share="none", share_layers=None)
     model = CLIP(cfg)
     model.visual, model.text = image, text
