@@ -304,11 +304,14 @@ def _special_ids(folder: Path) -> dict[str, int] | None:
 
 def _hf_bert(folder: Path, with_heads: bool, act: Activation | None, pool: Literal["cls", "mean"] = "cls") -> Loaded:
     sd = read_folder_weights(folder)
-    text = hf_bert.config_from_hf(_json(folder / "config.json") or {}, _special_ids(folder), pool=pool)
-    heads = hf_bert.heads_in(hf_bert.canonical(sd)) if with_heads else ()
+    hf = _json(folder / "config.json") or {}
+    text = hf_bert.config_from_hf(hf, _special_ids(folder), pool=pool)
+    heads = hf_bert.heads_in(hf_bert.canonical(sd), hf.get("architectures") or ()) if with_heads else ()
     if not heads:
         return text, lambda cfg: hf_bert.hf_bert_to_mmlm(sd, cfg)
-    return TextWithHeadsConfig(text=text, heads=heads), lambda cfg: hf_bert.hf_bert_to_mmlm(sd, cfg.text, cfg.heads)
+    labels = hf_bert.labels_from_hf(hf) if {"classifier", "token_classifier"} & set(heads) else {}
+    cfg = TextWithHeadsConfig(text=text, heads=heads, **labels)
+    return cfg, lambda cfg: hf_bert.hf_bert_to_mmlm(sd, cfg.text, cfg.heads)
 
 
 def _hf_gpt2(folder: Path, with_heads: bool, act: Activation | None) -> Loaded:
@@ -330,32 +333,63 @@ def _hf_vit(folder: Path, with_heads: bool, act: Activation | None) -> Loaded:
     return cfg, lambda cfg: hf_vit.hf_vit_to_mmlm(sd, cfg)
 
 
-def _sentence_transformers(folder: Path, with_heads: bool, act: Activation | None) -> Loaded:
-    """A BERT sentence encoder; its Pooling module becomes the TextEncoder's ``pool``.
+# sentence-transformers pooling mode -> TextConfig.pool; the legacy flags of 1_Pooling/config.json in the
+# order sentence-transformers concatenates them
+ST_POOLING = {"cls": "cls", "mean": "mean", "max": "max", "lasttoken": "last"}
+ST_POOLING_FLAGS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
 
-    A trailing ``Normalize`` module is not part of the model: compare embeddings by cosine,
-    or ``F.normalize`` them, as sentence-transformers does.
-    """
+
+def _sentence_transformers(folder: Path, with_heads: bool, act: Activation | None) -> Loaded:
+    """A BERT sentence encoder with what its modules do: Pooling -> ``pool``, Normalize -> ``normalize``,
+    the Transformer's token limit and lower-casing -> ``max_seq_length`` / ``do_lower_case`` (read by ``encode``)."""
     modules = checkpoint.read_json(folder / "modules.json")
-    kinds = {m["type"].rsplit(".", 1)[-1]: folder / m.get("path", "") for m in modules}
-    unsupported = set(kinds) - {"Transformer", "Pooling", "Normalize"}
-    if unsupported or "Transformer" not in kinds:
+    kinds = [m["type"].rsplit(".", 1)[-1] for m in modules]
+    if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
         raise ConversionError(
-            f"{folder}: sentence-transformers modules {sorted(unsupported) or 'without a Transformer'} are not supported"
+            f"{folder}: sentence-transformers modules {kinds}; mmlm reads Transformer -> Pooling (-> Normalize)"
         )
-    pooling = _json(kinds["Pooling"] / "config.json") if "Pooling" in kinds else {"pooling_mode_cls_token": True}
-    modes = {"pooling_mode_mean_tokens": "mean", "pooling_mode_cls_token": "cls"}
-    chosen = [k for k, on in (pooling or {}).items() if k.startswith("pooling_mode") and on]
-    if len(chosen) != 1 or chosen[0] not in modes:
-        raise ConversionError(f"{folder}: pooling {chosen} is not supported (one of {sorted(modes)})")
-    inner = kinds["Transformer"]
+    inner = folder / modules[0].get("path", "")
     model_type = (_json(inner / "config.json") or {}).get("model_type")
     if model_type != "bert":
         raise ConversionError(
             f"{folder}: a sentence-transformers model on {model_type!r}; only BERT models are supported"
         )
     # sentence-transformers never uses BERT's pooler: leave it out on purpose
-    return _hf_bert(inner, with_heads=False, act=act, pool=modes[chosen[0]])  # type: ignore[arg-type]
+    text, convert = _hf_bert(inner, with_heads=False, act=act)
+    # where sentence-transformers takes its token limit from: the Transformer module's tokenizer arguments or
+    # max_seq_length, else the tokenizer's model_max_length capped at the position embeddings
+    sbert = _json(inner / "sentence_bert_config.json") or {}
+    kwargs = sbert.get("processor_kwargs") or sbert.get("tokenizer_args") or {}
+    length = kwargs.get("model_max_length", sbert.get("max_seq_length"))
+    if length is None:
+        length = (_json(inner / "tokenizer_config.json") or {}).get("model_max_length", text.context_length)
+    length = min(int(length), text.context_length)
+    text = update(
+        text,
+        pool=_st_pooling(folder, folder / modules[1].get("path", "")),
+        normalize=len(kinds) == 3,
+        max_seq_length=length if length < text.context_length else None,
+        do_lower_case=bool(sbert.get("do_lower_case", False)),
+    )
+    return text, convert
+
+
+def _st_pooling(folder: Path, pooling: Path) -> str:
+    """The one pooling mode of ``1_Pooling/config.json``, new (``pooling_mode``) or legacy (flags) layout."""
+    config = _json(pooling / "config.json") or {}
+    flags = [mode for key, mode in ST_POOLING_FLAGS.items() if config.get(key)]
+    modes = config.get("pooling_mode") or flags or "mean"  # sentence-transformers' default
+    modes = [modes] if isinstance(modes, str) else list(modes)
+    if len(modes) != 1 or modes[0] not in ST_POOLING:
+        raise ConversionError(f"{folder}: pooling {modes} is not supported (one of {sorted(ST_POOLING)})")
+    return ST_POOLING[modes[0]]
 
 
 def _timm(path: Path, with_heads: bool, act: Activation | None) -> Loaded:
@@ -382,27 +416,29 @@ def _timm(path: Path, with_heads: bool, act: Activation | None) -> Loaded:
 
 
 def _openclip(path: Path, with_heads: bool, act: Activation | None) -> Loaded:
+    """An OpenCLIP hub / local-dir folder (or a weights file, with open_clip_config.json beside it when there
+    is one): the config reads back from that json; a bare file's from its shapes."""
     if path.is_dir():
         sd = read_folder_weights(path, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
         oc_config = _json(path / "open_clip_config.json")
     else:
         sd = read_state_dict(path)
         oc_config = _json(path.parent / "open_clip_config.json")
-    if act is None:
-        act = _openclip_act(path, sd, oc_config)
-    cfg = openclip.config_from_state_dict(sd, act)
-    if oc_config is not None:  # the hub config knows the head counts the shapes cannot tell
-        model_cfg = oc_config.get("model_cfg", {})
-        vision_head_width = model_cfg.get("vision_cfg", {}).get("head_width", openclip.HEAD_WIDTH)
-        text_heads = model_cfg.get("text_cfg", {}).get("heads", cfg.text.heads)
-        cfg = update(cfg, **{"vision.heads": cfg.vision.width // vision_head_width, "text.heads": text_heads})
+    act = act or _openclip_act(path, sd, oc_config)
+    if oc_config is None:
+        cfg = openclip.config_from_state_dict(sd, act)
+    else:
+        cfg = openclip.config_from_openclip(oc_config, sd, act)
     return cfg, lambda cfg: openclip.openclip_to_mmlm(sd, cfg)
 
 
 def _openclip_act(path: Path, sd: Mapping[str, torch.Tensor], oc_config: dict[str, Any] | None) -> Activation:
-    """QuickGELU or GELU: nothing in the weights says, so look at everything around them."""
-    if oc_config is not None and "quick_gelu" in oc_config.get("model_cfg", {}):
-        return "quick_gelu" if oc_config["model_cfg"]["quick_gelu"] else "gelu"
+    """QuickGELU or GELU: nothing in the weights says, so look at everything around them.
+
+    A ``model_cfg`` is what open_clip builds the model from, so its ``quick_gelu`` (default False) decides.
+    """
+    if oc_config is not None and "model_cfg" in oc_config:
+        return "quick_gelu" if oc_config["model_cfg"].get("quick_gelu", False) else "gelu"
     if "quickgelu" in path.name.lower().replace("_", "").replace("-", ""):
         return "quick_gelu"
     if openclip.is_openai(sd):

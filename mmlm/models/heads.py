@@ -8,8 +8,9 @@ which safetensors requires (it refuses tensors that share memory).
 
     input_ids -> encoder.forward_features -> (B, T, W) -+-> mlm  -> (B, T, vocab)   tied + bias
                                                         +-> clm  -> (B, T, vocab)   tied
-                                                        +-> x[:, 0] -> pooler -> (B, W) -> nsp -> (B, 2)
-                                                        +-> encoder.pool -> classifier -> (B, labels)   logits
+                                                        +-> x[:, 0] -> pooler -> (B, W) -+-> nsp -> (B, 2)
+                                                        |                                +-> classifier -> logits
+                                                        +-> encoder.pool -> classifier -> (B, labels)   (no pooler)
                                                         +-> token_classifier -> (B, T, labels)          logits
                                                         +-> qa -> (B, T, 2)      start_logits, end_logits
 """
@@ -77,8 +78,9 @@ class TextWithHeads(nn.Module):
     ``nsp_logits``, ``clm_logits`` for the heads present; the fine-tuning heads are named as
     transformers names them: ``logits`` (B, num_labels) from ``classifier`` or (B, T, num_labels)
     from ``token_classifier``, ``start_logits`` / ``end_logits`` (B, T) from ``qa``.
-    The fine-tuning heads are plain ``nn.Linear``s; ``classifier`` reads the encoder's own
-    pooling (``TextConfig.pool``), not BERT's pooler.
+    The fine-tuning heads are plain ``nn.Linear``s. ``classifier`` reads BERT's pooler output when
+    the model has a ``pooler`` (as transformers' ``BertForSequenceClassification`` does), else the
+    encoder's own pooling (``TextConfig.pool``: GPT-2's last token, CLIP's end-of-text token).
     """
 
     def __init__(self, cfg: TextWithHeadsConfig):
@@ -121,7 +123,8 @@ class TextWithHeads(nn.Module):
         if self.clm is not None:
             out["clm_logits"] = self.clm(x, embedding)
         if self.classifier is not None:
-            out["logits"] = self.classifier(self.dropout(self.encoder.pool(x, input_ids, attention_mask)))
+            pooled = out["pooled"] if self.pooler is not None else self.encoder.pool(x, input_ids, attention_mask)
+            out["logits"] = self.classifier(self.dropout(pooled))
         if self.token_classifier is not None:
             out["logits"] = self.token_classifier(self.dropout(x))
         if self.qa is not None:

@@ -5,6 +5,7 @@ any task loads without the task (``mmlm.load_pretrained(run.ckpt)``):
 
     ImageClassification   VisionTransformer with num_classes        -> (B, classes)
     TextClassification    TextWithHeads, head "classifier"          -> logits (B, classes)
+                          (+ "pooler" on a BERT, as transformers has it)
     TokenClassification   TextWithHeads, head "token_classifier"    -> logits (B, T, tags)
     QuestionAnswering     TextWithHeads, head "qa"                  -> start_logits, end_logits (B, T)
 
@@ -29,7 +30,7 @@ from torch import nn
 
 from mmlm.data.collators import IGNORE
 from mmlm.data.text_datasets import Answers, extract_answers, merge_answers
-from mmlm.models import resolve, text_with_heads, vit_with_classes
+from mmlm.models import CLIP, resolve, text_with_heads, tower, vit_with_classes
 from mmlm.tasks.base import Task, adamw
 
 
@@ -150,6 +151,12 @@ class ImageClassification(_Classification):
 class TextClassification(_Classification):
     """Sequence classification on the pooled output of a text tower (BERT, MiniLM, GPT-2, CLIP text).
 
+    A BERT-shaped encoder (bidirectional, post-LN) classifies its pooler output (dense + tanh on
+    [CLS], kept from the checkpoint when it has one) as ``BertForSequenceClassification`` does,
+    so the fine-tuned model exports to it; causal towers (GPT-2, CLIP text) classify their own
+    pooled token. A linear probe freezes the pooler with the encoder, as freezing a
+    ``BertForSequenceClassification``'s ``bert`` does.
+
     Args:
         model: a text model or a CLIP (its text tower): a preset name, an mmlm folder, a ``mmlm fit`` .ckpt, or
             any checkpoint ``mmlm.load_pretrained`` reads.
@@ -177,9 +184,11 @@ class TextClassification(_Classification):
     ):
         super().__init__(linear_probe, optimizer, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
-        self.model = text_with_heads(
-            resolve(model, overrides=model_overrides), ["classifier"], num_labels=num_classes, classifier_dropout=dropout
-        )
+        source = resolve(model, overrides=model_overrides)
+        text = source.cfg.text if isinstance(source, CLIP) else tower(source, "text").cfg  # no copy of a CLIP tower
+        bert = not (text.causal or text.pre_norm)  # what mmlm.export writes as a transformers BERT
+        heads = ["pooler", "classifier"] if bert else ["classifier"]
+        self.model = text_with_heads(source, heads, num_labels=num_classes, classifier_dropout=dropout)
         self.freeze_if_probe()
         self.accuracy = accuracy_per_stage(num_classes)
 

@@ -1,4 +1,5 @@
-"""HF BERT (BertForPreTraining, BertModel) -> mmlm TextEncoder / TextWithHeads, against transformers."""
+"""HF BERT (BertForPreTraining, BertModel, the classifiers) -> mmlm TextEncoder / TextWithHeads,
+against transformers."""
 
 from __future__ import annotations
 
@@ -63,6 +64,27 @@ def test_bert_model_last_hidden_state_and_pooler(tmp_path):
     assert_parity(out["hidden_states"][real], expected.last_hidden_state[real], what="BertModel last_hidden_state")
     assert_parity(out["pooled"], expected.pooler_output, what="BertModel pooler_output")
     assert_parity(states[real], expected.last_hidden_state[real], what="BertModel -> bare TextEncoder")
+
+
+@pytest.mark.parametrize(
+    ("cls", "heads"),
+    [
+        ("BertForSequenceClassification", ("pooler", "classifier")),
+        ("BertForTokenClassification", ("token_classifier",)),
+    ],
+)
+def test_bert_classifiers_give_their_logits(cls, heads, tmp_path):
+    config = transformers.BertConfig(**CONFIG, num_labels=5, classifier_dropout=0.2)
+    ref = randomize_(getattr(transformers, cls)(config)).eval()
+    ref.save_pretrained(tmp_path)
+    model = mmlm.load_pretrained(tmp_path)
+    assert (model.cfg.heads, model.cfg.num_labels, model.cfg.classifier_dropout) == (heads, 5, 0.2)
+    b = batch()
+    real = b["attention_mask"].bool() if cls == "BertForTokenClassification" else slice(None)
+    with torch.no_grad():
+        assert_parity(model(**b)["logits"][real], ref(**b).logits[real], atol=1e-5, what=f"{cls} logits")
+    # the bare encoder leaves the classifier out on purpose
+    assert isinstance(mmlm.load_pretrained(tmp_path, with_heads=False), mmlm.TextEncoder)
 
 
 def test_legacy_gamma_beta_names_load(tmp_path):

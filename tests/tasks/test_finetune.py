@@ -96,6 +96,11 @@ def test_a_fine_tuned_checkpoint_is_one_mmlm_model(name, tmp_path):
     folder = convert(tmp_path / "run.ckpt", tmp_path / "converted")
     for key, value in mmlm.load(folder).state_dict().items():
         torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
+    # and as transformers' class for it (ViT / BERT For{Image,Sequence,Token}Classification, ForQuestionAnswering)
+    hf = mmlm.load_pretrained(convert(tmp_path / "run.ckpt", tmp_path / "hf", "hf"))
+    assert hf.cfg == task.model.cfg and hf.state_dict().keys() == trained.keys()
+    for key, value in hf.state_dict().items():
+        torch.testing.assert_close(value, trained[key], rtol=0, atol=0)
 
     bare = mmlm.load_pretrained(tmp_path / "run.ckpt", with_heads=False)
     encoder = task.model if name == "image" else task.model.encoder
@@ -103,6 +108,13 @@ def test_a_fine_tuned_checkpoint_is_one_mmlm_model(name, tmp_path):
     own = {k: v for k, v in encoder.state_dict().items() if not k.startswith("head.")}
     assert bare.state_dict().keys() == own.keys()
     assert all(torch.equal(bare.state_dict()[k], v) for k, v in own.items())
+
+
+def test_text_classifiers_read_bert_pooler_or_the_causal_towers_own_pooling():
+    """BERT classifies dense + tanh on [CLS] as BertForSequenceClassification does; GPT-2 / CLIP text their token."""
+    assert TextClassification("bert-tiny", num_classes=2).model.cfg.heads == ("pooler", "classifier")
+    for causal in ("gpt2-tiny", "clip-tiny"):
+        assert TextClassification(causal, num_classes=2).model.cfg.heads == ("classifier",)
 
 
 def test_linear_probe_trains_the_head_alone(tmp_path):
