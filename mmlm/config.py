@@ -163,8 +163,8 @@ class TextWithHeadsConfig:
 
     text: TextConfig = field(default_factory=TextConfig)
     # pooler: BERT dense+tanh on [CLS]; mlm: tied masked-LM head; nsp: 2-way on the pooler; clm: tied LM head;
-    # classifier: linear on BERT's pooler output when 'pooler' is among the heads, else on the encoder's pooled output; token_classifier: linear per token;
-    # qa: 2-way linear per token (answer start / end)
+    # classifier: linear on the pooler output when 'pooler' is among the heads (BERT), else on the encoder's
+    # pooled output; token_classifier: linear per token; qa: 2-way linear per token (answer start / end)
     heads: tuple[TextHead, ...] = ("mlm",)
     num_labels: int = 0  # classes of the classifier / token_classifier head
     classifier_dropout: float = 0.1  # dropout before the classifier / token_classifier head

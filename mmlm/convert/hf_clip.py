@@ -8,6 +8,9 @@ without the leading batch dimensions mmlm's (timm's) parameters have. Layouts ac
   ``logit_scale`` (the same in transformers v4 and v5);
 - ``CLIPTextModel`` / ``CLIPVisionModel`` saved alone: ``text_model.*`` / ``vision_model.*``
   in v4, no prefix in v5 (the tower classes stopped wrapping a ``*Transformer``).
+
+``CLIPModel`` has no ``logit_bias``: a SigLIP-style mmlm CLIP keeps its bias as an extra
+``logit_bias`` tensor (which transformers skips) and ``logit_bias_init_value`` in config.json.
 """
 
 from __future__ import annotations
@@ -95,6 +98,7 @@ def config_from_hf(hf: Mapping[str, Any], preprocessor: Mapping[str, Any] | None
         vision=vision_config_from_hf(c.vision_config.to_dict(), preprocessor),
         text=text_config_from_hf(c.text_config.to_dict()),
         init_logit_scale=c.logit_scale_init_value,
+        init_logit_bias=hf.get("logit_bias_init_value"),
     )
 
 
@@ -104,8 +108,6 @@ def config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
     problems = []
     if cfg.share != "none":
         problems.append(f"share={cfg.share!r} (HF CLIPModel has two separate towers; only share='none' exports)")
-    if cfg.init_logit_bias is not None:
-        problems.append("a logit_bias (SigLIP); export to transformers' SiglipModel is not implemented")
     for name, c in (("text", t), ("vision", v)):
         if not c.pre_norm or not c.qkv_bias or c.layer_scale is not None or not c.final_norm:
             problems.append(f"{name}: HF CLIP needs pre_norm, qkv_bias, final_norm and no layer_scale")
@@ -123,10 +125,11 @@ def config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
     if problems:
         raise ConversionError("cannot export this CLIP to transformers.CLIPModel:\n  " + "\n  ".join(problems))
     hf_act = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
-    common = lambda c: dict(
-        hidden_size=c.width, intermediate_size=c.mlp_dim, num_hidden_layers=c.depth, num_attention_heads=c.heads,
-        hidden_act=hf_act[c.act], layer_norm_eps=c.norm_eps, attention_dropout=c.attn_dropout,
-    )  # fmt: skip
+    common = lambda c: {
+        "hidden_size": c.width, "intermediate_size": c.mlp_dim, "num_hidden_layers": c.depth,
+        "num_attention_heads": c.heads, "hidden_act": hf_act[c.act], "layer_norm_eps": c.norm_eps,
+        "attention_dropout": c.attn_dropout,
+    }  # fmt: skip
     text = dict(
         common(t), vocab_size=t.vocab_size, max_position_embeddings=t.context_length,
         eos_token_id=t.eot_token_id, pad_token_id=t.pad_token_id, projection_dim=cfg.embed_dim,
@@ -134,11 +137,13 @@ def config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
     vision = dict(
         common(v), image_size=v.image_size, patch_size=v.patch_size, num_channels=v.in_chans, projection_dim=cfg.embed_dim
     )  # fmt: skip
+    bias = {} if cfg.init_logit_bias is None else {"logit_bias_init_value": cfg.init_logit_bias}
     return dict(
         text_config=text,
         vision_config=vision,
         projection_dim=cfg.embed_dim,
         logit_scale_init_value=cfg.init_logit_scale,
+        **bias,  # not a CLIPConfig field: kept as an attribute, read back by config_from_hf
     )
 
 
@@ -192,6 +197,8 @@ def hf_clip_to_mmlm(sd: Mapping[str, torch.Tensor], cfg: CLIPConfig) -> StateDic
         "visual_projection.weight": copy("visual_projection.weight"),
         "logit_scale": copy("logit_scale"),
     }
+    if cfg.init_logit_bias is not None:
+        plan["logit_bias"] = copy("logit_bias")
     return run_plan(sd, plan, DROP, source="HF CLIPModel checkpoint")
 
 
@@ -233,4 +240,6 @@ def mmlm_to_hf_clip(sd: Mapping[str, torch.Tensor], cfg: CLIPConfig) -> StateDic
         # HF does not clamp logit_scale in forward, mmlm does: export the value mmlm actually uses
         "logit_scale": Op(("logit_scale",), lambda s: s.clamp(0, cfg.max_logit_scale)),
     }
+    if cfg.init_logit_bias is not None:
+        plan["logit_bias"] = copy("logit_bias")
     return run_plan(sd, plan, source="mmlm CLIP state dict", target="HF CLIPModel")

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 from _parity import assert_parity, randomize_
+from PIL import Image
 from safetensors.torch import save_file
 
 import mmlm
+from mmlm.convert.common import ConversionError
+from mmlm.data.transforms import image_transform
+from mmlm.paths import ASSETS
 
 open_clip = pytest.importorskip("open_clip")
 
@@ -118,3 +123,84 @@ def test_small_openclip_hub_folder(tmp_path):
             model.encode_image(images, normalize=False), ref.encode_image(images), what="small OpenCLIP image"
         )
         assert_parity(model.encode_text(ids, normalize=False), ref.encode_text(ids), what="small OpenCLIP text")
+
+
+def _hub_folder(folder, model_cfg: dict, preprocess: dict | None = None) -> torch.nn.Module:
+    """A random open_clip CLIP saved as OpenCLIP's hub code saves one: its weights and ``save_config_for_hf``'s
+    open_clip_config.json (model_cfg + the preprocessing open_clip keeps on ``model.visual``)."""
+    from open_clip.model import set_model_preprocess_cfg
+    from open_clip.push_to_hf_hub import save_config_for_hf
+    from open_clip.transform import PreprocessCfg
+
+    ref = randomize_(open_clip.CLIP(**model_cfg)).eval()
+    set_model_preprocess_cfg(ref, dataclasses.asdict(PreprocessCfg(**(preprocess or {}))))
+    folder.mkdir()
+    save_file(ref.state_dict(), folder / "open_clip_model.safetensors")
+    save_config_for_hf(ref, folder / "open_clip_config.json", model_cfg)
+    return ref
+
+
+def test_openclip_options_hub_folder(tmp_path):
+    """OpenCLIP's switches beyond the OpenAI layout, all read back from open_clip_config.json: layer scale,
+    no ln_pre, avg pooling + final LN, LayerNorm eps, tanh GELU, eos pooling at id 3, SigLIP's bias, and
+    preprocessing (0.5 mean / std, bilinear). Outputs and preprocessed pixels equal open_clip's own."""
+    model_cfg = {
+        "embed_dim": 24, "init_logit_scale": 2.3, "init_logit_bias": -10.0,
+        "vision_cfg": {"image_size": 40, "patch_size": 8, "width": 64, "head_width": 32, "layers": 2, "mlp_ratio": 3.0,
+                       "ls_init_value": 0.1, "no_ln_pre": True, "pool_type": "avg", "final_ln_after_pool": True,
+                       "norm_kwargs": {"eps": 1e-6}},
+        "text_cfg": {"context_length": 16, "vocab_size": 500, "width": 64, "heads": 2, "layers": 2,
+                     "ls_init_value": 0.1, "pool_type": "eos", "eos_id": 3, "pad_id": 1,
+                     "act_kwargs": {"approximate": "tanh"}, "norm_kwargs": {"eps": 1e-6}},
+    }  # fmt: skip
+    preprocess = {"size": 40, "mean": (0.5,) * 3, "std": (0.5,) * 3, "interpolation": "bilinear"}
+    ref = _hub_folder(tmp_path / "hub", model_cfg, preprocess)
+    model = mmlm.load_pretrained(tmp_path / "hub")
+    v, t = model.cfg.vision, model.cfg.text
+    assert (v.heads, v.mlp_ratio, v.layer_scale, v.norm_pre, v.pool, v.norm_eps, v.act) == (
+        2, 3.0, 0.1, False, "gap", 1e-6, "gelu"
+    )  # fmt: skip
+    assert (t.heads, t.layer_scale, t.eot_token_id, t.pad_token_id, t.norm_eps, t.act) == (
+        2, 0.1, 3, 1, 1e-6, "gelu_tanh"
+    )  # fmt: skip
+    assert (model.cfg.init_logit_scale, model.cfg.init_logit_bias) == (2.3, -10.0)
+    assert model.logit_bias.item() == ref.logit_bias.item() != -10.0  # the trained value, from the weights
+
+    ids = torch.randint(4, 500, (3, 16))  # ids above eos 3 everywhere: argmax pooling would pick another token
+    ids[0, 5], ids[1, 15], ids[2, 0] = 3, 3, 3
+    ids[0, 6:] = 1  # padded with pad_id
+    images = torch.randn(2, 3, 40, 40)
+    with torch.no_grad():
+        assert_parity(model.encode_image(images, normalize=False), ref.encode_image(images), what="options image")
+        assert_parity(model.encode_text(ids, normalize=False), ref.encode_text(ids), what="options text")
+
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    photo = Image.open(ASSETS / "images" / "astronaut.jpg")
+    theirs = image_transform_v2(PreprocessCfg(**ref.visual.preprocess_cfg), is_train=False)(photo)
+    ours = image_transform(model.cfg.vision, train=False)(photo)
+    assert_parity(ours, theirs, atol=1e-6, what="preprocessed pixels (bilinear, 0.5 mean / std)")
+
+
+def test_openclip_options_mmlm_cannot_hold_are_refused(tmp_path):
+    """Real OpenCLIP models whose outputs mmlm's CLIP cannot reproduce are refused, each option named,
+    instead of loading weights that would run differently; so is a config that contradicts its weights."""
+    model_cfg = {
+        "embed_dim": 24,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "head_width": 32, "layers": 2,
+                       "pool_type": "avg", "pos_embed_type": "sin_cos_2d"},
+        "text_cfg": {"context_length": 16, "vocab_size": 500, "width": 64, "heads": 2, "layers": 2,
+                     "no_causal_mask": True, "pool_type": "last"},
+    }  # fmt: skip
+    _hub_folder(tmp_path / "clipa", model_cfg)
+    with pytest.raises(ConversionError) as err:
+        mmlm.load_pretrained(tmp_path / "clipa")
+    for option in ("pool_type='avg'", "pos_embed_type='sin_cos_2d'", "no_causal_mask=True", "pool_type='last'"):
+        assert option in str(err.value)
+
+    _hub_folder(tmp_path / "wrong", SMALL_CLIP)
+    config = json.loads((tmp_path / "wrong" / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["layers"] = 3
+    (tmp_path / "wrong" / "open_clip_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="text_cfg.layers = 3, the weights 2"):
+        mmlm.load_pretrained(tmp_path / "wrong")

@@ -167,8 +167,11 @@ def test_open_clip_embeddings_equal_mmlm(exported, name):
     assert fact["tokenizer"] == ("HFTokenizer" if name == "siglip_wordpiece" else "SimpleTokenizer")
 
 
-@pytest.mark.parametrize("name", ["quick_gelu", "gelu_widths", "siglip_wordpiece"])
-def test_round_trip_gives_identical_weights(exported, name):
+@pytest.mark.parametrize("name", CASES)
+def test_round_trip_gives_identical_weights_and_config(exported, name):
+    """mmlm -> open_clip folder -> ``mmlm.load_pretrained``: every tensor bit for bit, and the config equal in
+    every field (init ones included: ``init_logit_scale`` / ``init_logit_bias`` travel in model_cfg, and
+    ``init`` is OpenCLIP's ``clip`` in these models)."""
     models, folders, _, _ = exported
     model = models[name]
     back = mmlm.load_pretrained(folders[name])
@@ -176,8 +179,41 @@ def test_round_trip_gives_identical_weights(exported, name):
     assert ours.keys() == theirs.keys()
     for k, v in ours.items():
         torch.testing.assert_close(theirs[k], v, rtol=0, atol=0, msg=k)
-    if name != "siglip_wordpiece":  # shapes, heads and activation all come back from open_clip_config.json
-        assert back.cfg == dataclasses.replace(model.cfg, init_logit_scale=model.logit_scale.item())
+    assert back.cfg == model.cfg
+
+
+def _differing(a, b, prefix: str = "") -> set[str]:
+    """Dotted names of the dataclass fields whose values differ, nested configs compared field by field."""
+    out = set()
+    for f in dataclasses.fields(a):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if dataclasses.is_dataclass(x):
+            out |= _differing(x, y, f"{prefix}{f.name}.")
+        elif x != y:
+            out.add(prefix + f.name)
+    return out
+
+
+def test_fields_open_clip_has_no_place_for(tmp_path):
+    """A CLIP with every field set away from its default: exactly the fields OpenCLIP's CLIP has no option for
+    (training-time regularisation and init recipe, sentence-encoder and MLM extras, mmlm's logit-scale clamp)
+    come back as defaults; the ones it has (pad id, initial logit scale, ...) come back as they were."""
+    cfg = update(
+        _cfg("openclip_options"), init_logit_scale=1.5, max_logit_scale=3.0,
+        vision={"dropout": 0.1, "attn_dropout": 0.1, "drop_path": 0.1, "init": "timm", "patch_dropout": 0.25},
+        text={"dropout": 0.1, "attn_dropout": 0.1, "drop_path": 0.1, "init": "timm", "pad_token_id": 1,
+              "mask_token_id": 5, "max_seq_length": 16, "do_lower_case": True},
+    )  # fmt: skip
+    model = mmlm.create_model(cfg).eval()
+    export(model, tmp_path / "oc", "open_clip")
+    back = mmlm.load_pretrained(tmp_path / "oc")
+    assert _differing(back.cfg, cfg) == {
+        "max_logit_scale",
+        *(f"{tower}.{f}" for tower in ("vision", "text") for f in ("dropout", "attn_dropout", "drop_path", "init")),
+        *(f"text.{f}" for f in ("mask_token_id", "max_seq_length", "do_lower_case")),
+    }
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(back.state_dict()[k], v, rtol=0, atol=0, msg=k)
 
 
 def test_what_open_clip_cannot_express_is_refused(tmp_path):
@@ -188,6 +224,8 @@ def test_what_open_clip_cannot_express_is_refused(tmp_path):
         export(mmlm.create_model(update(tiny, text={"act": "gelu"})), tmp_path / "mixed", "open_clip")
     with pytest.raises(ConversionError, match="bidirectional"):
         export(mmlm.create_model(update(tiny, text={"causal": False})), tmp_path / "bi", "open_clip")
+    with pytest.raises(ConversionError, match="not L2-normalised"):  # a sentence encoder's Normalize, mid-CLIP
+        export(mmlm.create_model(update(tiny, text={"normalize": True})), tmp_path / "normalized", "open_clip")
     with pytest.raises(ConversionError, match="CLIP models only"):
         export(mmlm.create_model("vit-tiny"), tmp_path / "vit", "open_clip")
     wordpiece = mmlm.create_model(_cfg("siglip_wordpiece"))
