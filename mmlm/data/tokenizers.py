@@ -32,6 +32,7 @@ from mmlm.paths import resolve
 ROLES = ("pad", "unk", "cls", "sep", "mask", "bos", "eos")
 CLIP_NAMES = ("clip", "clip-bpe", "openai-clip")
 CLIP_SOT, CLIP_EOT = "<start_of_text>", "<end_of_text>"
+CLIP_VOCAB_SIZE = 49408  # OpenAI's BPE: 256 bytes x2, 48,894 merges, 2 specials
 WORDPIECE_SPECIALS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 BPE_SPECIALS = {"eos": "<|endoftext|>", "pad": "<pad>", "mask": "<mask>"}
 
@@ -298,7 +299,7 @@ def _is_clip_preset(name: str) -> bool:
         return False
     cfg = PRESETS[name]()
     text = getattr(cfg, "text", None)
-    return text is not None and text.vocab_size == 49408
+    return text is not None and text.vocab_size == CLIP_VOCAB_SIZE
 
 
 # ------------------------------------------------------------------------- CLIP BPE

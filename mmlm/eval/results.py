@@ -14,10 +14,8 @@ import torch
 from torch import nn
 
 from mmlm.data.skips import SkippingDataLoader
-from mmlm.data.tokenizers import Tokenizer, get_tokenizer
+from mmlm.data.tokenizers import CLIP_VOCAB_SIZE, Tokenizer, get_tokenizer
 from mmlm.paths import resolve
-
-CLIP_VOCAB_SIZE = 49408
 
 
 def load_model(spec: str | Path, act: str | None = None, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:

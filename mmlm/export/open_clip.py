@@ -20,10 +20,8 @@ from mmlm import checkpoint
 from mmlm.config import TextConfig
 from mmlm.convert import openclip
 from mmlm.convert.common import ConversionError
-from mmlm.data.tokenizers import CLIP_EOT, CLIP_SOT, Tokenizer, clip_tokenizer
+from mmlm.data.tokenizers import CLIP_EOT, CLIP_SOT, CLIP_VOCAB_SIZE, Tokenizer, clip_tokenizer
 from mmlm.models import CLIP
-
-CLIP_VOCAB_SIZE = 49408
 
 
 def export(model: nn.Module, folder: Path, *, tokenizer: Tokenizer | None = None) -> Path:

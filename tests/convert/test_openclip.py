@@ -1,4 +1,6 @@
-"""OpenCLIP ViT-B-32 / ViT-B-32-quickgelu state dicts -> mmlm, against open_clip's encode_image / encode_text."""
+"""OpenCLIP checkpoints -> mmlm, against open_clip's encode_image / encode_text: ViT-B-32 / ViT-B-32-quickgelu
+state dicts, and hub folders whose open_clip_config.json (written by open_clip's own ``save_config_for_hf``)
+carries the options mmlm reads back or refuses."""
 
 from __future__ import annotations
 
