@@ -5,6 +5,7 @@
     mmlm tokenizer train FILE [FILE ...] --vocab_size N --out DIR
     mmlm zeroshot MODEL --dataset DATA             zero-shot classification, CLIP_benchmark JSON + confusion PNG
     mmlm eval-retrieval MODEL --dataset DATA       image<->text recall@k in bounded memory
+    mmlm index build|add|info ...                  embed images (+ captions) into FAISS indexes, metadata in SQLite
     mmlm clip-benchmark eval --model_type mmlm ... CLIP_benchmark's own command line, with mmlm's models registered
     mmlm demo                                      encode the bundled images and captions, print similarities
     mmlm presets                                   list the model presets
@@ -28,6 +29,7 @@ if TYPE_CHECKING:  # jsonargparse runs this block to read the annotations: keep 
     from jsonargparse import ArgumentParser
 
 from mmlm.paths import ASSETS
+from mmlm.retrieval.commands import index_add, index_build, index_info
 
 DEBUG_FLAG = "--debug"
 
@@ -292,6 +294,7 @@ COMMANDS: dict[str, Any] = {
     "tokenizer": {"train": train_tokenizer},
     "zeroshot": zeroshot,
     "eval-retrieval": eval_retrieval,
+    "index": {"build": index_build, "add": index_add, "info": index_info},
 }
 # what a positional that takes one or more values is called, per command; jsonargparse reads a
 # list[Path] positional given one path as a file *listing* paths, so these get nargs="+" instead

@@ -31,8 +31,9 @@ def load_model(spec: str | Path, act: str | None = None, device: str | torch.dev
 
 def model_tokenizer(model: nn.Module, tokenizer: str | Path | None = None, checkpoint: str | Path | None = None) -> Tokenizer:
     """The tokenizer for ``model``: ``tokenizer`` if given, else one saved in the ``checkpoint`` folder
-    (``tokenizer.json``), else the CLIP BPE for a 49,408-token vocabulary. Truncates at the model's context."""
-    context = model.cfg.text.context_length
+    (``tokenizer.json``), else the CLIP BPE for a 49,408-token vocabulary. Truncates where the text tower
+    does (``max_seq_length``, e.g. a sentence-transformers tower's 256, else its context length)."""
+    context = model.cfg.text.max_seq_length or model.cfg.text.context_length
     if tokenizer is not None:
         return get_tokenizer(tokenizer, context_length=context)
     if checkpoint is not None and (resolve(checkpoint) / "tokenizer.json").is_file():
