@@ -77,6 +77,12 @@ class Task(L.LightningModule):
         if model is not None and hasattr(model, "cfg"):
             checkpoint["mmlm_config"] = to_dict(model.cfg)
 
+    def on_train_start(self) -> None:
+        """Training mode for the whole task: a model read from a checkpoint comes in eval mode, and
+        Lightning keeps each module's mode as it finds it. Tasks that keep a locked part in eval
+        mode do so in their ``train`` override."""
+        self.train()
+
     def on_fit_end(self) -> None:
         """Print the last validation metrics, so a finished run ends with its result."""
         metrics = {k: float(v) for k, v in self.trainer.callback_metrics.items() if k.startswith("val/")}

@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+import mmlm
 from mmlm.config import from_name
 from mmlm.tasks import ContrastiveAlignment
 from mmlm.tasks.base import warmup_cosine
@@ -125,3 +126,23 @@ def test_predict_gives_unit_embeddings_that_match_the_logits():
         logits = task.model(data["image"], data["input_ids"], data["attention_mask"]).logits_per_image
     assert torch.allclose(out["image_embeds"].norm(dim=-1), torch.ones(4), atol=1e-6)
     torch.testing.assert_close(task.model.scale() * out["image_embeds"] @ out["text_embeds"].T, logits)
+
+
+def test_a_clip_read_from_a_folder_trains_in_train_mode(tmp_path):
+    import lightning as L
+
+    from mmlm.data import ImageTextDataModule
+
+    mmlm.save(mmlm.create_model("clip-tiny", vision={"patch_dropout": 0.5}), tmp_path / "clip")
+    task = ContrastiveAlignment(str(tmp_path / "clip"))
+    assert not task.model.training  # load_pretrained hands models out in eval mode
+    seen = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append(all(m.training for m in pl_module.model.modules()))
+
+    dm = ImageTextDataModule("digits", preset="clip-tiny", batch_size=8, num_workers=0)
+    L.Trainer(accelerator="cpu", max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, default_root_dir=tmp_path, callbacks=[Spy()]).fit(task, dm)  # fmt: skip
+    assert seen == [True, True]  # patch dropout and dropout act while training from a saved model
