@@ -101,9 +101,10 @@ def save(model: nn.Module, path: str | Path, overwrite: bool = False) -> Path:
     path = Path(path)
     refuse_to_overwrite(path, overwrite)
     path.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_safetensors(state, path / WEIGHTS_NAME, metadata={"format": FORMAT})
-    (path / CONFIG_NAME).write_text(json.dumps({"format": FORMAT, "config": to_dict(model.cfg)}, indent=2))
+    quantization = _quantization(model)
+    save_safetensors(tensors(model), path / WEIGHTS_NAME, metadata={"format": FORMAT, **quantization})
+    meta = {"format": FORMAT, "config": to_dict(model.cfg), **quantization}
+    (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
     return path
 
 
@@ -124,5 +125,38 @@ def load(path: str | Path, device: str = "cpu") -> nn.Module:
         raise ValueError(f"{path} is not an mmlm checkpoint folder (expected {CONFIG_NAME} with format 'mmlm')")
     meta = read_json(path / CONFIG_NAME)
     model = create_model(from_dict(meta["config"]))
-    model.load_state_dict(read_safetensors(path / WEIGHTS_NAME, device=device))
+    state = read_safetensors(path / WEIGHTS_NAME, device=device)
+    if "quantization" in meta:
+        return _load_int8(model, state, meta["quantization"], path, device)
+    model.load_state_dict(state)
     return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------ int8 models (mmlm.compress)
+
+
+def tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors ``save`` writes, on the CPU: the state dict, or for an int8 model its int8 weights and
+    their scales as they are (``mmlm.compress.quantize.int8_state_dict``), so the file is as small as the model."""
+    from mmlm.compress.quantize import int8_state_dict, is_int8
+
+    if is_int8(model):
+        return int8_state_dict(model)
+    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+
+
+def _quantization(model: nn.Module) -> dict[str, str]:
+    """The ``quantization`` entry of config.json and of the safetensors metadata; none for a float model."""
+    from mmlm.compress.quantize import INT8, is_int8
+
+    return {"quantization": INT8} if is_int8(model) else {}
+
+
+def _load_int8(model: nn.Module, state: dict[str, torch.Tensor], kind: str, path: Path, device: str) -> nn.Module:
+    from mmlm.compress.quantize import INT8, load_int8_state_dict
+
+    if kind != INT8:
+        raise ValueError(f"{path}: unknown quantization {kind!r} (this mmlm reads {INT8!r})")
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"{path} is an int8 model, which runs on the CPU only: load it with device='cpu'")
+    return load_int8_state_dict(model, state).eval()

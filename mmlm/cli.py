@@ -6,6 +6,8 @@
     mmlm zeroshot MODEL --dataset DATA             zero-shot classification, CLIP_benchmark JSON + confusion PNG
     mmlm eval-retrieval MODEL --dataset DATA       image<->text recall@k in bounded memory
     mmlm index build|add|info ...                  embed images (+ captions) into FAISS indexes, metadata in SQLite
+    mmlm quantize MODEL --out DIR                  int8 copy of a model (dynamic int8 Linear layers, CPU)
+    mmlm prune MODEL --keep 0.5 --out DIR          smaller dense CLIP: heads, MLP units, channels by calibration
     mmlm clip-benchmark eval --model_type mmlm ... CLIP_benchmark's own command line, with mmlm's models registered
     mmlm demo                                      encode the bundled images and captions, print similarities
     mmlm presets                                   list the model presets
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 if TYPE_CHECKING:  # jsonargparse runs this block to read the annotations: keep torch out of it
     from jsonargparse import ArgumentParser
 
+from mmlm.compress.commands import prune, quantize
 from mmlm.paths import ASSETS
 from mmlm.retrieval.commands import index_add, index_build, index_info
 
@@ -294,6 +297,8 @@ COMMANDS: dict[str, Any] = {
     "tokenizer": {"train": train_tokenizer},
     "zeroshot": zeroshot,
     "eval-retrieval": eval_retrieval,
+    "quantize": quantize,
+    "prune": prune,
     "index": {"build": index_build, "add": index_add, "info": index_info},
 }
 # what a positional that takes one or more values is called, per command; jsonargparse reads a

@@ -93,6 +93,42 @@ def siglip_loss(
     return -F.logsigmoid(labels * logits).sum() / B
 
 
+def distill_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    teacher_image_features: torch.Tensor,
+    teacher_text_features: torch.Tensor,
+    teacher_logit_scale: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(contrastive, distill) of OpenCLIP's ``DistillClipLoss``: the student's CLIP loss, and the
+    cross-entropy of the student's logits against the teacher's softmax, image->text and text->image, averaged.
+
+    Features are this rank's (B, D), L2-normalised (teacher and student may differ in D); the scales
+    are exp()'d. Columns come from every rank, as in ``clip_loss``.
+    """
+    rank, _ = world()
+    all_images, all_texts = gather_pair(image_features, text_features)
+    teacher_images, teacher_texts = gather_pair(teacher_image_features, teacher_text_features)
+    logits_per_image = logit_scale * image_features @ all_texts.T  # (B, world * B)
+    logits_per_text = logit_scale * text_features @ all_images.T
+    teacher_per_image = teacher_logit_scale * teacher_image_features @ teacher_texts.T
+    teacher_per_text = teacher_logit_scale * teacher_text_features @ teacher_images.T
+    labels = torch.arange(image_features.shape[0], device=image_features.device) + rank * image_features.shape[0]
+    contrastive = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+    # cross_entropy with probabilities as targets: -(p_teacher * log_softmax(student)).sum(1).mean()
+    distill = (
+        F.cross_entropy(logits_per_image, teacher_per_image.softmax(1))
+        + F.cross_entropy(logits_per_text, teacher_per_text.softmax(1))
+    ) / 2
+    return contrastive, distill
+
+
+def feature_distill_loss(features: torch.Tensor, teacher_features: torch.Tensor) -> torch.Tensor:
+    """1 - mean cosine between the student's and the teacher's embeddings of the same inputs, (B, D) each."""
+    return 1 - F.cosine_similarity(features, teacher_features, dim=-1).mean()
+
+
 LOSSES = {"clip": clip_loss, "siglip": siglip_loss}
 
 

@@ -1,0 +1,143 @@
+"""``mmlm quantize`` and ``mmlm prune``: thin wrappers that load, compress and save; torch loads inside them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def quantize(
+    model: str, out: Path | None = None, tokenizer: str | None = None, overwrite: bool = False, seed: int = 0
+) -> Path:
+    """Write an int8 copy of a model (every Linear layer, for CPU inference) as an mmlm folder.
+
+    The folder loads with ``mmlm.load_pretrained`` and runs wherever a model name is taken
+    (``mmlm zeroshot OUT``); it holds the int8 weights themselves.
+
+    Args:
+        model: the model: a preset name, an mmlm folder, a ``mmlm fit`` .ckpt, or any
+            checkpoint ``mmlm.load_pretrained`` reads.
+        out: output folder (required); new or empty unless ``--overwrite``.
+        tokenizer: the model's tokenizer folder, copied into ``out``; default: the one beside ``model``, if any.
+        overwrite: write into ``out`` even if it already holds files.
+        seed: seed of a preset's random weights.
+    """
+    from mmlm import checkpoint
+    from mmlm.compress.quantize import quantize_int8
+    from mmlm.models import resolve
+
+    out = _out(out)
+    checkpoint.refuse_to_overwrite(out, overwrite)
+    net = resolve(model, seed=seed)
+    tok = _tokenizer(model, net, tokenizer)
+    before = sum(v.numel() * v.element_size() for v in net.state_dict().values())
+    checkpoint.save(quantize_int8(net), out, overwrite=overwrite)
+    if tok is not None:
+        tok.save(out)
+    after = (out / checkpoint.WEIGHTS_NAME).stat().st_size
+    print(f"wrote {out}: int8 Linear layers, weights {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
+    return out
+
+
+def prune(
+    model: str,
+    out: Path | None = None,
+    keep: float = 0.5,
+    data: str = "digits",
+    split: str = "train",
+    samples: int = 512,
+    batch_size: int = 64,
+    image_key: str = "filepath",
+    caption_key: str | None = None,
+    tokenizer: str | None = None,
+    overwrite: bool = False,
+    seed: int = 0,
+) -> Path:
+    """Prune a CLIP's attention heads, MLP units and channels to a smaller dense model, saved as an mmlm folder.
+
+    The same fraction of heads stays in every layer, chosen with the MLP units and residual
+    channels by activation magnitude on calibration images and captions; fine-tune the result
+    (``configs/align/prune-recover-digits-tiny.yaml``) to win back what pruning cost.
+
+    Args:
+        model: the CLIP: a preset name, an mmlm folder, a ``mmlm fit`` .ckpt, or any
+            checkpoint ``mmlm.load_pretrained`` reads.
+        out: output folder (required); new or empty unless ``--overwrite``.
+        keep: fraction of heads (and with them of MLP units and channels) kept in every layer, in (0, 1].
+        data: calibration images with captions: ``digits``, a CSV / TSV / JSONL manifest or WebDataset shards.
+        split: ``train`` or ``test`` for digits and CLIP_benchmark folders (calibrate on what you do not evaluate on).
+        samples: calibration images (with one caption each).
+        batch_size: images per forward pass.
+        image_key: manifest column with the image path.
+        caption_key: manifest column (default ``title``) or shard json field (default ``caption``).
+        tokenizer: the model's tokenizer folder; default: the one beside ``model``, else the CLIP BPE.
+        overwrite: write into ``out`` even if it already holds files.
+        seed: seed of a preset's random weights.
+    """
+    from mmlm import checkpoint
+    from mmlm.compress.prune import prune_clip, pruned_config
+    from mmlm.compress.quantize import is_int8
+    from mmlm.models import CLIP, resolve
+
+    out = _out(out)
+    if samples < 1 or batch_size < 1:
+        raise ValueError(f"samples and batch_size must be at least 1, got {samples} and {batch_size}")
+    checkpoint.refuse_to_overwrite(out, overwrite)
+    net = resolve(model, seed=seed)
+    if not isinstance(net, CLIP):
+        raise TypeError(f"{model} is a {type(net).__name__}: mmlm prune takes a CLIP")
+    if is_int8(net):
+        raise ValueError(f"{model} is int8: prune the float model, then quantize the pruned one")
+    pruned_config(net.cfg, keep)  # a bad keep fails before the data is read
+    tok = _tokenizer(model, net, tokenizer)
+    batches = _calibration(net, tok, data, split, samples, batch_size, image_key, caption_key)
+    small = prune_clip(net, keep, batches)
+    checkpoint.save(small, out, overwrite=overwrite)
+    if tok is not None:
+        tok.save(out)
+    heads = f"{net.cfg.vision.heads}/{net.cfg.text.heads} -> {small.cfg.vision.heads}/{small.cfg.text.heads}"
+    print(f"wrote {out}: {_count(net):,} -> {_count(small):,} parameters (heads {heads})")
+    return out
+
+
+def _count(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _out(out: Path | str | None) -> Path:
+    if out is None:
+        raise ValueError("give the folder to write the model into: --out DIR")
+    return Path(out)
+
+
+def _tokenizer(spec: str, net: Any, given: str | None) -> Any:
+    """The tokenizer given, else the one beside the checkpoint (``mmlm.pretrained.source_tokenizer``), else None."""
+    from mmlm.data.tokenizers import get_tokenizer
+    from mmlm.paths import resolve as resolve_path
+    from mmlm.pretrained import _context_length, source_tokenizer
+
+    if given is not None:
+        return get_tokenizer(given, context_length=_context_length(net))
+    return source_tokenizer(spec, net) if resolve_path(spec).exists() else None
+
+
+def _calibration(net, tok, data, split, samples, batch_size, image_key, caption_key):
+    """Batches of ``image``, ``input_ids``, ``attention_mask`` (the first caption of each image), ``samples`` images."""
+    from mmlm.data import image_transform
+    from mmlm.data.eval_datasets import retrieval_data
+    from mmlm.eval.results import model_tokenizer
+
+    tok = tok or model_tokenizer(net)
+    transform = image_transform(net.cfg.vision, train=False)
+    loader = retrieval_data(data, transform, split, image_key, caption_key).loader(batch_size)
+    seen = 0
+    for batch in loader:
+        if "image" not in batch:
+            continue
+        n = min(len(batch["image"]), samples - seen)
+        tokens = tok([captions[0] for captions in batch["captions"][:n]])
+        yield {"image": batch["image"][:n], "input_ids": tokens["input_ids"],
+               "attention_mask": tokens["attention_mask"]}  # fmt: skip
+        seen += n
+        if seen >= samples:
+            return
