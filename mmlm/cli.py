@@ -6,6 +6,8 @@
     mmlm zeroshot MODEL --dataset DATA             zero-shot classification, CLIP_benchmark JSON + confusion PNG
     mmlm eval-retrieval MODEL --dataset DATA       image<->text recall@k in bounded memory
     mmlm index build|add|info ...                  embed images (+ captions) into FAISS indexes, metadata in SQLite
+    mmlm serve DIR [DIR ...]                       the retrieval API (+ clip-retrieval's routes) and a web page
+    mmlm search URL "text"                         query a running server: the nearest items
     mmlm quantize MODEL --out DIR                  int8 copy of a model (dynamic int8 Linear layers, CPU)
     mmlm prune MODEL --keep 0.5 --out DIR          smaller dense CLIP: heads, MLP units, channels by calibration
     mmlm clip-benchmark eval --model_type mmlm ... CLIP_benchmark's own command line, with mmlm's models registered
@@ -33,6 +35,7 @@ if TYPE_CHECKING:  # jsonargparse runs this block to read the annotations: keep 
 from mmlm.compress.commands import prune, quantize
 from mmlm.paths import ASSETS
 from mmlm.retrieval.commands import index_add, index_build, index_info
+from mmlm.retrieval.serve import search, serve
 
 DEBUG_FLAG = "--debug"
 
@@ -159,6 +162,7 @@ def zeroshot(
     label_key: str = "label",
     language: str = "en",
     seed: int = 0,
+    int8: bool = False,
 ) -> dict:
     """Zero-shot classification: acc1, acc5, mean per-class recall, printed as CLIP_benchmark's result JSON.
 
@@ -182,6 +186,7 @@ def zeroshot(
         label_key: manifest column with the label (class name or integer).
         language: the ``language`` field of the result.
         seed: seed of a preset's random weights.
+        int8: quantize the model's Linear layers to int8 on the fly (CPU; ``mmlm quantize`` saves such a model).
     """
     from mmlm.data import image_transform
     from mmlm.data.eval_datasets import classification_data
@@ -194,7 +199,7 @@ def zeroshot(
         zero_shot_classify,
     )
 
-    net = results.load_model(model, act, device, seed)
+    net = results.load_model(model, act, device, seed, int8)
     tok = results.model_tokenizer(net, tokenizer, model)
     names = load_classnames(classnames) if classnames is not None else None
     data = classification_data(dataset, image_transform(net.cfg.vision, train=False), split, names,
@@ -229,6 +234,7 @@ def eval_retrieval(
     caption_key: str | None = None,
     language: str = "en",
     seed: int = 0,
+    int8: bool = False,
 ) -> dict:
     """Image-text retrieval: recall@k, mean and median rank both ways, as CLIP_benchmark's result JSON.
 
@@ -254,6 +260,7 @@ def eval_retrieval(
         caption_key: manifest column (default ``title``) or shard json field (default ``caption``).
         language: the ``language`` field of the result.
         seed: seed of a preset's random weights.
+        int8: quantize the model's Linear layers to int8 on the fly (CPU).
     """
     from mmlm.eval.retrieval import check_retrieval_args, evaluate_retrieval
 
@@ -262,7 +269,7 @@ def eval_retrieval(
     from mmlm.data.eval_datasets import retrieval_data
     from mmlm.eval import results
 
-    net = results.load_model(model, act, device, seed)
+    net = results.load_model(model, act, device, seed, int8)
     tok = results.model_tokenizer(net, tokenizer, model)
     data = retrieval_data(dataset, image_transform(net.cfg.vision, train=False), split, image_key, caption_key)
     loader = data.loader(batch_size, num_workers)
@@ -300,10 +307,12 @@ COMMANDS: dict[str, Any] = {
     "quantize": quantize,
     "prune": prune,
     "index": {"build": index_build, "add": index_add, "info": index_info},
+    "serve": serve,
+    "search": search,
 }
 # what a positional that takes one or more values is called, per command; jsonargparse reads a
 # list[Path] positional given one path as a file *listing* paths, so these get nargs="+" instead
-VARIADIC = {train_tokenizer: "files"}
+VARIADIC = {train_tokenizer: "files", serve: "indexes"}
 
 
 def build_parser() -> ArgumentParser:

@@ -222,7 +222,9 @@ def load_pretrained(
         return update(cfg, **overrides) if overrides else cfg
 
     if fmt == "mmlm":
-        model = checkpoint.load(path)
+        model = checkpoint.load(path, device=str(device))
+        if (not with_heads or overrides or act) and "quantization" in (checkpoint.read_json(path / "config.json") or {}):
+            raise ValueError(f"{path} is an int8 model: load it as it is (no with_heads=False, act or overrides)")
         if not with_heads:
             model = _build(*_without_heads(model.cfg, model.state_dict()))
         if overrides or act:

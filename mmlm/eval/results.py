@@ -18,14 +18,21 @@ from mmlm.data.tokenizers import CLIP_VOCAB_SIZE, Tokenizer, get_tokenizer
 from mmlm.paths import resolve
 
 
-def load_model(spec: str | Path, act: str | None = None, device: str | torch.device = "cpu", seed: int = 0) -> nn.Module:
+def load_model(
+    spec: str | Path, act: str | None = None, device: str | torch.device = "cpu", seed: int = 0, int8: bool = False
+) -> nn.Module:
     """The image-text model ``spec`` names (``mmlm.models.resolve``; a preset's random weights seeded by
-    ``seed``, for smoke tests) in eval mode, refused unless it encodes both images and text."""
+    ``seed``, for smoke tests) in eval mode, refused unless it encodes both images and text.
+    ``int8``: quantized on the fly for the CPU (``mmlm.compress.quantize_int8``)."""
     from mmlm.models import resolve as resolve_model
 
     model = resolve_model(spec, act=act, device=device, seed=seed).eval()
     if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
         raise ValueError(f"{spec} is a {type(model).__name__}: zero-shot evaluation needs an image-text (CLIP) model")
+    if int8:
+        from mmlm.compress import quantize_int8
+
+        model = quantize_int8(model)
     return model
 
 

@@ -119,3 +119,13 @@ def test_quantize_mistakes_give_one_line(tmp_path, capsys):
         assert exit_.value.code == 2
         err = capsys.readouterr().err
         assert "mmlm quantize: error: " in err and message in err and "Traceback" not in err
+
+
+def test_int8_switch_quantizes_on_the_fly(capsys):
+    from mmlm.eval.results import load_model
+
+    assert is_int8(load_model("clip-tiny", int8=True)) and not is_int8(load_model("clip-tiny"))
+    main(["zeroshot", "clip-tiny", "--dataset", "digits", "--int8"])
+    out = capsys.readouterr().out
+    result = json.loads(out[out.index("{") :])
+    assert result["samples"]["used"] == 360 and 0.0 <= result["metrics"]["acc1"] <= 1.0
