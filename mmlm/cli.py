@@ -10,6 +10,7 @@
     mmlm search URL "text"                         query a running server: the nearest items
     mmlm quantize MODEL --out DIR                  int8 copy of a model (dynamic int8 Linear layers, CPU)
     mmlm prune MODEL --keep 0.5 --out DIR          smaller dense CLIP: heads, MLP units, channels by calibration
+    mmlm explain MODEL IMAGE "text" [...]          heatmaps of where a CLIP finds each text; --text: token attributions
     mmlm clip-benchmark eval --model_type mmlm ... CLIP_benchmark's own command line, with mmlm's models registered
     mmlm demo                                      encode the bundled images and captions, print similarities
     mmlm presets                                   list the model presets
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # jsonargparse runs this block to read the annotations: keep 
     from jsonargparse import ArgumentParser
 
 from mmlm.compress.commands import prune, quantize
+from mmlm.explain.command import explain
 from mmlm.paths import ASSETS
 from mmlm.retrieval.commands import index_add, index_build, index_info
 from mmlm.retrieval.serve import search, serve
@@ -309,10 +311,11 @@ COMMANDS: dict[str, Any] = {
     "index": {"build": index_build, "add": index_add, "info": index_info},
     "serve": serve,
     "search": search,
+    "explain": explain,
 }
 # what a positional that takes one or more values is called, per command; jsonargparse reads a
 # list[Path] positional given one path as a file *listing* paths, so these get nargs="+" instead
-VARIADIC = {train_tokenizer: "files", serve: "indexes"}
+VARIADIC = {train_tokenizer: "files", serve: "indexes", explain: "inputs"}
 
 
 def build_parser() -> ArgumentParser:
@@ -347,7 +350,8 @@ def _add_commands(subcommands: Any, commands: dict[str, Any]) -> None:
         sub.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
         own = {VARIADIC[target]} if target in VARIADIC else set()
         for arg in own:
-            sub.add_argument(arg, nargs="+", type=Path, help=_param_doc(target, arg))
+            words = inspect.signature(target).parameters[arg].annotation in ("list[str]", list[str])
+            sub.add_argument(arg, nargs="+", type=str if words else Path, help=_param_doc(target, arg))
         for param in inspect.signature(target).parameters.values():
             if param.annotation in (bool, "bool"):  # a flag: `--overwrite` alone, or `--overwrite false`
                 sub.add_argument(f"--{param.name}", action=ActionYesNo, nargs="?", default=param.default,

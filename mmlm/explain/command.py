@@ -1,0 +1,127 @@
+"""``mmlm explain``: heatmaps of a CLIP over an image, or token attributions of a text classifier.
+
+Imports nothing heavy at module level: the CLI's ``--help`` reads this signature without torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+
+def explain(
+    inputs: list[str],
+    text: str | None = None,
+    method: Literal["similarity", "rollout", "gradcam", "occlusion", "attention"] = "occlusion",
+    out: Path | None = None,
+    tokenizer: str | None = None,
+    target: int | None = None,
+    classes: list[str] | None = None,
+    steps: int = 50,
+    device: str = "cpu",
+    seed: int = 0,
+) -> Path:
+    """Show where a CLIP finds each text in an image, or which tokens decide a text classifier.
+
+    ``mmlm explain MODEL IMAGE "a cat" "a dog" --out heat.png`` writes the image and
+    each text's heatmap with its cosine similarity; ``--method attention`` (MODEL IMAGE) the class-token
+    attention of every layer and head; ``mmlm explain MODEL --text "..." --out why.html`` colours each
+    token of a text classifier by its Integrated Gradients attribution (``.html`` or ``.png``).
+
+    Args:
+        inputs: MODEL, then IMAGE and one or more texts for a CLIP (IMAGE alone for ``--method attention``);
+            MODEL alone with ``--text`` for a text classifier. MODEL is a preset name (random weights), an
+            mmlm folder, a ``mmlm fit`` .ckpt, or any checkpoint ``mmlm.load_pretrained`` reads.
+        text: the text a text classifier explains.
+        method: ``occlusion`` (cosine drop when a region is painted over; the best in the pointing game),
+            ``similarity`` (projected patch tokens vs the text), ``rollout`` (attention rollout), ``gradcam``
+            (Grad-CAM of the image-text cosine) or ``attention`` (per-layer, per-head grid).
+        out: the file to write; default ``explain.png`` (``explain.html`` for ``--text``).
+        tokenizer: tokenizer name or folder; default the checkpoint's, else the CLIP BPE.
+        target: the class ``--text`` explains; default the predicted one.
+        classes: the classifier's class names in label order, for the heading.
+        steps: Integrated Gradients steps (more: a smaller completeness delta).
+        device: ``cpu``, ``cuda``, ...
+        seed: seed of a preset's random weights.
+    """
+    from mmlm.models import resolve
+
+    if not inputs:
+        raise ValueError("give MODEL, then IMAGE and texts (a CLIP) or --text (a text classifier)")
+    spec, *rest = [str(i) for i in inputs]
+    model = resolve(spec, device=device, seed=seed).eval()
+    if text is not None:
+        if rest:
+            raise ValueError(f"--text explains a text classifier alone; drop {rest[0]!r} or drop --text")
+        return _explain_text(model, spec, text, out or Path("explain.html"), tokenizer, target, classes, steps)
+    return _explain_image(model, spec, rest, method, out or Path("explain.png"), tokenizer)
+
+
+def _explain_image(model, spec: str, rest: list[str], method: str, out: Path, tokenizer: str | None) -> Path:
+    import torch
+
+    from mmlm.eval.results import model_tokenizer
+    from mmlm.explain.heatmaps import attention_maps, heatmaps, image_tensor, text_embeddings
+    from mmlm.explain.render import attention_figure, heatmap_figure, open_image
+    from mmlm.models.clip import CLIP
+
+    if not isinstance(model, CLIP):
+        raise ValueError(f"{spec} is a {type(model).__name__}: image heatmaps need a CLIP (a text classifier takes --text)")
+    if not rest:
+        raise ValueError("give IMAGE after MODEL, then the texts to find in it")
+    image_path, texts = Path(rest[0]), rest[1:]
+    if not image_path.is_file():
+        raise FileNotFoundError(f"image {image_path} does not exist")
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {out}: heatmaps are written as PNG; name a .png file")
+    image = open_image(image_path)
+    if method == "attention":
+        figure = attention_figure(image, attention_maps(model, image))
+    else:
+        if not texts:
+            raise ValueError(f"give one or more texts after the image {image_path} to find in it")
+        tok = model_tokenizer(model, tokenizer, spec)
+        maps = heatmaps(model, image, texts, method, tok)  # type: ignore[arg-type]
+        with torch.no_grad():
+            pixels = image_tensor(model.visual, image).to(model.logit_scale.device)
+            cosines = (model.encode_image(pixels) @ text_embeddings(model, texts, tok).T)[0].tolist()
+        for t, c in zip(texts, cosines):
+            print(f"{c:+.3f}  {t}")
+        figure = heatmap_figure(image, maps, [f"{t}\ncos {c:+.3f}" for t, c in zip(texts, cosines)])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(figure)
+    print(f"wrote {out}")
+    return out
+
+
+def _explain_text(model, spec: str, text: str, out: Path, tokenizer: str | None, target: int | None,
+                  classes: list[str] | None, steps: int) -> Path:  # fmt: skip
+    from mmlm.data.tokenizers import get_tokenizer
+    from mmlm.explain.render import tokens_html, tokens_png
+    from mmlm.explain.text import check_classifier, token_attributions
+    from mmlm.pretrained import source_tokenizer
+
+    try:
+        check_classifier(model)
+    except TypeError as e:
+        raise ValueError(f"{spec}: {e}") from None
+    context = model.cfg.text.context_length
+    tok = get_tokenizer(tokenizer, context_length=context) if tokenizer else source_tokenizer(spec, model)
+    if tok is None:
+        raise ValueError(f"no tokenizer is known for {spec}: give --tokenizer (a tokenizer folder)")
+    if classes is not None and len(classes) != model.cfg.num_labels:
+        raise ValueError(f"--classes names {len(classes)} classes; the classifier has {model.cfg.num_labels}")
+    if out.suffix.lower() not in (".html", ".png"):
+        raise ValueError(f"--out {out}: token attributions are written as .html or .png")
+    attr = token_attributions(model, tok, text, target, steps)
+    name = classes[attr.target] if classes else f"class {attr.target}"
+    print(f"{name}: p = {attr.probability:.3f}; completeness delta {attr.delta:+.1e}")
+    ranked = sorted((v, t) for v, t, special in zip(attr.attributions.tolist(), attr.tokens, attr.special) if not special)
+    print("tokens most for it: " + ", ".join(f"{t!r} {v:+.3f}" for v, t in ranked[::-1][:5]))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".html":
+        out.write_text(tokens_html(attr, classes))
+    else:
+        out.write_bytes(tokens_png(attr, classes))
+    print(f"wrote {out}")
+    return out
