@@ -1,0 +1,31 @@
+"""Retrieval over image-text collections: ``mmlm index build|add|info`` and the ``Index`` they write.
+
+- ``mmlm.retrieval.collection``: any DATA as keyed items (images, captions, metadata).
+- ``mmlm.retrieval.build``: embedding on one process or many, chunks that survive a kill, the atomic write.
+- ``mmlm.retrieval.index``: the folder's layout and ``Index`` (build / open / search / metadata / add).
+- ``mmlm.retrieval.commands``: the command-line entry points of ``mmlm index``.
+- ``mmlm.retrieval.server`` / ``client``: the HTTP API over index folders and its Python client.
+
+Names are imported on first use, so the command line's ``--help`` does not load torch or FAISS.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {"Index": "mmlm.retrieval.index", "Client": "mmlm.retrieval.client"}
+
+__all__ = sorted(_EXPORTS)
+
+if TYPE_CHECKING:
+    from mmlm.retrieval.client import Client
+    from mmlm.retrieval.index import Index
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'mmlm.retrieval' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value

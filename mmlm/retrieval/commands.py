@@ -1,0 +1,133 @@
+"""``mmlm index build|add|info``: typed signatures for the command line (jsonargparse reads them).
+
+Only the standard library is imported here, so ``mmlm --help`` stays fast; the work is in
+``mmlm.retrieval.build`` and ``mmlm.retrieval.index``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+
+def index_build(
+    model: str,
+    data: str,
+    out: Path | None = None,
+    index_type: str = "auto",
+    dtype: Literal["float32", "float16"] = "float32",
+    nprobe: int | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    chunk_size: int = 4096,
+    accelerator: str = "auto",
+    devices: int = 1,
+    num_nodes: int = 1,
+    precision: str = "32-true",
+    split: str = "test",
+    image_key: str = "filepath",
+    caption_key: str | None = None,
+    tokenizer: str | None = None,
+    act: Literal["gelu", "quick_gelu"] | None = None,
+    seed: int = 0,
+    resume: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Embed an image(-text) collection with a CLIP into a folder: embeddings, metadata, FAISS indexes.
+
+    Args:
+        model: the CLIP: a preset name, an mmlm folder, a ``mmlm fit`` .ckpt, or any checkpoint
+            ``mmlm.load_pretrained`` reads (a preset has random weights, seeded by ``seed``).
+        data: a folder of images (captions not needed), a CSV / TSV / JSONL manifest (``filepath`` plus
+            ``caption`` or ``title`` and any other columns; one row per caption), WebDataset shards
+            (``data/{0..9}.tar``), ``digits`` or ``assets`` (the bundled photographs and captions).
+        out: the index folder to write (it appears, complete, at the very end).
+        index_type: ``auto`` (exact below 1M vectors, IVF-PQ above) or any FAISS index_factory string
+            (``Flat``, ``HNSW32``, ``IVF4096,PQ64``, ...), trained on a sample of the embeddings.
+        dtype: of the stored embeddings (``float16`` halves the disk).
+        nprobe: IVF clusters searched per query; default: 1/64 of them, at least 8.
+        batch_size: images per forward pass.
+        num_workers: DataLoader workers reading and decoding images.
+        chunk_size: items per chunk file; a killed build loses at most one chunk per process.
+        accelerator: ``auto``, ``cpu``, ``gpu``, ...
+        devices: processes per node embedding in parallel (Lightning DDP predict).
+        num_nodes: machines, for a multi-node launch (each runs this command; see the README).
+        precision: Lightning precision of the forward passes (``bf16-mixed`` on a GPU).
+        split: ``train`` or ``test`` for digits and CLIP_benchmark folders.
+        image_key: manifest column with the image path (relative to the manifest).
+        caption_key: manifest column with the caption, or shard json field; default: ``caption``, else ``title``.
+        tokenizer: tokenizer name or folder; default: the checkpoint's, else the CLIP BPE.
+        act: MLP activation of an OpenAI / OpenCLIP state dict when it cannot be detected.
+        seed: seed of a preset's random weights.
+        resume: continue an interrupted build of the same job from the chunks it wrote.
+        overwrite: replace an existing index in ``out`` (the old one stays until the new one is complete).
+    """
+    if out is None:
+        raise ValueError("give the folder to write the index into: --out DIR")
+    from mmlm.retrieval.build import build
+
+    folder = build(
+        model, data, out, split=split, image_key=image_key, caption_key=caption_key, tokenizer=tokenizer, act=act,
+        seed=seed, batch_size=batch_size, resume=resume, overwrite=overwrite, index_type=index_type, dtype=dtype,
+        nprobe=nprobe, chunk_size=chunk_size, num_workers=num_workers, accelerator=accelerator, devices=devices,
+        num_nodes=num_nodes, precision=precision,
+    )  # fmt: skip
+    if folder is not None:
+        index_info(folder)
+
+
+def index_add(
+    index: Path,
+    data: str,
+    model: str | None = None,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    chunk_size: int = 4096,
+    accelerator: str = "auto",
+    devices: int = 1,
+    num_nodes: int = 1,
+    precision: str = "32-true",
+    split: str = "test",
+    image_key: str = "filepath",
+    caption_key: str | None = None,
+    resume: bool = False,
+) -> None:
+    """Append a collection to an index, embedded with the model it was built with; ids continue.
+
+    Args:
+        index: the index folder (``mmlm index build --out``).
+        data: what to add (the kinds ``mmlm index build`` takes).
+        model: where the index's model is now, if not at the spec it was built from; refused unless
+            its weights hash is the index's.
+        batch_size: images per forward pass.
+        num_workers: DataLoader workers reading and decoding images.
+        chunk_size: items per chunk file; a killed run loses at most one chunk per process.
+        accelerator: ``auto``, ``cpu``, ``gpu``, ...
+        devices: processes per node embedding in parallel (Lightning DDP predict).
+        num_nodes: machines, for a multi-node launch.
+        precision: Lightning precision of the forward passes.
+        split: ``train`` or ``test`` for digits and CLIP_benchmark folders.
+        image_key: manifest column with the image path.
+        caption_key: manifest column with the caption, or shard json field; default: ``caption``, else ``title``.
+        resume: continue an interrupted add of the same data from the chunks it wrote.
+    """
+    from mmlm.retrieval.build import add
+
+    folder = add(
+        index, data, model=model, split=split, image_key=image_key, caption_key=caption_key, batch_size=batch_size,
+        resume=resume, chunk_size=chunk_size, num_workers=num_workers, accelerator=accelerator, devices=devices,
+        num_nodes=num_nodes, precision=precision,
+    )  # fmt: skip
+    if folder is not None:
+        index_info(folder)
+
+
+def index_info(index: Path) -> None:
+    """Print what an index folder holds: model, counts, skipped samples, FAISS indexes, builds, versions.
+
+    Args:
+        index: the index folder.
+    """
+    from mmlm.retrieval.index import describe, read_manifest
+
+    print(describe(read_manifest(index), index))

@@ -1,0 +1,278 @@
+"""An index folder, as ``mmlm index build`` writes it and ``Index.open`` reads it::
+
+    DIR/
+      manifest.json      model spec and weights hash, embedding dim / dtype / normalisation, counts, skip
+                         counts per reason, each build's data and options, library versions
+      image_embeds.npy   (items, dim) float32 or float16, L2-normalised; row = id (memory-mappable)
+      text_embeds.npy    (texts, dim) the captions' embeddings, grouped by item
+      text_ids.npy       (texts,) int64: the id of each caption's item
+      image.index        FAISS, inner product; FAISS ids = item ids (plain ``faiss.read_index`` loads it)
+      text.index         FAISS over the captions; FAISS ids = their items' ids
+      metadata.sqlite    ``items``: one row per id with every metadata column (the caption column holds
+                         the item's first caption); ``texts``: one row per caption (row, id, caption)
+
+An id is one image. Ids run 0, 1, ... in the order of the data (its manifest rows, sorted file
+names, shard order), whatever the number of processes, and ``mmlm index add`` continues them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+FORMAT = "mmlm-index/1"
+MANIFEST = "manifest.json"
+METADATA = "metadata.sqlite"
+MODALITIES = ("image", "text")
+EMBEDDINGS = {"image": "image_embeds.npy", "text": "text_embeds.npy"}
+TEXT_IDS = "text_ids.npy"
+INDEXES = {"image": "image.index", "text": "text.index"}
+AUTO_EXACT_LIMIT = 1_000_000  # index_type auto: exact search below this many vectors, IVF-PQ from here
+TRAIN_PER_CLUSTER = 100  # training vectors per IVF cluster (autofaiss's choice; FAISS wants 39 to 256)
+MIN_TRAIN = 10_000  # and at least this many: 39 per centroid of an 8-bit PQ codebook
+RERANK = 10  # a lossy index (PQ, SQ) proposes RERANK * k items, rescored with the stored embeddings
+
+
+def auto_index_type(n: int, dim: int) -> str:
+    """Exact below ``AUTO_EXACT_LIMIT`` vectors; past it IVF-PQ as autofaiss sizes it: about 4 sqrt(n)
+    clusters (a power of two) and codes of dim / 8 bytes (1/32 of float32)."""
+    if n < AUTO_EXACT_LIMIT:
+        return "Flat"
+    clusters = 2 ** round(math.log2(4 * math.sqrt(n)))
+    m = max(d for d in range(1, dim // 8 + 1) if dim % d == 0)
+    return f"IVF{clusters},PQ{m}"
+
+
+def check_index_type(index_type: str, dim: int, n: int | None = None) -> None:
+    """A ValueError now, before any embedding, for a string FAISS's index_factory cannot read, or for
+    more IVF clusters than ``n`` vectors can train."""
+    if index_type == "auto":
+        return
+    try:
+        index = faiss.index_factory(dim, index_type, faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1].split(": ", 1)[-1]
+        raise ValueError(
+            f"--index_type {index_type!r}: not a FAISS index_factory string for {dim}-d vectors ({reason}); "
+            "e.g. Flat, HNSW32, IVF1024,Flat, IVF4096,PQ64, or auto"
+        ) from None
+    ivf = faiss.try_extract_index_ivf(index)
+    if n is not None and ivf is not None and n < ivf.nlist:
+        raise ValueError(f"--index_type {index_type}: {n} vectors cannot train {ivf.nlist} clusters; "
+                         f"use IVF{2 ** int(math.log2(max(1, n // 39)))},... or Flat")  # fmt: skip
+
+
+def faiss_index(vectors: np.ndarray, index_type: str, nprobe: int | None = None) -> tuple[faiss.Index, str]:
+    """An empty inner-product index for ``vectors``, trained if its kind needs it on a fixed random sample
+    (100 per IVF cluster, at least 10,000), and the factory string it was made from. It takes
+    ``add_with_ids``: IVF indexes store ids themselves, any other kind is wrapped in ``IndexIDMap``."""
+    n, dim = vectors.shape
+    spec = auto_index_type(n, dim) if index_type == "auto" else index_type
+    check_index_type(spec, dim, n)
+    index = faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        index = faiss.IndexIDMap(index)
+    elif isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQ):
+        # index_factory turns on polysemous training, which only Hamming-thresholded search uses, and
+        # which takes minutes where training the codes takes seconds
+        faiss.downcast_index(ivf).do_polysemous_training = False
+    if not index.is_trained:
+        size = min(n, max(TRAIN_PER_CLUSTER * (ivf.nlist if ivf is not None else 1), MIN_TRAIN))
+        sample = np.sort(np.random.default_rng(0).choice(n, size, replace=False))
+        index.train(np.asarray(vectors[sample], dtype=np.float32))
+    if ivf is not None:
+        ivf.nprobe = min(ivf.nlist, nprobe or default_nprobe(ivf.nlist))
+    return index, spec
+
+
+def default_nprobe(clusters: int) -> int:
+    """Clusters searched per query: 64, or 1/64 of them if more (scripts/bench_index.py: recall@10 of
+    IVF-PQ with reranking ~0.9 at 64 on clustered 512-d vectors)."""
+    return min(clusters, max(64, clusters // 64))
+
+
+def is_lossy(index: faiss.Index) -> bool:
+    """Whether ``index`` scores compressed codes (PQ, SQ, ...) rather than the vectors themselves."""
+    inner = faiss.try_extract_index_ivf(index) or faiss.downcast_index(getattr(index, "index", index))
+    return not isinstance(faiss.downcast_index(inner), (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexHNSWFlat))
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not an mmlm index folder (no {MANIFEST}); `mmlm index build` writes one")
+    manifest = json.loads(path.read_text())
+    if manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: format {manifest.get('format')!r}, not {FORMAT!r}")
+    return manifest
+
+
+class Index:
+    """An index folder opened read-only: embeddings memory-mapped, FAISS indexes memory-mapped where
+    FAISS can, metadata in SQLite. ``search`` takes query embeddings, ``metadata`` the ids it returned."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+        self.folder, self.manifest = folder, manifest
+        self.text_ids: np.ndarray = np.load(folder / TEXT_IDS, mmap_mode="r")
+        self._embeddings = {m: np.load(folder / EMBEDDINGS[m], mmap_mode="r") for m in MODALITIES}
+        self._indexes: dict[str, faiss.Index] = {}
+        uri = (folder / METADATA).resolve().as_uri() + "?mode=ro"
+        self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+
+    @classmethod
+    def build(cls, model: str, data: str, out: str | Path, **options: Any) -> Index | None:
+        """Embed ``data`` with ``model`` into a new index folder ``out`` (``mmlm index build``) and open it
+        (None on the ranks other than 0 of a multi-process build)."""
+        from mmlm.retrieval.build import build
+
+        folder = build(model, data, Path(out), **options)
+        return cls.open(folder) if folder is not None else None
+
+    @classmethod
+    def open(cls, folder: str | Path) -> Index:
+        folder = Path(folder)
+        return cls(folder, read_manifest(folder))
+
+    def __len__(self) -> int:
+        return int(self.manifest["counts"]["items"])
+
+    def __repr__(self) -> str:
+        return f"Index({str(self.folder)!r}: {len(self)} items, {len(self.text_ids)} texts)"
+
+    @property
+    def dim(self) -> int:
+        return int(self.manifest["embedding"]["dim"])
+
+    def embeddings(self, modality: str = "image") -> np.ndarray:
+        """The stored embeddings (memory-mapped): image rows are ids, text rows belong to ``text_ids``."""
+        _check_modality(modality)
+        return self._embeddings[modality]
+
+    def faiss(self, modality: str = "image") -> faiss.Index:
+        """The FAISS index of ``modality`` (read on first use, memory-mapped)."""
+        _check_modality(modality)
+        if modality not in self._indexes:
+            entry = self.manifest["indexes"].get(modality)
+            if entry is None:
+                raise ValueError(f"{self.folder} has no {modality} index (its data had no {modality}s)")
+            path = str(self.folder / entry["file"])
+            self._indexes[modality] = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+        return self._indexes[modality]
+
+    def search(
+        self, vectors: Any, k: int = 10, modality: str = "image", rerank: int = RERANK
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` items whose ``modality`` embedding is nearest each query: (ids, scores), both (Q, k).
+
+        Queries ((Q, dim) or (dim,), numpy or torch) are L2-normalised, so scores are cosine
+        similarities. An item matched by several of its captions counts once, at its best score.
+        A lossy index (PQ, SQ) proposes ``rerank * k`` items, rescored with the stored embeddings
+        (memory-mapped: only their rows are read). Where fewer than ``k`` items exist, rows end in
+        id -1 and score -inf (FAISS's padding).
+        """
+        if k < 1 or rerank < 1:
+            raise ValueError(f"k={k}, rerank={rerank}: give numbers >= 1")
+        queries = np.array(vectors.detach().cpu().numpy() if hasattr(vectors, "detach") else vectors, dtype=np.float32)
+        queries = np.ascontiguousarray(queries.reshape(-1, queries.shape[-1]))
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"queries of dim {queries.shape[1]}, but {self.folder} holds {self.dim}-d embeddings")
+        faiss.normalize_L2(queries)
+        index = self.faiss(modality)
+        factor = rerank if is_lossy(index) else 1
+        per_item = 1 if modality == "image" else max(1, int(self.manifest["counts"]["max_texts_per_item"]))
+        scores, ids = index.search(queries, max(k, min(k * factor * per_item, index.ntotal)))
+        if factor > 1:
+            scores = self._exact_scores(queries, ids, modality)
+            order = np.argsort(-scores, axis=1, kind="stable")
+            ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
+        return _first_per_id(ids, scores, k)
+
+    def _exact_scores(self, queries: np.ndarray, ids: np.ndarray, modality: str) -> np.ndarray:
+        """Each candidate's cosine similarity from the stored embeddings (an item's best caption for text)."""
+        stored = self._embeddings[modality]
+        out = np.full(ids.shape, -np.inf, dtype=np.float32)
+        for row, (query, row_ids) in enumerate(zip(queries, ids)):
+            found = np.flatnonzero(row_ids >= 0)
+            if modality == "image":
+                out[row, found] = np.asarray(stored[row_ids[found]], dtype=np.float32) @ query
+                continue
+            first = np.searchsorted(self.text_ids, row_ids[found], "left")
+            last = np.searchsorted(self.text_ids, row_ids[found], "right")
+            for j, a, b in zip(found, first, last):
+                out[row, j] = (np.asarray(stored[a:b], dtype=np.float32) @ query).max()
+        return out
+
+    def metadata(self, ids: Any) -> list[dict[str, Any] | None]:
+        """The metadata row of each id (None for -1 or an unknown id), with ``captions``: all of the item's."""
+        wanted = [int(i) for i in np.asarray(ids).reshape(-1)]
+        known = sorted({i for i in wanted if i >= 0})
+        rows: dict[int, dict[str, Any]] = {}
+        for start in range(0, len(known), 900):  # SQLite's limit on bound parameters
+            part = known[start : start + 900]
+            marks = ",".join("?" * len(part))
+            for row in self._db.execute(f"SELECT * FROM items WHERE id IN ({marks})", part):
+                rows[row["id"]] = {k: v for k, v in zip(row.keys(), row) if v is not None}
+            texts = self._db.execute(f"SELECT id, caption FROM texts WHERE id IN ({marks}) ORDER BY row", part)
+            for i, caption in texts:
+                rows[i].setdefault("captions", []).append(caption)
+        return [rows.get(i) for i in wanted]
+
+    def add(self, data: str, **options: Any) -> Index:
+        """Append ``data``, embedded with this index's model (``mmlm index add``); the updated index."""
+        from mmlm.retrieval.build import add
+
+        folder = add(self.folder, data, **options)
+        return Index.open(folder) if folder is not None else self
+
+    def close(self) -> None:
+        self._db.close()
+
+
+def _first_per_id(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's first ``k`` distinct ids (FAISS returns best first), padded with -1 / -inf."""
+    out_ids = np.full((len(ids), k), -1, dtype=np.int64)
+    out_scores = np.full((len(ids), k), -np.inf, dtype=np.float32)
+    for row, (row_ids, row_scores) in enumerate(zip(ids, scores)):
+        _, first = np.unique(row_ids, return_index=True)
+        first = np.sort(first[row_ids[first] >= 0])[:k]
+        out_ids[row, : len(first)] = row_ids[first]
+        out_scores[row, : len(first)] = row_scores[first]
+    return out_ids, out_scores
+
+
+def _check_modality(modality: str) -> None:
+    if modality not in MODALITIES:
+        raise ValueError(f"modality must be one of {', '.join(MODALITIES)}, not {modality!r}")
+
+
+def describe(manifest: dict[str, Any], folder: str | Path = "") -> str:
+    """The manifest in words (``mmlm index info``)."""
+    model, emb, counts = manifest["model"], manifest["embedding"], manifest["counts"]
+    normalised = "L2-normalised, " if emb["normalized"] else ""
+    lines = [
+        f"{folder or 'index'}: {counts['items']:,} images, {counts['texts']:,} captions",
+        f"  model      {model['spec']} ({model['type']}, weights hash {model['weights_hash'][:12]})",
+        f"  embeddings {emb['dim']}-d {emb['dtype']}, {normalised}{emb['metric'].replace('_', ' ')}",
+    ]
+    for modality, entry in manifest["indexes"].items():
+        probe = f", nprobe {entry['nprobe']}" if entry.get("nprobe") else ""
+        lines.append(f"  {modality:10s} FAISS {entry['type']}, {entry['ntotal']:,} vectors{probe} ({entry['file']})")
+    skipped = manifest["skipped"]
+    lines.append(f"  skipped    {sum(skipped.values())}" + (f" ({', '.join(f'{k} {v}' for k, v in skipped.items())})"
+                                                            if skipped else ""))  # fmt: skip
+    for build in manifest["builds"]:
+        ids = f"ids {build['ids'][0]}-{build['ids'][1]}" if build["ids"] else "no ids"
+        what = f"{build['items']:,} images, {build['texts']:,} captions, {ids}"
+        lines.append(f"  {build['command']:10s} {build['data']}: {what}, {sum(build['skipped'].values())} skipped, "
+                     f"{build['seconds']} s, {build['finished']}")  # fmt: skip
+    versions = ", ".join(f"{k} {v}" for k, v in manifest["versions"].items())
+    lines.append(f"  versions   {versions}")
+    return "\n".join(lines)
