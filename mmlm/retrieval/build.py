@@ -97,8 +97,10 @@ class Options:
 
 def weights_hash(model: nn.Module) -> str:
     """sha256 of the config and every tensor (name, dtype, bytes): equal only for the same model."""
+    from mmlm.checkpoint import tensors
+
     h = hashlib.sha256(json.dumps(_config_dict(model), sort_keys=True).encode())
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(tensors(model).items()):  # an int8 model's int8 weights and scales too
         h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
