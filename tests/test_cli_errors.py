@@ -57,10 +57,10 @@ def test_help_lists_every_command_without_importing_torch():
                           capture_output=True, text=True, timeout=120)  # fmt: skip
     assert done.returncode == 0
     for command in ("fit", "validate", "test", "predict", "convert", "demo", "presets", "tokenizer", "zeroshot",
-                    "eval-retrieval"):  # fmt: skip
+                    "eval-retrieval", "clip-benchmark", "index", "quantize", "prune", "explain", "serve", "search"):  # fmt: skip
         assert f"\n    {command} " in done.stdout, command
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
-    heavy = {"torch", "lightning", "transformers", "timm", "open_clip"} & imported
+    heavy = {"torch", "lightning", "transformers", "timm", "open_clip", "faiss", "fastapi", "captum"} & imported
     assert not heavy, f"--help imported {heavy}"
 
 
