@@ -26,6 +26,11 @@ SHRINK = {
     "mmlm.tasks.ImageClassification": ["--model.init_args.model", "vit-tiny"],
 }
 CPU = ["--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.strategy", "auto", "--trainer.precision", "32"]
+# configs that start from another run's output (the main job's checkpoint, a pruned folder) get a preset instead
+AFTER_ANOTHER_RUN = {
+    "distill-digits-tiny": ["--model.init_args.teacher", "clip-tiny"],
+    "prune-recover-digits-tiny": ["--model.init_args.model", "clip-tiny"],
+}
 
 
 def task_of(config: Path) -> str:
@@ -44,7 +49,7 @@ def test_configs_exist_for_every_kind_of_task():
     tasks = {f"mmlm.tasks.{name}" for name in mmlm.tasks.__all__
              if inspect.isclass(getattr(mmlm.tasks, name)) and issubclass(getattr(mmlm.tasks, name), mmlm.tasks.Task)
              and getattr(mmlm.tasks, name) is not mmlm.tasks.Task}  # fmt: skip
-    assert len(tasks) == 6  # alignment, pretraining, image / text / token classification, QA
+    assert len(tasks) == 7  # alignment, distillation, pretraining, image / text / token classification, QA
     assert {task_of(c) for c in CONFIGS} == tasks
     assert {task_of(c) for c in TINY} == tasks  # each trains on a laptop CPU too
 
@@ -63,7 +68,7 @@ def test_every_config_instantiates_and_writes_only_under_its_root(config, tmp_pa
 
     assert output_paths(yaml.safe_load(config.read_text())) == []  # trainer.default_root_dir is the one root
     monkeypatch.chdir(ROOT)
-    extra = [] if "tiny" in config.name else SHRINK.get(task_of(config), []) + CPU
+    extra = AFTER_ANOTHER_RUN.get(config.stem, []) if "tiny" in config.name else SHRINK.get(task_of(config), []) + CPU
     cli = lightning_cli(["--config", str(config), *extra, "--trainer.default_root_dir", str(tmp_path)], run=False)
     assert cli.trainer.max_steps > 0
     assert sum(p.numel() for p in cli.model.parameters()) > 0
@@ -77,7 +82,8 @@ def test_tiny_configs_fit_a_few_steps(config, tmp_path):
     out = tmp_path / "run"
     result = run_mmlm(
         "fit", "--config", str(config), "--trainer.max_steps", "3", "--trainer.val_check_interval", "3",
-        "--trainer.limit_val_batches", "2", "--trainer.default_root_dir", str(out), cwd=ROOT,
+        "--trainer.limit_val_batches", "2", "--trainer.default_root_dir", str(out), *AFTER_ANOTHER_RUN.get(config.stem, []),
+        cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     run = out / "version_0"
