@@ -1,0 +1,131 @@
+"""``Client``: the retrieval API of ``mmlm serve`` from Python, on the standard library alone (no torch,
+no HTTP package), so that any program can query a server::
+
+    from mmlm.retrieval import Client
+
+    client = Client("http://127.0.0.1:8000", api_key=None)
+    for hit in client.search("a rocket on the launch pad", k=5):
+        print(hit["score"], hit["metadata"].get("caption"))
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+
+class ApiError(ValueError):
+    """The server refused a request (``status``: its HTTP status, ``detail``: its message)."""
+
+    def __init__(self, status: int, detail: Any, url: str) -> None:
+        super().__init__(f"{url}: HTTP {status}: {detail}")
+        self.status, self.detail = status, detail
+
+
+def encode_image(image: str | os.PathLike | bytes | Any) -> str:
+    """base64 of an image file: a path, its bytes, or a PIL image (sent as PNG)."""
+    if isinstance(image, (str, os.PathLike)):
+        data = Path(image).read_bytes()
+    elif isinstance(image, (bytes, bytearray)):
+        data = bytes(image)
+    else:
+        buf = BytesIO()
+        image.save(buf, format="PNG")
+        data = buf.getvalue()
+    return base64.b64encode(data).decode("ascii")
+
+
+class Client:
+    """A running ``mmlm serve`` at ``url``.
+
+    Args:
+        url: the server's address (with its path prefix behind a reverse proxy).
+        api_key: sent as ``X-API-Key``; default: the ``MMLM_API_KEY`` environment variable.
+        index: the index to query when a call names none; default: the server's first.
+        timeout: seconds to wait for an answer.
+    """
+
+    def __init__(self, url: str = "http://127.0.0.1:8000", api_key: str | None = None, index: str | None = None,
+                 timeout: float = 60.0) -> None:  # fmt: skip
+        self.url = url.rstrip("/") + "/"
+        self.api_key = api_key if api_key is not None else os.environ.get("MMLM_API_KEY")
+        self.index, self.timeout = index, timeout
+
+    def __repr__(self) -> str:
+        return f"Client({self.url!r})"
+
+    def search(
+        self, text: str | None = None, *, image: Any = None, embedding: Any = None, item: int | None = None,
+        modality: str = "image", k: int = 10, offset: int = 0, index: str | None = None, deduplicate: bool = False,
+    ) -> list[dict[str, Any]]:  # fmt: skip
+        """The ``k`` nearest items of one query (a text, an image path / bytes / PIL image, a vector, or a stored
+        ``item``) on the ``modality`` side, best first: ``[{"id", "score", "metadata", "image"}]``."""
+        body: dict[str, Any] = {"modality": modality, "k": k, "offset": offset, "index": index or self.index,
+                                "deduplicate": deduplicate}  # fmt: skip
+        body.update(self._query(text, image, embedding, item))
+        return self._call("POST", "search", body)["hits"]
+
+    def embed(self, text: str | None = None, *, image: Any = None, index: str | None = None) -> list[float]:
+        """The L2-normalised embedding of a text or an image, by the model of ``index``."""
+        body = {"index": index or self.index, **self._query(text, image, None, None)}
+        return self._call("POST", "embed", body)["embedding"]
+
+    def indices(self) -> list[dict[str, Any]]:
+        """The served indexes: name, items, texts, dim, model, modalities."""
+        return self._call("GET", "indices")
+
+    def item(self, id: int, index: str | None = None) -> dict[str, Any]:
+        """An item's metadata (and the URL of its image, if the server has it)."""
+        return self._call("GET", f"items/{self._index(index)}/{int(id)}")
+
+    def image(self, id: int, index: str | None = None) -> bytes:
+        """An item's image file."""
+        return self._call("GET", f"items/{self._index(index)}/{int(id)}/image", raw=True)
+
+    def health(self) -> dict[str, Any]:
+        return self._call("GET", "healthz")
+
+    def _index(self, index: str | None) -> str:
+        name = index or self.index or self.indices()[0]["name"]
+        return urllib.parse.quote(name, safe="")
+
+    @staticmethod
+    def _query(text: str | None, image: Any, embedding: Any, item: int | None) -> dict[str, Any]:
+        given = {"text": text, "image": image, "embedding": embedding, "item": item}
+        given = {k: v for k, v in given.items() if v is not None}
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of text, image, embedding, item (got {', '.join(given) or 'none'})")
+        if "image" in given:
+            given["image"] = encode_image(given["image"])
+        if "embedding" in given:
+            given["embedding"] = [float(x) for x in getattr(embedding, "tolist", lambda: embedding)()]
+        return given
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None, raw: bool = False) -> Any:
+        url = self.url + path
+        headers = {"Accept": "application/json"}
+        data = None
+        if body is not None:
+            data = json.dumps({k: v for k, v in body.items() if v is not None}).encode()
+            headers["Content-Type"] = "application/json"
+        if self.api_key:
+            headers["X-API-Key"] = self.api_key
+        request = urllib.request.Request(url, data=data, headers=headers, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                payload = response.read()
+        except urllib.error.HTTPError as e:
+            text = e.read().decode("utf-8", "replace")
+            try:
+                detail = json.loads(text).get("detail", text)
+            except (ValueError, AttributeError):
+                detail = text
+            raise ApiError(e.code, detail, url) from None
+        return payload if raw else json.loads(payload)

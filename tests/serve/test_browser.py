@@ -1,0 +1,92 @@
+"""The web page in headless Chromium (Debian's ``chromium``, driven by Playwright): a typed query shows
+the API's hits as loaded thumbnails, a click searches by that picture, a dropped file searches by
+itself; nothing is fetched from anywhere but the server. Leaves a screenshot in tmp_path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from playwright.sync_api import expect, sync_playwright
+
+from mmlm.paths import ASSETS
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's package: Playwright's own browser download is not reachable
+
+
+def cards(page) -> list[dict]:
+    """What the grid shows: id, score text, caption, and whether the thumbnail decoded."""
+    return page.eval_on_selector_all("#results figure.card", """cards => cards.map(c => ({
+        id: Number(c.dataset.id), score: c.querySelector('.score').textContent,
+        caption: c.querySelector('figcaption').textContent,
+        loaded: !!c.querySelector('img') && c.querySelector('img').complete && c.querySelector('img').naturalWidth > 0}))""")
+
+
+def test_page_searches_by_text_click_and_drop(server, tmp_path):
+    query = "a rocket on the launch pad"
+    expected = server.json("/search", {"text": query, "k": 24, "index": "assets", "modality": "image"})["hits"]
+    requested: list[str] = []
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            page.on("request", lambda r: requested.append(r.url))
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(server.url + "/")
+            expect(page.locator("#index option")).to_have_count(2)
+            page.fill("#query", query)
+            page.press("#query", "Enter")
+            expect(page.locator("#status")).to_contain_text("results for")
+            page.wait_for_function("() => [...document.querySelectorAll('#results img')].every(i => i.complete)")
+            shown = cards(page)
+            assert [c["id"] for c in shown] == [h["id"] for h in expected]  # the API's hits, in its order
+            assert [c["score"] for c in shown] == [f"{h['score']:.3f}" for h in expected]
+            assert all(c["loaded"] for c in shown)  # every thumbnail came from /items/.../image and decoded
+            assert shown[0]["caption"].endswith(expected[0]["metadata"]["captions"][0])
+            page.screenshot(path=str(tmp_path / "serve.png"))
+
+            clicked = shown[3]["id"]
+            page.click(f"#results figure.card[data-id='{clicked}']")
+            expect(page.locator("#status")).to_contain_text(f"results for image #{clicked}")
+            assert cards(page)[0]["id"] == clicked and cards(page)[0]["score"] == "1.000"
+
+            page.set_input_files("#file", str(ASSETS / "images" / "coffee_spoon.jpg"))
+            expect(page.locator("#status")).to_contain_text("results for coffee_spoon.jpg")
+            first = cards(page)[0]
+            assert server.json(f"/items/assets/{first['id']}")["filepath"] == "images/coffee_spoon.jpg"
+            assert first["score"] == "1.000"
+        finally:
+            browser.close()
+    assert errors == []
+    assert requested and all(u.startswith(server.url + "/") for u in requested)  # no CDN, nothing else
+    assert (tmp_path / "serve.png").stat().st_size > 10_000
+
+
+def test_page_asks_for_the_key_and_then_works(keyed_server, tmp_path):
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        try:
+            page = browser.new_page()
+            page.goto(keyed_server.url + "/")
+            expect(page.locator("#key-box")).to_be_visible()  # /indices answered 401
+            expect(page.locator("#status")).to_contain_text("API key")
+            page.fill("#key", keyed_server.api_key)
+            page.press("#key", "Enter")
+            page.dispatch_event("#key", "change")
+            expect(page.locator("#index option")).to_have_count(1)
+            page.fill("#query", "a cup of coffee")
+            page.press("#query", "Enter")
+            expect(page.locator("#status")).to_contain_text("results for")
+            page.wait_for_function("() => [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)")
+            assert len(cards(page)) == 21  # the whole index (k = 24 > 21): thumbnails fetched with the key
+
+            page.goto(keyed_server.url + f"/?api_key={keyed_server.api_key}")  # or the key in the address
+            expect(page.locator("#index option")).to_have_count(1)
+            assert "api_key" not in page.url  # taken out of the address bar once read
+        finally:
+            browser.close()
+    log = keyed_server.log.read_text()
+    assert keyed_server.api_key not in log and json.dumps(keyed_server.api_key) not in log
+    assert Path(tmp_path).is_dir()

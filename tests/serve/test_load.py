@@ -1,0 +1,113 @@
+"""A bounded load test on loopback: 200 concurrent clients send 5,000 mixed queries within a fixed time;
+no request may fail, every embedding query must rank as numpy does, and the queries must have been
+micro-batched. Prints p50 / p99 latency and queries per second."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+
+import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
+
+from mmlm.paths import ASSETS
+
+CLIENTS = 200
+REQUESTS = 5000
+TIME_LIMIT = 150.0  # seconds for all of them, on a busy 2-core machine
+
+
+def queries(stored: np.ndarray) -> list[dict]:
+    """A mix: texts (70%), embeddings (20%), stored items (8%), uploaded photographs (2%)."""
+    rng = np.random.default_rng(0)
+    words = ["a", "the", "red", "small", "photo", "of", "an", "astronaut", "rocket", "coffee", "cup", "cat", "clock",
+             "grass", "galaxy", "camera", "brick"]  # fmt: skip
+    photos = [base64.b64encode(p.read_bytes()).decode() for p in sorted((ASSETS / "images").glob("*.jpg"))[:4]]
+    out = []
+    for i in range(REQUESTS):
+        kind = i % 50
+        if kind < 35:
+            out.append({"text": " ".join(rng.choice(words, 6)) + f" {i}", "k": 10})
+        elif kind < 45:
+            out.append({"embedding": rng.standard_normal(stored.shape[1]).tolist(), "k": 10})
+        elif kind < 49:
+            out.append({"item": int(rng.integers(len(stored))), "k": 10})
+        else:
+            out.append({"image": photos[i % len(photos)], "k": 10})
+    return out
+
+
+async def post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, body: bytes) -> tuple[int, bytes]:
+    """One POST /search on a kept-alive connection (plain HTTP/1.1: the client must cost less than the server)."""
+    writer.write(b"POST /search HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
+                 % (host.encode(), len(body), body))  # fmt: skip
+    status = int((await reader.readline()).split()[1])
+    length = 0
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return status, await reader.readexactly(length)
+
+
+async def hammer(url: str, bodies: list[dict]) -> tuple[list[float], list, list[dict | None], float]:
+    host, port = url.removeprefix("http://").split(":")
+    payloads = [json.dumps(b).encode() for b in bodies]
+    latencies: list[float] = []
+    errors: list = []
+    answers: list[dict | None] = [None] * len(bodies)
+    todo = iter(range(len(bodies)))
+
+    async def one_client() -> None:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            for i in todo:  # one iterator shared by the clients: each request is sent once
+                start = time.perf_counter()
+                status, data = await post(reader, writer, host, payloads[i])
+                latencies.append(time.perf_counter() - start)
+                if status != 200:
+                    errors.append((i, status, data[:200]))
+                elif "embedding" in bodies[i]:
+                    answers[i] = json.loads(data)
+        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
+            errors.append(("connection", repr(e)))
+        finally:
+            writer.close()
+
+    start = time.perf_counter()
+    await asyncio.wait_for(asyncio.gather(*(one_client() for _ in range(CLIENTS))), TIME_LIMIT)
+    return latencies, errors, answers, time.perf_counter() - start
+
+
+def batch_sizes(server) -> tuple[float, float]:
+    _, text = server.get("/metrics")
+    samples = {s.name: s.value for f in text_string_to_metric_families(text.decode()) for s in f.samples
+               if s.name in ("mmlm_batch_size_sum", "mmlm_batch_size_count")}  # fmt: skip
+    return samples["mmlm_batch_size_sum"], samples["mmlm_batch_size_count"]
+
+
+def test_200_clients_5000_queries(server, indexes, tmp_path):
+    stored = np.asarray(indexes.assets.embeddings("image"))
+    bodies = queries(stored)
+    summed, batches = batch_sizes(server)
+    latencies, errors, answers, wall = asyncio.run(hammer(server.url, bodies))
+    assert errors == [], errors[:5]
+    assert len(latencies) == REQUESTS
+
+    for body, answer in zip(bodies, answers):  # every embedding query ranked as numpy ranks it
+        if answer is not None:
+            scores = stored @ (np.asarray(body["embedding"]) / np.linalg.norm(body["embedding"]))
+            assert [h["id"] for h in answer["hits"]] == np.argsort(-scores, kind="stable")[:10].tolist()
+
+    summed, batches = np.subtract(batch_sizes(server), (summed, batches))
+    assert summed == REQUESTS  # each query went through the batcher once ...
+    assert summed / batches > 2  # ... and under load they shared batches
+
+    ms = np.percentile(latencies, [50, 99]) * 1000
+    report = {"clients": CLIENTS, "requests": REQUESTS, "seconds": round(wall, 2), "qps": round(REQUESTS / wall, 1),
+              "p50_ms": round(float(ms[0]), 1), "p99_ms": round(float(ms[1]), 1),
+              "mean_batch": round(float(summed / batches), 1)}  # fmt: skip
+    (tmp_path / "load.json").write_text(json.dumps(report))
+    print(f"\nload test: {json.dumps(report)}")
