@@ -18,7 +18,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mmlm.data import image_transform
 from mmlm.paths import ASSETS
-from mmlm.retrieval.client import ApiError, Client
+from mmlm.retrieval import Client
+from mmlm.retrieval.client import ApiError
 
 ATOL = 1e-5  # float32 forward passes of one query vs a batch of them
 
