@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -86,8 +87,11 @@ def test_bundled_assets_resolve_from_any_working_folder(tmp_path, monkeypatch):
 
 def test_wheel_ships_the_assets_every_config_names(tmp_path):
     root = Path(__file__).resolve().parents[2]
+    source = tmp_path / "src"  # setuptools writes build/ and *.egg-info beside the sources: build a copy
+    shutil.copytree(root, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "runs",
+                                                                  ".pytest_cache", "tests", "docs"))  # fmt: skip
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
         check=True, capture_output=True, env={**os.environ, "PIP_NO_INDEX": "1"}, cwd=tmp_path,
     )  # fmt: skip
     (wheel,) = tmp_path.glob("mmlm-*.whl")
