@@ -78,6 +78,7 @@ class Job:
     seed: int
     batch_size: int
     base: str | None = None  # add: the manifest being extended (its sha256)
+    int8: bool = False  # embedded by an int8 copy of the model (``quantize_int8``)
 
 
 @dataclass
@@ -378,7 +379,7 @@ def write_index(
     counts.update(skipped)
     per_item = int(np.bincount(merged["text_owner"]).max(initial=0))
     model_entry = {"spec": job.model, "weights_hash": job.weights, "type": type(model).__name__, "seed": job.seed,
-                   "act": job.act, "tokenizer": job.tokenizer}  # fmt: skip
+                   "act": job.act, "tokenizer": job.tokenizer, "int8": job.int8}  # fmt: skip
     manifest = {
         "format": FORMAT,
         "model": model_entry,
@@ -505,11 +506,12 @@ def run_job(
 def build(
     model: str, data: str, out: Path, *, split: str = "test", image_key: str = "filepath",
     caption_key: str | None = None, tokenizer: str | None = None, act: str | None = None, seed: int = 0,
-    batch_size: int = 64, resume: bool = False, overwrite: bool = False, **options: Any,
+    batch_size: int = 64, resume: bool = False, overwrite: bool = False, int8: bool = False, **options: Any,
 ) -> Path | None:  # fmt: skip
     """A new index of ``data`` embedded with ``model`` in ``out`` (``mmlm index build``; see there)."""
     opts = Options(**options)
     _check_sizes(batch_size, opts)
+    _check_int8(int8, opts)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} is a file: give a folder for the index")
@@ -523,8 +525,8 @@ def build(
     local = model not in PRESETS and resolve(model).exists()
     spec = str(resolve(model).resolve()) if local else model  # `index add` and the server find it from any folder
     job = Job("build", spec, weights_hash(net), items.spec, split, image_key, caption_key, tokenizer, act, seed,
-              batch_size)  # fmt: skip
-    return run_job(job, opts, out, net, items, CollateItems(tok), resume)
+              batch_size, int8=int8)  # fmt: skip
+    return run_job(job, opts, out, _encoder(net, int8), items, CollateItems(tok), resume)
 
 
 def add(
@@ -543,13 +545,35 @@ def add(
             f"{built['weights_hash'][:12]} from {built['spec']}): embeddings of two models cannot share an index"
         )
     opts = Options(**options, dtype=base.manifest["embedding"]["dtype"])
+    int8 = bool(built.get("int8", False))  # embedded as the index was
     _check_sizes(batch_size, opts)
+    _check_int8(int8, opts)
     tok = model_tokenizer(net, built["tokenizer"], spec)
     items = collection(data, image_transform(net.cfg.vision, train=False), split, image_key, caption_key)
     manifest_hash = hashlib.sha256((Path(index) / MANIFEST).read_bytes()).hexdigest()
     job = Job("add", built["spec"], weights, items.spec, split, image_key, caption_key, built["tokenizer"],
-              built["act"], built["seed"], batch_size, manifest_hash)  # fmt: skip
-    return run_job(job, opts, Path(index), net, items, CollateItems(tok), resume, base)
+              built["act"], built["seed"], batch_size, manifest_hash, int8)  # fmt: skip
+    return run_job(job, opts, Path(index), _encoder(net, int8), items, CollateItems(tok), resume, base)
+
+
+def _encoder(model: nn.Module, int8: bool) -> nn.Module:
+    """What embeds the items: ``model``, or its int8 copy; the index records the weights hash of ``model``."""
+    if not int8:
+        return model
+    from mmlm.compress import quantize_int8
+
+    return quantize_int8(model)
+
+
+def _check_int8(int8: bool, options: Options) -> None:
+    """int8 Linear layers run on the CPU: ``auto`` becomes ``cpu``, any other accelerator is refused."""
+    if not int8:
+        return
+    if options.accelerator not in ("auto", "cpu"):
+        raise ValueError(f"--accelerator {options.accelerator}: int8 embeds on the CPU; drop --int8 or the accelerator")
+    if options.precision != "32-true":
+        raise ValueError(f"--precision {options.precision}: an int8 model computes in its own precision; drop one")
+    options.accelerator = "cpu"
 
 
 def _check_sizes(batch_size: int, options: Options) -> None:

@@ -30,6 +30,7 @@ def index_build(
     tokenizer: str | None = None,
     act: Literal["gelu", "quick_gelu"] | None = None,
     seed: int = 0,
+    int8: bool = False,
     resume: bool = False,
     overwrite: bool = False,
 ) -> None:
@@ -59,6 +60,8 @@ def index_build(
         tokenizer: tokenizer name or folder; default: the checkpoint's, else the CLIP BPE.
         act: MLP activation of an OpenAI / OpenCLIP state dict when it cannot be detected.
         seed: seed of a preset's random weights.
+        int8: embed with an int8 copy of the model (dynamic int8 Linear layers, CPU); the index records it,
+            keeps the float model's weights hash, and ``mmlm index add`` embeds the same way.
         resume: continue an interrupted build of the same job from the chunks it wrote.
         overwrite: replace an existing index in ``out`` (the old one stays until the new one is complete).
     """
@@ -68,7 +71,7 @@ def index_build(
 
     folder = build(
         model, data, out, split=split, image_key=image_key, caption_key=caption_key, tokenizer=tokenizer, act=act,
-        seed=seed, batch_size=batch_size, resume=resume, overwrite=overwrite, index_type=index_type, dtype=dtype,
+        seed=seed, batch_size=batch_size, resume=resume, overwrite=overwrite, int8=int8, index_type=index_type, dtype=dtype,
         nprobe=nprobe, chunk_size=chunk_size, num_workers=num_workers, accelerator=accelerator, devices=devices,
         num_nodes=num_nodes, precision=precision,
     )  # fmt: skip

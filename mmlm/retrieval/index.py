@@ -257,9 +257,10 @@ def describe(manifest: dict[str, Any], folder: str | Path = "") -> str:
     """The manifest in words (``mmlm index info``)."""
     model, emb, counts = manifest["model"], manifest["embedding"], manifest["counts"]
     normalised = "L2-normalised, " if emb["normalized"] else ""
+    int8 = ", embedded in int8" if model.get("int8") else ""
     lines = [
         f"{folder or 'index'}: {counts['items']:,} images, {counts['texts']:,} captions",
-        f"  model      {model['spec']} ({model['type']}, weights hash {model['weights_hash'][:12]})",
+        f"  model      {model['spec']} ({model['type']}, weights hash {model['weights_hash'][:12]}{int8})",
         f"  embeddings {emb['dim']}-d {emb['dtype']}, {normalised}{emb['metric'].replace('_', ' ')}",
     ]
     for modality, entry in manifest["indexes"].items():

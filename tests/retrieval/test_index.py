@@ -283,6 +283,34 @@ def test_add_continues_the_ids_and_refuses_another_model(bad_manifest, tmp_path,
     assert Index.open(tmp_path / "ix").manifest == grown.manifest
 
 
+def test_int8_build_embeds_with_the_int8_copy_and_add_keeps_it(assets_index, bad_manifest, tmp_path, capsys):
+    from mmlm.compress import quantize_int8
+
+    model = load_model("clip-tiny", seed=0)
+    main(["index", "build", "clip-tiny", "assets", "--out", str(tmp_path / "ix"), "--int8"])
+    assert "embedded in int8" in capsys.readouterr().out
+    int8 = Index.open(tmp_path / "ix")
+    assert int8.manifest["model"]["int8"] is True and assets_index.manifest["model"]["int8"] is False
+    # the float model's identity: `index add` and `mmlm serve` find the model by it
+    assert int8.manifest["model"]["weights_hash"] == assets_index.manifest["model"]["weights_hash"]
+    quantized, transform = quantize_int8(model), image_transform(model.cfg.vision, train=False)
+    with torch.no_grad():
+        own = quantized.encode_image(torch.stack([transform(Image.open(ASSETS / p).convert("RGB"))
+                                                  for p in _manifest_items()]))  # fmt: skip
+    stored, fp32 = int8.embeddings("image"), assets_index.embeddings("image")
+    np.testing.assert_allclose(stored, own.numpy(), atol=1e-6)
+    assert np.abs(stored - fp32).max() > 1e-4  # really the int8 copy, ...
+    assert (np.sum(stored * fp32, axis=1) > 0.99).all()  # ... within int8's cosine of the float one
+
+    int8.add(str(bad_manifest), accelerator="cpu")  # embedded the way the index was
+    grown = Index.open(tmp_path / "ix")
+    with torch.no_grad():
+        added = quantized.encode_image(torch.stack([transform(Image.open(ASSETS / "images" / n).convert("RGB"))
+                                                    for n in GOOD]))  # fmt: skip
+    np.testing.assert_allclose(grown.embeddings("image")[21:], added.numpy(), atol=1e-6)
+    assert [b["command"] for b in grown.manifest["builds"]] == ["build", "add"] and grown.manifest["model"]["int8"]
+
+
 # ------------------------------------------------------------------------------ mistakes
 
 
@@ -296,6 +324,9 @@ def test_mistakes_are_one_line(assets_index, tmp_path, capsys):
     assert "IVF64,Flat: 21 vectors cannot train 64 clusters" in error_line(capsys, *build, "IVF64,Flat")
     line = error_line(capsys, "index", "build", "clip-tiny", "assets")
     assert "--out DIR" in line
+    line = error_line(capsys, "index", "build", "clip-tiny", "assets", "--out", str(tmp_path / "c"), "--int8",
+                      "--accelerator", "gpu")  # fmt: skip
+    assert "--accelerator gpu: int8 embeds on the CPU" in line
     line = error_line(capsys, "index", "info", str(tmp_path))
     assert "is not an mmlm index folder" in line
     assert not [p for p in tmp_path.iterdir() if p.name != "nothing"]  # nothing written, no partial left
