@@ -1,41 +1,59 @@
 #!/usr/bin/env python
 """Speed of mmlm against the reference libraries: one run, same machine, weights, inputs and dtype.
 
-    python scripts/bench.py                                  # CPU sizes, a few minutes on 2 cores
+    python scripts/bench.py                                  # CPU sizes: about 15 minutes on 2 busy cores
     python scripts/bench.py --quick                          # tiny models: a smoke run, ratios mean little
     python scripts/bench.py --device cuda --dtype bf16 --full --json bench.json
     python scripts/bench.py --only '[clip_text, tokenizer]'  # a subset
 
 Every workload builds the reference model with random weights, saves it in its library's
 own format and loads that with ``mmlm.load_pretrained``, so both sides compute the same
-function: the ``max|diff|`` column checks it. Each side then gets ``warmup`` untimed calls
+function: the agreement column checks it. Each side then gets ``warmup`` untimed calls
 and the median of ``repeats`` timed ones (inference under ``torch.inference_mode``).
 ``torch.set_num_threads`` is left at its default and reported.
 Ratio = reference time / mmlm time: above 1, mmlm is faster.
 
 Workloads (``--only`` takes these names):
 
-=============  ==============================================  =====================================
-name           mmlm                                            reference
-=============  ==============================================  =====================================
-clip_image     ``CLIP.encode_image`` (clip-vit-b-32 shapes)    open_clip ``ViT-B-32-quickgelu``
-clip_text      ``CLIP.encode_text``, padded to the longest     ``encode_text`` on ``tokenize``'s 77
-               (2nd row: the tower on all 77 columns)
-clip_train     forward + CLIP loss + backward + AdamW          the same with ``open_clip.ClipLoss``
-vit            ``VisionTransformer`` (vit-b-16 shapes)         timm ``vit_base_patch16_224``
-bert           ``TextWithHeads`` (bert-base + pooler)          transformers ``BertModel``
-tokenizer      ``get_tokenizer("clip")(texts)``                ``open_clip.tokenize(texts)``
-=============  ==============================================  =====================================
+=========================  ==============================================  =====================================
+name                       mmlm                                            reference
+=========================  ==============================================  =====================================
+clip_image                 ``CLIP.encode_image`` (clip-vit-b-32 shapes)    open_clip ``ViT-B-32-quickgelu``
+clip_text                  ``CLIP.encode_text``, padded to the longest     ``encode_text`` on ``tokenize``'s 77
+                           (2nd row: the tower on all 77 columns)
+clip_int8                  both encoders after ``quantize_int8`` (CPU)     ``quantize_dynamic`` of open_clip's
+                                                                           ``nn.Linear`` layers, as its users do
+clip_train                 forward + CLIP loss + backward + AdamW          the same with ``open_clip.ClipLoss``
+clip_train_patch_dropout   the same, ``vision.patch_dropout=0.5``          open_clip, ``patch_dropout=0.5``
+                           (2nd row: against mmlm's step without)
+clip_memory                peak memory of that step at B=32, each in a     open_clip: plain, and with
+                           fresh process: plain, grad checkpointing,       ``set_grad_checkpointing``; no
+                           ``ContrastiveAlignment(micro_batches=4)``       exact micro-batching (its plain step)
+vit                        ``VisionTransformer`` (vit-b-16 shapes)         timm ``vit_base_patch16_224``
+bert                       ``TextWithHeads`` (bert-base + pooler)          transformers ``BertModel``
+mlm_train                  ``LanguagePretraining.training_step`` (MLM)     transformers ``BertForMaskedLM``
+                           + backward + AdamW                              with ``labels``, same batch
+tokenizer                  ``get_tokenizer("clip")(texts)``                ``open_clip.tokenize(texts)``
+index_build, query         ``mmlm index build`` / ``mmlm serve`` (in       see ``scripts/bench_retrieval.py``
+                           ``scripts/bench_retrieval.py``)
+=========================  ==============================================  =====================================
 
 ``ViT-B-32-quickgelu`` is the OpenAI architecture that mmlm's ``clip-vit-b-32`` preset
 describes (QuickGELU); open_clip's plain ``ViT-B-32`` differs only in using GELU.
-With ``--dtype bf16|fp16`` inference casts both models to that dtype; the training step
-keeps fp32 weights under ``torch.autocast`` on both sides.
+With ``--dtype bf16|fp16`` inference casts both models to that dtype; training steps
+keep fp32 weights under ``torch.autocast`` on both sides. The int8 rows need the CPU
+(and take float32 weights whatever ``--dtype`` says); elsewhere they are printed as skipped.
+
+The agreement column is ``max|mmlm - reference|`` (the notes say of what), except for
+int8 rows: the lowest cosine of an int8 embedding to the float32 one. Memory rows give
+MiB; their ratio is reference / mmlm too (above 1, mmlm needs less).
 """
 
 from __future__ import annotations
 
 import json
+import math
+import multiprocessing
 import os
 import platform
 import re
@@ -43,7 +61,9 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -56,6 +76,8 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a source checkout without installing
+# bench_retrieval.py's ``from bench import Bench, Row`` must get this module, not a second copy of it
+sys.modules.setdefault("bench", sys.modules[__name__])
 
 import mmlm
 from mmlm.data import get_tokenizer, image_transform
@@ -83,13 +105,19 @@ class Sizes:
     repeats: int  # timed calls; the median is reported (inference)
     train_warmup: int
     train_repeats: int
+    memory_batch: int = 32  # CLIP training step whose peak memory is measured (clip_memory)
+    # clip_train_patch_dropout: image compute must dominate for dropping patches to show (at B=4 on a CPU,
+    # AdamW over 151M parameters and the text tower are half the step)
+    dropout_batch: int = 32
 
 
 TIERS = {
-    "quick": Sizes(True, 4, 8, 4, 2, 4, 32, 200, 1, 2, 1, 2),
+    "quick": Sizes(True, 4, 8, 4, 2, 4, 32, 200, 1, 2, 1, 2, memory_batch=8, dropout_batch=4),
     "default": Sizes(False, 8, 32, 4, 2, 8, 128, 3000, 1, 3, 1, 2),
-    "full": Sizes(False, 256, 256, 128, 128, 64, 256, 5000, 5, 20, 3, 10),
+    "full": Sizes(False, 256, 256, 128, 128, 64, 256, 5000, 5, 20, 3, 10, dropout_batch=256),
 }
+MICRO_BATCHES = 4  # clip_memory's ContrastiveAlignment(micro_batches=...)
+PATCH_DROPOUT = 0.5  # clip_train_patch_dropout: the fraction of image patches dropped (FLIP)
 
 # The tiny shapes keep the real vocabularies and heads 64 wide (the width the converters assume).
 TINY_CLIP = {
@@ -141,18 +169,27 @@ def compare(
 
 @dataclass
 class Row:
-    """One line of the table."""
+    """One line of the table. ``mmlm_s`` and ``reference_s`` are in ``unit``: seconds per call, or MiB."""
 
     workload: str
     mmlm_s: float
     reference_s: float
     reference: str  # which library and entry point
-    diff: float  # max |mmlm - reference| over the compared outputs (see note)
+    diff: float  # agreement of the compared outputs (see note), as ``agreement`` says
     note: str = ""
+    unit: Literal["s", "MiB"] = "s"
+    agreement: Literal["max_abs", "min_cos"] = "max_abs"  # max |mmlm - reference|, or the lowest cosine to fp32
+    skipped: str = ""  # why the row did not run here (its numbers are then NaN)
 
     @property
     def ratio(self) -> float:
         return self.reference_s / self.mmlm_s
+
+
+def skipped(workload: str, reference: str, reason: str, unit: Literal["s", "MiB"] = "s") -> Row:
+    """A row that cannot run on this device: printed with its reason, never dropped."""
+    nan = float("nan")
+    return Row(workload, nan, nan, reference, nan, unit=unit, skipped=reason)
 
 
 @dataclass
@@ -193,6 +230,22 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.detach().float() - b.detach().float()).abs().max().item()
 
 
+def min_cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The lowest cosine between matching rows: how far a quantized embedding turned from the float one."""
+    return F.cosine_similarity(a.float(), b.float(), dim=-1).min().item()
+
+
+@contextmanager
+def quiet() -> Iterator[None]:
+    """Warnings the benchmark expects: torch.ao's deprecation, and Lightning's ``self.log`` outside a Trainer
+    (the training steps of the tasks run here without one; they log nothing then)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.ao\.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=r".*quantized tensor creation functions .* are deprecated")
+        warnings.filterwarnings("ignore", message=r"You are trying to `self\.log\(\)`")
+        yield
+
+
 # ------------------------------------------------------------------------------ inputs
 
 
@@ -225,19 +278,29 @@ def images(vision_cfg: mmlm.VisionConfig, n: int) -> torch.Tensor:
 
 
 def clip_pair(b: Bench) -> tuple[torch.nn.Module, mmlm.CLIP]:
-    """An open_clip CLIP with random weights and the same weights in mmlm, through an OpenCLIP hub folder."""
+    """An open_clip CLIP with random weights and the same weights in mmlm, through an OpenCLIP hub folder
+    (``b.tmp / "open_clip"``, which ``open_clip_from_folder`` reads back)."""
     import open_clip
     from safetensors.torch import save_file
 
-    if b.sizes.tiny:
-        model_cfg, ref = TINY_CLIP, open_clip.CLIP(**TINY_CLIP)
-    else:
-        model_cfg, ref = open_clip.get_model_config("ViT-B-32-quickgelu"), open_clip.create_model("ViT-B-32-quickgelu")
+    model_cfg = TINY_CLIP if b.sizes.tiny else open_clip.get_model_config("ViT-B-32-quickgelu")
+    ref = open_clip.CLIP(**model_cfg)
     folder = b.tmp / "open_clip"
     folder.mkdir(exist_ok=True)
     save_file(ref.state_dict(), folder / "open_clip_model.safetensors")
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
     return ref, mmlm.load_pretrained(folder)
+
+
+def open_clip_from_folder(folder: Path, **vision_cfg: Any) -> torch.nn.Module:
+    """The open_clip CLIP that ``clip_pair`` saved, with ``vision_cfg`` entries replaced."""
+    import open_clip
+    from safetensors.torch import load_file
+
+    cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+    model = open_clip.CLIP(**{**cfg, "vision_cfg": {**cfg["vision_cfg"], **vision_cfg}})
+    model.load_state_dict(load_file(folder / "open_clip_model.safetensors"))
+    return model
 
 
 def clip_inference_pair(b: Bench) -> tuple[torch.nn.Module, mmlm.CLIP]:
@@ -246,6 +309,150 @@ def clip_inference_pair(b: Bench) -> tuple[torch.nn.Module, mmlm.CLIP]:
         ref, ours = clip_pair(b)
         b.cache["clip"] = (b.infer(ref), b.infer(ours))
     return b.cache["clip"]
+
+
+def clip_batch(vision_cfg: mmlm.VisionConfig, n: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """``n`` photographs and their captions, each tokenised as its library does: ``ids77`` for open_clip
+    (always 77 columns), ``input_ids`` / ``attention_mask`` for mmlm (padded to the longest caption)."""
+    import open_clip
+
+    texts = captions(n)
+    tok = get_tokenizer("clip")(texts)
+    batch = {"image": images(vision_cfg, n), "ids77": open_clip.tokenize(texts),
+             "input_ids": tok["input_ids"], "attention_mask": tok["attention_mask"]}  # fmt: skip
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def open_clip_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], autocast: Callable
+) -> Callable[[], torch.Tensor]:
+    """open_clip's training loss of ``batch``, as its training loop computes it (``ClipLoss``)."""
+    import open_clip
+
+    loss_fn = open_clip.ClipLoss()
+
+    def loss() -> torch.Tensor:
+        with autocast():
+            image = F.normalize(model.encode_image(batch["image"]), dim=-1)
+            text = F.normalize(model.encode_text(batch["ids77"]), dim=-1)
+            return loss_fn(image, text, model.logit_scale.exp())
+
+    return loss
+
+
+def mmlm_clip_loss(model: mmlm.CLIP, batch: dict[str, torch.Tensor], autocast: Callable) -> Callable[[], torch.Tensor]:
+    """mmlm's CLIP loss of ``batch`` (``ContrastiveAlignment.training_step`` without micro-batches)."""
+
+    def loss() -> torch.Tensor:
+        with autocast():
+            return clip_loss(model.encode_image(batch["image"]), model.encode_text(batch["input_ids"],
+                             batch["attention_mask"]), model.scale())  # fmt: skip
+
+    return loss
+
+
+def train_step(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """One call = forward + loss + backward + AdamW step + zeroed gradients."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
+
+    def step() -> None:
+        loss_fn().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def eval_loss(loss_fn: Callable[[], torch.Tensor], *models: torch.nn.Module) -> float:
+    """``loss_fn()`` with ``models`` in eval mode (no dropout of any kind), then back in training mode."""
+    for m in models:
+        m.eval()
+    with torch.no_grad():
+        value = loss_fn().item()
+    for m in models:
+        m.train()
+    return value
+
+
+# ------------------------------------------------------------------------------ memory
+
+
+def memory_bytes(device: torch.device, peak: bool = False) -> int:
+    """This process's memory now, or its peak since ``reset_peak``: allocated tensors on a GPU,
+    the resident set on the CPU (Linux ``/proc``: ``VmRSS`` / ``VmHWM``)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) if peak else torch.cuda.memory_allocated(device)
+    field = "VmHWM" if peak else "VmRSS"
+    status = Path("/proc/self/status").read_text()
+    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux: VmHWM starts again from the current VmRSS
+
+
+def in_fresh_process(device: torch.device, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` in a new process holding none of this one's memory. For the CPU it is forked from
+    multiprocessing's fork server, which imports the libraries once for every run; for a GPU it is
+    spawned, as CUDA does not survive a fork (a library may initialise it when imported)."""
+    ctx = multiprocessing.get_context("spawn" if device.type == "cuda" else "forkserver")
+    if device.type != "cuda":
+        ctx.set_forkserver_preload(["__main__", "open_clip", "mmlm.tasks"])
+    with ProcessPoolExecutor(1, mp_context=ctx) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def step_memory(side: str, mode: str, folder: Path, batch_path: Path, device: str, dtype: str) -> tuple[float, float]:
+    """(MiB, d loss / d logit_scale) of one CLIP training step; run by ``in_fresh_process``.
+
+    MiB = the peak of ``memory_bytes`` over the step minus its value once the model and the batch are
+    in place: gradients, AdamW's state and the activations. A first step on ``MICRO_BATCHES`` pairs
+    allocates the gradients and AdamW's state beforehand, so the measured step is a steady-state one.
+    The learning rate is 0 (the memory does not depend on it): the measured step starts from the weights
+    every process loads, and its gradients are comparable across processes.
+
+    side, mode: ``open_clip`` or ``mmlm``; ``plain``, ``checkpointing`` (the model's
+    ``set_grad_checkpointing``) or ``micro_batches`` (mmlm's ``ContrastiveAlignment``).
+    """
+    dev = torch.device(device)
+    batch = {k: v.to(dev) for k, v in torch.load(batch_path).items()}
+    autocast = (lambda: nullcontext()) if dtype == "fp32" else (lambda: torch.autocast(dev.type, DTYPES[dtype]))
+    with quiet():
+        if side == "open_clip":
+            model = open_clip_from_folder(folder).to(dev)
+
+            def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+                return open_clip_loss(model, batch, autocast)()
+        elif mode == "micro_batches":
+            from mmlm.tasks import ContrastiveAlignment
+
+            task = ContrastiveAlignment(str(folder), micro_batches=MICRO_BATCHES).to(dev)
+            model = task.model
+
+            def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+                with autocast():
+                    return task.training_step(batch, 0)  # the objective whose gradient is the full batch's
+        else:
+            model = mmlm.load_pretrained(folder, device=dev)
+
+            def loss(batch: dict[str, torch.Tensor]) -> torch.Tensor:
+                return mmlm_clip_loss(model, batch, autocast)()
+        model.train()
+        if mode == "checkpointing":
+            model.set_grad_checkpointing(True)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.0)
+        start = memory_bytes(dev)
+        for part in ({k: v[:MICRO_BATCHES] for k, v in batch.items()}, batch):
+            reset_peak(dev)
+            loss(part).backward()
+            grad = model.logit_scale.grad.item()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return (memory_bytes(dev, peak=True) - start) / 2**20, grad
 
 
 # ------------------------------------------------------------------------------ workloads
@@ -295,6 +502,61 @@ def clip_text(b: Bench) -> list[Row]:
     ]  # fmt: skip
 
 
+def clip_int8(b: Bench) -> list[Row]:
+    """Both CLIP encoders with int8 Linear layers, against open_clip quantized as its users do on a CPU.
+
+    mmlm: ``mmlm.compress.quantize_int8`` (per-channel weights; 8-bit activations where the CPU has
+    VNNI). open_clip: ``torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)``
+    (per-tensor weights, 7-bit activations), which leaves its attention (``nn.MultiheadAttention``) and
+    projections (Parameters) in float32; its ``encode_text`` then needs ``int8_original_dtype`` on the
+    quantized layers, the attribute open_clip's own (bitsandbytes) int8 conversion sets. Both start
+    from the same float32 weights. The agreement is the lowest cosine of an embedding to the float32
+    one: mmlm's in the column, open_clip's in the note, with mmlm int8's speed-up over mmlm float32
+    in the same interleaved run.
+    """
+    import open_clip
+    from torch.ao.nn.quantized.dynamic import Linear as DynamicLinear
+    from torch.ao.quantization import quantize_dynamic
+
+    from mmlm.compress import quantize_int8
+
+    reference = "open_clip + quantize_dynamic"
+    names = ("CLIP image encode, int8", "CLIP text encode, int8")
+    if b.device.type != "cpu":
+        return [skipped(name, reference, "int8 dynamic quantization runs on the CPU only") for name in names]
+    if b.dtype == torch.float32:
+        ref, ours = clip_inference_pair(b)
+    else:  # the cached pair is in --dtype; int8 quantizes float32 weights
+        ref, ours = (m.eval() for m in clip_pair(b))
+    with quiet():
+        ref8 = quantize_dynamic(ref, {torch.nn.Linear}, dtype=torch.qint8)
+    for m in ref8.modules():
+        if isinstance(m, DynamicLinear):  # open_clip's encode_text asks c_fc for its dtype (not a tensor here)
+            m.int8_original_dtype = torch.float32
+    ours8 = quantize_int8(ours)
+    x = images(ours.cfg.vision, b.sizes.image_batch)
+    texts = captions(b.sizes.text_batch)
+    ids77 = open_clip.tokenize(texts)
+    tok = get_tokenizer("clip")(texts)
+    ids, mask = tok["input_ids"], tok["attention_mask"]
+    cases = (  # name, float32 reference output, mmlm fp32, mmlm int8, open_clip int8, note
+        (names[0], ref.encode_image(x), lambda: ours.encode_image(x, normalize=False),
+         lambda: ours8.encode_image(x, normalize=False), lambda: ref8.encode_image(x), f"B={len(x)}"),
+        (names[1], ref.encode_text(ids77), lambda: ours.encode_text(ids, mask, normalize=False),
+         lambda: ours8.encode_text(ids, mask, normalize=False), lambda: ref8.encode_text(ids77),
+         f"B={len(texts)}; mmlm T={ids.shape[1]}, open_clip T=77"),
+    )  # fmt: skip
+    rows = []
+    with torch.inference_mode(), quiet():
+        for name, expected, fp32, int8, ref_int8, note in cases:
+            cos, ref_cos = min_cosine(int8(), expected), min_cosine(ref_int8(), expected)
+            t = b.time(mmlm=int8, ref=ref_int8, mmlm_fp32=fp32)
+            rows.append(Row(name, t["mmlm"], t["ref"], reference, cos,
+                            f"{note}; {t['mmlm_fp32'] / t['mmlm']:.2f}x mmlm fp32's speed; "
+                            f"open_clip int8 min cos {ref_cos:.4f}", agreement="min_cos"))  # fmt: skip
+    return rows
+
+
 def clip_train(b: Bench) -> list[Row]:
     """One optimisation step: encode both towers, symmetric CLIP loss, backward, AdamW.
 
@@ -302,43 +564,90 @@ def clip_train(b: Bench) -> list[Row]:
     between the two losses of the first step. mmlm's captions are padded to the longest,
     open_clip's to 77, as in each library's own training loop.
     """
-    import open_clip
-
     b.cache.pop("clip", None)  # the inference pair may be in bf16 and is no longer needed
     ref, ours = (m.train().to(b.device) for m in clip_pair(b))
-    n = b.sizes.train_batch
-    x = images(ours.cfg.vision, n).to(b.device)
-    texts = captions(n)
-    ids77 = open_clip.tokenize(texts).to(b.device)
-    tok = get_tokenizer("clip")(texts)
-    ids, mask = tok["input_ids"].to(b.device), tok["attention_mask"].to(b.device)
-    ref_loss_fn = open_clip.ClipLoss()
-
-    def ref_loss() -> torch.Tensor:
-        with b.autocast():
-            image = F.normalize(ref.encode_image(x), dim=-1)
-            text = F.normalize(ref.encode_text(ids77), dim=-1)
-            return ref_loss_fn(image, text, ref.logit_scale.exp())
-
-    def ours_loss() -> torch.Tensor:
-        with b.autocast():
-            return clip_loss(ours.encode_image(x), ours.encode_text(ids, mask), ours.scale())
-
-    def stepper(model: torch.nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.1)
-
-        def step() -> None:
-            loss_fn().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        return step
-
+    batch = clip_batch(ours.cfg.vision, b.sizes.train_batch, b.device)
+    ref_loss, ours_loss = open_clip_loss(ref, batch, b.autocast), mmlm_clip_loss(ours, batch, b.autocast)
     with torch.no_grad():
         diff = abs(ours_loss().item() - ref_loss().item())
-    t = b.time(train=True, mmlm=stepper(ours, ours_loss), ref=stepper(ref, ref_loss))
-    note = f"B={n}; mmlm T={ids.shape[1]}, open_clip T=77; diff = |loss gap| at step 1"
+    t = b.time(train=True, mmlm=train_step(ours, ours_loss), ref=train_step(ref, ref_loss))
+    note = f"B={len(batch['image'])}; mmlm T={batch['input_ids'].shape[1]}, open_clip T=77; diff = |loss gap| at step 1"
     return [Row("CLIP train step (fwd+bwd+AdamW)", t["mmlm"], t["ref"], "open_clip + ClipLoss", diff, note)]
+
+
+def clip_train_patch_dropout(b: Bench) -> list[Row]:
+    """``clip_train`` with half the image patches dropped (FLIP), and mmlm's speed-up from dropping them.
+
+    mmlm: ``vision.patch_dropout`` in its config (a ``load_pretrained`` override); open_clip:
+    ``patch_dropout`` in its ``vision_cfg``; the same weights. The patches are drawn at random, so
+    training outputs cannot match: the diff column compares the losses in eval mode, where neither
+    side drops any. The second row times mmlm's step with patch dropout against the same without.
+    """
+    b.cache.pop("clip", None)
+    plain = clip_pair(b)[1]
+    folder = b.tmp / "open_clip"
+    ours = mmlm.load_pretrained(folder, vision={"patch_dropout": PATCH_DROPOUT}).train().to(b.device)
+    ref = open_clip_from_folder(folder, patch_dropout=PATCH_DROPOUT).train().to(b.device)
+    plain = plain.train().to(b.device)
+    batch = clip_batch(ours.cfg.vision, b.sizes.dropout_batch, b.device)
+    ref_loss, ours_loss = open_clip_loss(ref, batch, b.autocast), mmlm_clip_loss(ours, batch, b.autocast)
+    plain_loss = mmlm_clip_loss(plain, batch, b.autocast)
+    loss = eval_loss(ours_loss, ours)
+    diff, diff_plain = abs(loss - eval_loss(ref_loss, ref)), abs(loss - eval_loss(plain_loss, plain))
+    t = b.time(train=True, mmlm=train_step(ours, ours_loss), ref=train_step(ref, ref_loss),
+               plain=train_step(plain, plain_loss))  # fmt: skip
+    n, p = len(batch["image"]), PATCH_DROPOUT
+    kept = max(1, int(ours.cfg.vision.grid_size**2 * (1 - p)))
+    return [
+        Row(f"CLIP train step, patch dropout {p}", t["mmlm"], t["ref"], f"open_clip, patch_dropout={p}", diff,
+            f"B={n}, {kept} of {ours.cfg.vision.grid_size**2} patches kept; mmlm T={batch['input_ids'].shape[1]}, "
+            f"open_clip T=77; diff = |loss gap| in eval mode (no patches dropped)"),
+        Row(f"CLIP train step, patch dropout {p} vs none", t["mmlm"], t["plain"], "mmlm, patch_dropout=0",
+            diff_plain, f"B={n}; ratio = mmlm's speed-up from patch dropout {p}; diff = |loss gap| in eval mode"),
+    ]  # fmt: skip
+
+
+def clip_memory(b: Bench) -> list[Row]:
+    """Peak memory of ``clip_train``'s step at ``memory_batch`` pairs, each configuration in a fresh process.
+
+    Plain; with activation checkpointing (both libraries' ``set_grad_checkpointing``); and mmlm's
+    ``ContrastiveAlignment(micro_batches=4).training_step``, the exact full-batch gradient at one
+    chunk's activations, for which open_clip has no equivalent: that row's reference is open_clip's
+    plain step. See ``step_memory`` for what is counted. The diff column compares the gradient of the
+    loss with respect to the logit scale, which every embedding of the batch feeds into.
+    """
+    what = "allocated (torch.cuda)" if b.device.type == "cuda" else "resident"
+    names = {
+        "plain": ("CLIP train step, peak memory", "open_clip + ClipLoss"),
+        "checkpointing": ("CLIP train step, peak memory, grad checkpointing", "open_clip set_grad_checkpointing"),
+        "micro_batches": (f"CLIP train step, peak memory, micro_batches={MICRO_BATCHES}",
+                          "open_clip plain step (no exact equivalent)"),
+    }  # fmt: skip
+    if b.device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
+        return [skipped(name, ref, "the CPU peak is read from Linux /proc", "MiB") for name, ref in names.values()]
+    b.cache.pop("clip", None)
+    vision_cfg = clip_pair(b)[1].cfg.vision
+    n = b.sizes.memory_batch
+    batch = clip_batch(vision_cfg, n, torch.device("cpu"))
+    batch_path = b.tmp / "memory_batch.pt"
+    torch.save(batch, batch_path)
+    dtype = next(k for k, v in DTYPES.items() if v == b.dtype)
+    runs = (("open_clip", "plain"), ("mmlm", "plain"), ("open_clip", "checkpointing"), ("mmlm", "checkpointing"),
+            ("mmlm", "micro_batches"))  # fmt: skip
+    result = {}
+    for side, mode in runs:
+        log(f"  {side} {mode}, B={n}, in a fresh process ...")
+        result[side, mode] = in_fresh_process(b.device, step_memory, side, mode, b.tmp / "open_clip", batch_path,
+                                              str(b.device), dtype)  # fmt: skip
+    shapes = "tiny CLIP" if b.sizes.tiny else "ViT-B/32"
+    note = (f"{shapes}, B={n}; peak {what} memory over the step minus that with the model loaded; "
+            f"mmlm T={batch['input_ids'].shape[1]}, open_clip T=77; diff = |gap in d loss / d logit_scale|")
+    rows = []
+    for mode, (name, reference) in names.items():
+        ours_mib, ours_grad = result["mmlm", mode]
+        ref_mib, ref_grad = result["open_clip", "plain" if mode == "micro_batches" else mode]
+        rows.append(Row(name, ours_mib, ref_mib, reference, abs(ours_grad - ref_grad), note, unit="MiB"))
+    return rows
 
 
 def vit(b: Bench) -> list[Row]:
@@ -391,6 +700,50 @@ def bert(b: Bench) -> list[Row]:
     return [Row("BERT-base forward (padded)", t["mmlm"], t["ref"], "transformers BertModel", diff, note)]
 
 
+def mlm_train(b: Bench) -> list[Row]:
+    """One masked-LM training step of bert-base: mmlm's ``LanguagePretraining.training_step`` against
+    transformers' ``BertForMaskedLM`` with ``labels``, each + backward + AdamW, from the same weights.
+
+    Both get one batch of real sentences masked by mmlm's ``MLMCollator`` (15% of the tokens, 80/10/10),
+    the same ids and labels. mmlm's head scores the masked positions only, HF's every position. Dropout
+    (0.1 in BERT's config, on both sides) makes training losses random: the diff column is the gap
+    between the losses in eval mode.
+    """
+    import transformers
+
+    from mmlm.data.collators import IGNORE, MLMCollator
+    from mmlm.tasks import LanguagePretraining
+
+    ref = transformers.BertForMaskedLM(transformers.BertConfig(**(TINY_BERT if b.sizes.tiny else {})))
+    folder = b.tmp / "bert-mlm"
+    ref.save_pretrained(folder)
+    ref = ref.train().to(b.device)
+    with quiet():
+        task = LanguagePretraining(str(folder), mlm_weight=1.0).train().to(b.device)
+    tok = get_tokenizer(ASSETS / "tokenizer", context_length=b.sizes.bert_max_len)
+    texts = sentences(b.sizes.bert_batch * 7)[::7]  # spread out: varied lengths
+    batch = MLMCollator(tok)([{"text": t} for t in texts])
+    batch = {k: batch[k].to(b.device) for k in ("input_ids", "attention_mask", "token_type_ids", "labels")}
+
+    def ours_loss() -> torch.Tensor:
+        with b.autocast():
+            return task.training_step(batch, 0)
+
+    def ref_loss() -> torch.Tensor:
+        with b.autocast():
+            return ref(**batch).loss
+
+    with quiet():
+        diff = abs(eval_loss(ours_loss, task) - eval_loss(ref_loss, ref))
+        t = b.time(train=True, mmlm=train_step(task, ours_loss), ref=train_step(ref, ref_loss))
+    B, T = batch["input_ids"].shape
+    masked = (batch["labels"] != IGNORE).sum().item()
+    note = (f"B={B}, T={T}, {masked} tokens masked; mmlm's head runs on those, HF's on all {B * T}; "
+            "diff = |loss gap| in eval mode (no dropout)")
+    return [Row("BERT-base MLM train step (fwd+bwd+AdamW)", t["mmlm"], t["ref"], "transformers BertForMaskedLM",
+                diff, note)]  # fmt: skip
+
+
 def tokenizer(b: Bench) -> list[Row]:
     """CLIP BPE on real sentences, texts -> (B, T) id tensor, warm caches on both sides.
 
@@ -411,13 +764,33 @@ def tokenizer(b: Bench) -> list[Row]:
     return [Row("CLIP tokenizer", t["mmlm"], t["ref"], "open_clip.tokenize", float(differ), note)]
 
 
+def index_build(b: Bench) -> list[Row]:
+    """``mmlm index build`` (scripts/bench_retrieval.py, imported when asked for)."""
+    import bench_retrieval
+
+    return bench_retrieval.index_build(b)
+
+
+def query(b: Bench) -> list[Row]:
+    """Queries through ``mmlm serve`` (scripts/bench_retrieval.py, imported when asked for)."""
+    import bench_retrieval
+
+    return bench_retrieval.query(b)
+
+
 WORKLOADS: dict[str, Callable[[Bench], list[Row]]] = {
     "clip_image": clip_image,
     "clip_text": clip_text,
+    "clip_int8": clip_int8,
     "clip_train": clip_train,
+    "clip_train_patch_dropout": clip_train_patch_dropout,
+    "clip_memory": clip_memory,
     "vit": vit,
     "bert": bert,
+    "mlm_train": mlm_train,
     "tokenizer": tokenizer,
+    "index_build": index_build,
+    "query": query,
 }
 
 # ------------------------------------------------------------------------------ report
@@ -453,6 +826,10 @@ def ms(seconds: float) -> str:
     return f"{seconds * 1e3:,.1f} ms"
 
 
+def amount(value: float, unit: str) -> str:
+    return ms(value) if unit == "s" else f"{value:,.0f} {unit}"
+
+
 def markdown(rows: list[Row], env: dict[str, Any]) -> str:
     head = ", ".join(f"{k} {v}" for k, v in env.items())
     lines = [f"<!-- {head} -->", ""]
@@ -466,14 +843,26 @@ def markdown(rows: list[Row], env: dict[str, Any]) -> str:
             "",
         ]
     lines += [
-        "| workload | mmlm | reference | ratio (ref time / mmlm time, >1 = mmlm faster) | max abs diff | reference entry | notes |",
+        (
+            "| workload | mmlm | reference | ratio (reference / mmlm, >1 = mmlm faster or smaller) "
+            "| agreement (max abs diff; cos = min cosine to fp32) | reference entry | notes |"
+        ),
         "|---|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
-        lines.append(
-            f"| {r.workload} | {ms(r.mmlm_s)} | {ms(r.reference_s)} | {r.ratio:.2f}x | {r.diff:.1e} | {r.reference} | {r.note} |"
-        )
+        if r.skipped:
+            cells = ["skipped", "skipped", "-", "-", r.reference, f"skipped: {r.skipped}"]
+        else:
+            agreement = f"cos {r.diff:.4f}" if r.agreement == "min_cos" else f"{r.diff:.1e}"
+            cells = [amount(r.mmlm_s, r.unit), amount(r.reference_s, r.unit), f"{r.ratio:.2f}x", agreement,
+                     r.reference, r.note]  # fmt: skip
+        lines.append("| " + " | ".join([r.workload, *(c.replace("|", "\\|") for c in cells)]) + " |")
     return "\n".join(lines)
+
+
+def json_ready(row: dict[str, Any]) -> dict[str, Any]:
+    """NaN (a skipped row's numbers) as null: JSON has no NaN."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
 
 
 @contextmanager
@@ -531,7 +920,7 @@ def run(
     env["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
     print(markdown(rows, env))
     if json_path is not None:
-        record = {"environment": env, "rows": [{**asdict(r), "ratio": r.ratio} for r in rows]}
+        record = {"environment": env, "rows": [json_ready({**asdict(r), "ratio": r.ratio}) for r in rows]}
         Path(json_path).write_text(json.dumps(record, indent=2) + "\n")
     return rows
 

@@ -88,7 +88,7 @@ def load() -> dict[str, dict[str, list[str]]]:
                 kept.append(p)
         paras[name] = kept
     splits: dict[str, dict[str, list[str]]] = {"train": {}, "val": {}}
-    for label, names in LABELS.items():
+    for names in LABELS.values():
         total = sum(len(paras[n]) for n in names)
         val = 0
         for name in sorted(names, key=key):  # a fixed pseudo-random order

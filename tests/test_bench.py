@@ -1,10 +1,12 @@
 """scripts/bench.py --quick runs end to end: every workload reports, and both sides compute the same outputs.
 
-No timing is asserted: speed is measured by the benchmark, never by a test.
+No timing is asserted: speed is measured by the benchmark, never by a test. The retrieval workloads
+(``index_build``, ``query``: scripts/bench_retrieval.py) are left to their own test.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -13,30 +15,64 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("open_clip")
 
 ROOT = Path(__file__).resolve().parents[1]
-WORKLOADS = ("CLIP image encode", "CLIP text encode", "CLIP text encode, both T=77", "CLIP train step",
-             "ViT-B/16 forward", "BERT-base forward", "CLIP tokenizer")  # fmt: skip
+NAMES = ("clip_image", "clip_text", "clip_int8", "clip_train", "clip_train_patch_dropout", "clip_memory", "vit",
+         "bert", "mlm_train", "tokenizer")  # fmt: skip
+ROWS = ("CLIP image encode", "CLIP text encode", "CLIP text encode, both T=77", "CLIP image encode, int8",
+        "CLIP text encode, int8", "CLIP train step (fwd+bwd+AdamW)", "CLIP train step, patch dropout 0.5",
+        "CLIP train step, patch dropout 0.5 vs none", "CLIP train step, peak memory",
+        "CLIP train step, peak memory, grad checkpointing", "CLIP train step, peak memory, micro_batches=4",
+        "ViT-B/16 forward", "BERT-base forward (padded)", "BERT-base MLM train step (fwd+bwd+AdamW)",
+        "CLIP tokenizer")  # fmt: skip
 
 
 def test_quick_bench_prints_every_workload_with_matching_outputs(tmp_path):
     out = tmp_path / "bench.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "TMPDIR": str(tmp_path)}
     result = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--json", str(out)],
+        [sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--only", f"[{', '.join(NAMES)}]",
+         "--json", str(out)],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
 
     table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert table[0].startswith("| workload | mmlm | reference | ratio")
-    for name in WORKLOADS:
-        assert any(line.startswith(f"| {name}") for line in table[1:]), f"no row for {name!r}:\n{result.stdout}"
+    assert [line.split(" | ")[0].removeprefix("| ") for line in table[1:]] == list(ROWS), result.stdout
 
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == len(table) - 1  # the header (the separator starts "|---")
+    assert [row["workload"] for row in rows] == list(ROWS)
     for row in rows:
-        assert math.isfinite(row["diff"]) and row["diff"] <= 1e-4, row
-        assert row["mmlm_s"] > 0 and row["reference_s"] > 0, row
+        assert row["skipped"] == "", row  # every row runs on the CPU
+        assert row["mmlm_s"] > 0 and row["reference_s"] > 0, row  # seconds, or MiB for the memory rows
+        if row["agreement"] == "min_cos":  # int8 against float32
+            assert row["diff"] >= 0.99, row
+        else:
+            assert math.isfinite(row["diff"]) and row["diff"] <= 1e-4, row
+    units = {row["workload"]: row["unit"] for row in rows}
+    assert [name for name, unit in units.items() if unit == "MiB"] == [name for name in ROWS if "memory" in name]
+    assert {row["agreement"] for row in rows if "int8" in row["workload"]} == {"min_cos"}
+
+
+def test_rows_that_cannot_run_on_a_gpu_are_printed_with_their_reason(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench", bench)  # the script registers itself under this name
+    monkeypatch.setattr(sys, "path", sys.path.copy())  # and puts the checkout first
+    spec.loader.exec_module(bench)
+    b = bench.Bench(bench.TIERS["quick"], torch.device("cuda"), torch.bfloat16, tmp_path)
+    rows = bench.clip_int8(b)  # decides from the device alone, before any model or CUDA call
+
+    assert [(r.workload, r.skipped) for r in rows] == [
+        ("CLIP image encode, int8", "int8 dynamic quantization runs on the CPU only"),
+        ("CLIP text encode, int8", "int8 dynamic quantization runs on the CPU only"),
+    ]
+    table = bench.markdown(rows, {"load_avg_1min": 0.0, "device": "cuda", "cpu_count": 2})
+    lines = [line for line in table.splitlines() if line.startswith("| CLIP")]
+    assert lines == [f"| {r.workload} | skipped | skipped | - | - | open_clip + quantize_dynamic | skipped: {r.skipped} |"
+                     for r in rows]  # fmt: skip
+    assert bench.json_ready(bench.asdict(rows[0]))["mmlm_s"] is None  # JSON has no NaN

@@ -93,8 +93,8 @@ def faiss_index(vectors: np.ndarray, index_type: str, nprobe: int | None = None)
 
 
 def default_nprobe(clusters: int) -> int:
-    """Clusters searched per query: 64, or 1/64 of them if more (scripts/bench_index.py: recall@10 of
-    IVF-PQ with reranking ~0.9 at 64 on clustered 512-d vectors)."""
+    """Clusters searched per query: 64, or 1/64 of them if more (``scripts/bench.py --only query``: recall@10
+    of IVF-PQ with reranking ~0.95 at 64 on clustered 512-d vectors)."""
     return min(clusters, max(64, clusters // 64))
 
 

@@ -50,7 +50,7 @@ def serve(
             machine has (at least 1), leaving a core to the HTTP side.
         int8: encode queries with an int8 copy of the model (dynamic int8 Linear layers, CPU): text
             queries of a ViT-B/32 ~4x faster on a CPU with VNNI, embeddings within cosine 0.999 of
-            float32 (scripts/bench_serve.py); the index and its embeddings stay as built.
+            float32 (scripts/bench.py --only query); the index and its embeddings stay as built.
         api_key: key every route but /healthz and the page needs (header ``X-API-Key`` or
             ``Authorization: Bearer``, or ``?api_key=``); default: the ``MMLM_API_KEY`` environment
             variable, which, unlike this option, other users cannot read in the process list.

@@ -399,7 +399,7 @@ def compute_settings(threads: int) -> None:
     """torch's and FAISS's threads, set in the model thread (FAISS reads OpenMP's count per calling thread),
     and FAISS's exact search through BLAS from ``BLAS_FROM`` queries: FAISS 1.15 scores up to 128,000
     queries one by one, each reading the whole index, where one matrix product reads it once per batch
-    (100k x 512: 10 ms a query one by one, 1.4 ms in a batch of 64; scripts/bench_serve.py)."""
+    (100k x 512: 10 ms a query one by one, 1.4 ms in a batch of 64; scripts/bench.py --only query)."""
     import faiss
 
     torch.set_num_threads(threads)

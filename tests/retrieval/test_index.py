@@ -11,7 +11,6 @@ import sqlite3
 import sys
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
 import torch
@@ -29,16 +28,7 @@ from mmlm.retrieval import Index
 CPU = {"accelerator": "cpu"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the tiny model gains nothing from two, and on a busy 2-core machine two
-    threads that wait for each other make each matmul ~100x slower."""
-    threads = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(threads[0])
-    faiss.omp_set_num_threads(threads[1])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _client():
@@ -74,11 +64,6 @@ def error_line(capsys, *args: str) -> str:
     lines = [line for line in err.splitlines() if line.startswith(f"mmlm index {args[1]}: error: ")]
     assert len(lines) == 1, err
     return lines[0]
-
-
-@pytest.fixture(scope="module")
-def assets_index(tmp_path_factory) -> Index:
-    return Index.build("clip-tiny", "assets", tmp_path_factory.mktemp("ix") / "assets", batch_size=8, **CPU)
 
 
 def _manifest_items() -> dict[str, list[str]]:

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pytest
-import torch
 
 from mmlm.cli import main
 from mmlm.paths import ASSETS
@@ -23,20 +22,11 @@ from mmlm.retrieval import Index
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: the tiny model gains nothing from two, and on a busy 2-core machine two
-    threads that wait for each other make each matmul ~100x slower."""
-    threads = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(threads[0])
-    faiss.omp_set_num_threads(threads[1])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mmlm_index(*args: str, cwd: Path) -> subprocess.Popen:
-    quiet = {"PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # one thread: see _one_thread
+    quiet = {"PYTHONWARNINGS": "ignore", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # see conftest.py one_thread
     env = {k: v for k, v in os.environ.items() if k != "MMLM_DEBUG"} | quiet
     return subprocess.Popen([sys.executable, "-m", "mmlm.cli", "index", *args], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
@@ -86,9 +76,10 @@ def test_sigkill_then_resume_gives_the_uninterrupted_index(tmp_path, capsys):
     assert not (tmp_path / ".ix.partial").exists()
 
 
-def test_killed_overwrite_leaves_the_previous_index(tmp_path):
+def test_killed_overwrite_leaves_the_previous_index(assets_index, tmp_path):
     out = tmp_path / "ix"
-    before = Index.build("clip-tiny", "assets", out, accelerator="cpu")
+    shutil.copytree(assets_index.folder, out)
+    before = Index.open(out)
     proc = mmlm_index("build", "clip-tiny", "digits", "--out", str(out), "--overwrite", *OPTIONS, cwd=tmp_path)
     kill_after_first_chunk(proc, out)
     after = Index.open(out)

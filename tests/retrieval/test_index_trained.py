@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import faiss
 import pytest
 import torch
 
@@ -19,15 +18,7 @@ QUIET = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: a tiny model on a busy 2-core machine runs far faster on one."""
-    threads = torch.get_num_threads(), faiss.omp_get_max_threads()
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-    yield
-    torch.set_num_threads(threads[0])
-    faiss.omp_set_num_threads(threads[1])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_text_to_image_search_over_held_out_digits(tmp_path, monkeypatch):

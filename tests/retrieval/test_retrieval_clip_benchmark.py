@@ -12,9 +12,9 @@ import webdataset as wds
 from torch.utils.data import DataLoader
 
 import mmlm
-from mmlm.eval.clip_benchmark import load_clip_benchmark
 from mmlm.cli import eval_retrieval, main
 from mmlm.data import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, digits_image_text, load_image
+from mmlm.eval.clip_benchmark import load_clip_benchmark
 from mmlm.eval.retrieval import retrieval_metrics
 
 zsr = pytest.importorskip("clip_benchmark.metrics.zeroshot_retrieval")

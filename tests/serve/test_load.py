@@ -4,15 +4,14 @@ micro-batched. Prints p50 / p99 latency and queries per second."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import time
 
 import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from mmlm.paths import ASSETS
+from mmlm.retrieval.client import load
 
 CLIENTS = 200
 REQUESTS = 5000
@@ -39,48 +38,6 @@ def queries(stored: np.ndarray) -> list[dict]:
     return out
 
 
-async def post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, body: bytes) -> tuple[int, bytes]:
-    """One POST /search on a kept-alive connection (plain HTTP/1.1: the client must cost less than the server)."""
-    writer.write(b"POST /search HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-                 % (host.encode(), len(body), body))  # fmt: skip
-    status = int((await reader.readline()).split()[1])
-    length = 0
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    return status, await reader.readexactly(length)
-
-
-async def hammer(url: str, bodies: list[dict]) -> tuple[list[float], list, list[dict | None], float]:
-    host, port = url.removeprefix("http://").split(":")
-    payloads = [json.dumps(b).encode() for b in bodies]
-    latencies: list[float] = []
-    errors: list = []
-    answers: list[dict | None] = [None] * len(bodies)
-    todo = iter(range(len(bodies)))
-
-    async def one_client() -> None:
-        reader, writer = await asyncio.open_connection(host, int(port))
-        try:
-            for i in todo:  # one iterator shared by the clients: each request is sent once
-                start = time.perf_counter()
-                status, data = await post(reader, writer, host, payloads[i])
-                latencies.append(time.perf_counter() - start)
-                if status != 200:
-                    errors.append((i, status, data[:200]))
-                elif "embedding" in bodies[i]:
-                    answers[i] = json.loads(data)
-        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError) as e:
-            errors.append(("connection", repr(e)))
-        finally:
-            writer.close()
-
-    start = time.perf_counter()
-    await asyncio.wait_for(asyncio.gather(*(one_client() for _ in range(CLIENTS))), TIME_LIMIT)
-    return latencies, errors, answers, time.perf_counter() - start
-
-
 def batch_sizes(server) -> tuple[float, float]:
     _, text = server.get("/metrics")
     samples = {s.name: s.value for f in text_string_to_metric_families(text.decode()) for s in f.samples
@@ -92,12 +49,12 @@ def test_200_clients_5000_queries(server, indexes, tmp_path):
     stored = np.asarray(indexes.assets.embeddings("image"))
     bodies = queries(stored)
     summed, batches = batch_sizes(server)
-    latencies, errors, answers, wall = asyncio.run(hammer(server.url, bodies))
+    latencies, errors, answers, wall = load(server.url, bodies, CLIENTS, TIME_LIMIT)
     assert errors == [], errors[:5]
     assert len(latencies) == REQUESTS
 
     for body, answer in zip(bodies, answers):  # every embedding query ranked as numpy ranks it
-        if answer is not None:
+        if "embedding" in body:
             scores = stored @ (np.asarray(body["embedding"]) / np.linalg.norm(body["embedding"]))
             assert [h["id"] for h in answer["hits"]] == np.argsort(-scores, kind="stable")[:10].tolist()
 
