@@ -24,7 +24,7 @@ clip_text                  ``CLIP.encode_text``, padded to the longest     ``enc
 clip_int8                  both encoders after ``quantize_int8`` (CPU)     ``quantize_dynamic`` of open_clip's
                                                                            ``nn.Linear`` layers, as its users do
 clip_train                 forward + CLIP loss + backward + AdamW          the same with ``open_clip.ClipLoss``
-clip_train_patch_dropout   the same, ``vision.patch_dropout=0.5``          open_clip, ``patch_dropout=0.5``
+clip_train_patch_dropout   the same for ViT-B/16, ``patch_dropout=0.5``     open_clip, ``patch_dropout=0.5``
                            (2nd row: against mmlm's step without)
 clip_memory                peak memory of that step at B=32, each in a     open_clip: plain, and with
                            fresh process: plain, grad checkpointing,       ``set_grad_checkpointing``; no
@@ -106,9 +106,9 @@ class Sizes:
     train_warmup: int
     train_repeats: int
     memory_batch: int = 32  # CLIP training step whose peak memory is measured (clip_memory)
-    # clip_train_patch_dropout: image compute must dominate for dropping patches to show (at B=4 on a CPU,
-    # AdamW over 151M parameters and the text tower are half the step)
-    dropout_batch: int = 32
+    # clip_train_patch_dropout (ViT-B/16): image compute must dominate for dropping patches to show (at B=4
+    # on a CPU, AdamW over 150M parameters and the text tower are half the step)
+    dropout_batch: int = 16
 
 
 TIERS = {
@@ -118,6 +118,9 @@ TIERS = {
 }
 MICRO_BATCHES = 4  # clip_memory's ContrastiveAlignment(micro_batches=...)
 PATCH_DROPOUT = 0.5  # clip_train_patch_dropout: the fraction of image patches dropped (FLIP)
+# FLIP's smallest model: 196 patches, so the image tower is ~96% of the step; at B/32's 49 patches the
+# text tower and the patch embedding (which see every patch) are ~15% and cap the gain near 1.7x
+PATCH_DROPOUT_MODEL = "ViT-B-16"
 
 # The tiny shapes keep the real vocabularies and heads 64 wide (the width the converters assume).
 TINY_CLIP = {
@@ -277,15 +280,15 @@ def images(vision_cfg: mmlm.VisionConfig, n: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------ models
 
 
-def clip_pair(b: Bench) -> tuple[torch.nn.Module, mmlm.CLIP]:
-    """An open_clip CLIP with random weights and the same weights in mmlm, through an OpenCLIP hub folder
-    (``b.tmp / "open_clip"``, which ``open_clip_from_folder`` reads back)."""
+def clip_pair(b: Bench, name: str = "ViT-B-32-quickgelu", folder: str = "open_clip") -> tuple[torch.nn.Module, mmlm.CLIP]:
+    """An open_clip CLIP (the ``name`` config) with random weights and the same weights in mmlm, through an
+    OpenCLIP hub folder (``b.tmp / folder``, which ``open_clip_from_folder`` reads back)."""
     import open_clip
     from safetensors.torch import save_file
 
-    model_cfg = TINY_CLIP if b.sizes.tiny else open_clip.get_model_config("ViT-B-32-quickgelu")
+    model_cfg = TINY_CLIP if b.sizes.tiny else open_clip.get_model_config(name)
     ref = open_clip.CLIP(**model_cfg)
-    folder = b.tmp / "open_clip"
+    folder = b.tmp / folder
     folder.mkdir(exist_ok=True)
     save_file(ref.state_dict(), folder / "open_clip_model.safetensors")
     (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
@@ -584,8 +587,8 @@ def clip_train_patch_dropout(b: Bench) -> list[Row]:
     side drops any. The second row times mmlm's step with patch dropout against the same without.
     """
     b.cache.pop("clip", None)
-    plain = clip_pair(b)[1]
-    folder = b.tmp / "open_clip"
+    plain = clip_pair(b, PATCH_DROPOUT_MODEL, "open_clip_dropout")[1]
+    folder = b.tmp / "open_clip_dropout"
     ours = mmlm.load_pretrained(folder, vision={"patch_dropout": PATCH_DROPOUT}).train().to(b.device)
     ref = open_clip_from_folder(folder, patch_dropout=PATCH_DROPOUT).train().to(b.device)
     plain = plain.train().to(b.device)
@@ -600,10 +603,12 @@ def clip_train_patch_dropout(b: Bench) -> list[Row]:
     kept = max(1, int(ours.cfg.vision.grid_size**2 * (1 - p)))
     return [
         Row(f"CLIP train step, patch dropout {p}", t["mmlm"], t["ref"], f"open_clip, patch_dropout={p}", diff,
-            f"B={n}, {kept} of {ours.cfg.vision.grid_size**2} patches kept; mmlm T={batch['input_ids'].shape[1]}, "
+            f"{PATCH_DROPOUT_MODEL}, B={n}, {kept} of {ours.cfg.vision.grid_size**2} patches kept; "
+            f"mmlm T={batch['input_ids'].shape[1]}, "
             f"open_clip T=77; diff = |loss gap| in eval mode (no patches dropped)"),
         Row(f"CLIP train step, patch dropout {p} vs none", t["mmlm"], t["plain"], "mmlm, patch_dropout=0",
-            diff_plain, f"B={n}; ratio = mmlm's speed-up from patch dropout {p}; diff = |loss gap| in eval mode"),
+            diff_plain, f"{PATCH_DROPOUT_MODEL}, B={n}; ratio = mmlm's speed-up from patch dropout {p}; "
+            "diff = |loss gap| in eval mode"),
     ]  # fmt: skip
 
 
