@@ -170,6 +170,10 @@ def compare(
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+class UsageError(ValueError):
+    """A bad command-line value: one line on stderr, before anything is measured."""
+
+
 @dataclass
 class Row:
     """One line of the table. ``mmlm_s`` and ``reference_s`` are in ``unit``: seconds per call, or MiB."""
@@ -901,7 +905,7 @@ def run(
         seed: seed for the random weights.
     """
     if quick and full:
-        raise ValueError("--quick and --full exclude each other")
+        raise UsageError("--quick and --full exclude each other")
     tier = "quick" if quick else "full" if full else "default"
     sizes = TIERS[tier]
     if warmup is not None or repeats is not None:
@@ -910,7 +914,7 @@ def run(
     names = list(only or WORKLOADS)
     unknown = set(names) - set(WORKLOADS)
     if unknown:
-        raise ValueError(f"unknown workload(s) {sorted(unknown)}; known: {', '.join(WORKLOADS)}")
+        raise UsageError(f"unknown workload(s) {sorted(unknown)}; known: {', '.join(WORKLOADS)}")
     torch.manual_seed(seed)
     rows: list[Row] = []
     with scratch() as tmp:
@@ -942,7 +946,11 @@ def main(args: list[str] | None = None) -> None:
     cfg = parser.parse_args(args)
     kwargs = cfg.as_dict()
     kwargs["json_path"] = kwargs.pop("json")
-    run(**kwargs)
+    try:
+        run(**kwargs)
+    except UsageError as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

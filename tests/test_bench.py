@@ -76,3 +76,15 @@ def test_rows_that_cannot_run_on_a_gpu_are_printed_with_their_reason(tmp_path, m
     assert lines == [f"| {r.workload} | skipped | skipped | - | - | open_clip + quantize_dynamic | skipped: {r.skipped} |"
                      for r in rows]  # fmt: skip
     assert bench.json_ready(bench.asdict(rows[0]))["mmlm_s"] is None  # JSON has no NaN
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--only", "[nope]"], "bench.py: error: unknown workload(s) ['nope']; known: clip_image,"),
+    (["--quick", "--full"], "bench.py: error: --quick and --full exclude each other"),
+])  # fmt: skip
+def test_a_mistake_is_one_line_before_anything_runs(args, message, tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), *args], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().startswith(message) and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not list(tmp_path.iterdir())
