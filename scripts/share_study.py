@@ -284,8 +284,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 ax.plot([p + 0.08] * len(values), values, ".", color="grey", markersize=5)
         if line is not None:
             ax.axhline(line[0], color="grey", linestyle="--", linewidth=1, label=line[1])
-        if len(series) > 1 or line is not None:
-            ax.legend(fontsize=8, loc="best")
+        if len(series) > 1 or line is not None:  # headroom above the data, so the legend covers no point
+            low, high = ax.get_ylim()
+            ax.set_ylim(low, high + 0.35 * (high - low))
+            ax.legend(fontsize=8, loc="upper right", ncols=2)
         ax.set_title(title, fontsize=10)
         ax.set_xticks(range(len(names)), ticks, fontsize=8)
         ax.set_xlim(-0.5, len(names) - 0.5)
@@ -413,10 +415,11 @@ def run(
 
 def main(args: list[str] | None = None) -> None:
     """jsonargparse reads ``run``'s signature; a bad value ends in one line on stderr, not a traceback."""
-    from jsonargparse import ArgumentParser
+    from jsonargparse import ActionYesNo, ArgumentParser
 
     parser = ArgumentParser(description=__doc__.split("\n\n")[0], prog="share_study.py")
-    parser.add_function_arguments(run, as_group=False)
+    parser.add_function_arguments(run, skip={"overwrite"}, as_group=False)
+    parser.add_argument("--overwrite", action=ActionYesNo, help="replace the results already in --out")
     cfg = parser.parse_args(args)
     try:
         run(**cfg.as_dict())
