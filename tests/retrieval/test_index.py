@@ -4,11 +4,9 @@ search, plain FAISS in a process without mmlm, and the manifests the data came f
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import shutil
 import sqlite3
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,16 +27,6 @@ CPU = {"accelerator": "cpu"}
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _client():
-    """tests/export/_client.py: runs code in a Python process that cannot import mmlm."""
-    if "_client" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("_client", Path(__file__).parents[1] / "export" / "_client.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["_client"] = module
-    return sys.modules["_client"]
 
 
 PLAIN_FAISS = """
@@ -110,10 +98,10 @@ def test_metadata_holds_every_manifest_column_and_caption(assets_index):
     np.testing.assert_array_equal(assets_index.text_ids, [i for i, _ in texts])
 
 
-def test_plain_faiss_loads_the_files(assets_index, tmp_path):
+def test_plain_faiss_loads_the_files(assets_index, run_client, tmp_path):
     folder = tmp_path / "copy"
     shutil.copytree(assets_index.folder, folder)
-    out = _client().run_client(PLAIN_FAISS, cwd=folder)
+    out = run_client(PLAIN_FAISS, cwd=folder)
     assert out["image"]["ntotal"] == 21 and out["text"]["ntotal"] == 49
     assert out["image"]["type"] == out["text"]["type"] == "IndexIDMap"
     for modality in ("image", "text"):  # FAISS's exact top 3 = numpy's, and its ids are item ids

@@ -4,16 +4,13 @@ by file in a process that cannot import mmlm) and the requests its web front end
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mmlm.paths import ASSETS
-
 
 CLIENT = """
 import importlib.util, json
@@ -51,16 +48,6 @@ print(json.dumps(out))
 """
 
 
-def _client():
-    """tests/export/_client.py: runs code in a Python process that cannot import mmlm."""
-    if "_client" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("_client", Path(__file__).parents[1] / "export" / "_client.py")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        sys.modules["_client"] = module
-    return sys.modules["_client"]
-
-
 @pytest.fixture(scope="module")
 def clip_client_py() -> Path:
     """clip_retrieval/clip_client.py of the clip-retrieval wheel the test command installs with --no-deps
@@ -78,13 +65,13 @@ def ranked(vectors: np.ndarray, query: np.ndarray) -> tuple[list[int], np.ndarra
     return order.tolist(), scores[order]
 
 
-def test_clip_retrieval_client_queries_mmlm_serve(server, indexes, reference, clip_client_py, tmp_path):
+def test_clip_retrieval_client_queries_mmlm_serve(server, indexes, reference, clip_client_py, run_client, tmp_path):
     images = indexes.assets.embeddings("image")
     query = {"text": "a rocket on its launch pad", "image": str(ASSETS / "images" / "rocket.jpg"),
              "embedding": np.random.default_rng(1).standard_normal(32).tolist(),
              "copy": str(ASSETS / "images" / "astronaut.jpg")}  # fmt: skip
     params = json.dumps({"module": str(clip_client_py), "url": server.url, "query": query})
-    out = _client().run_client(f"PARAMS = {params!r}\n" + CLIENT, cwd=tmp_path)
+    out = run_client(f"PARAMS = {params!r}\n" + CLIENT, cwd=tmp_path)
     assert out["module"] == str(clip_client_py)
     paths = list(reference.items)
 
