@@ -7,8 +7,9 @@ The names below are imported on first use, so that ``mmlm --help`` (which lists 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mmlm._lazy import lazy_exports
 
 _EXPORTS = {
     "is_int8": "mmlm.compress.quantize",
@@ -17,14 +18,11 @@ _EXPORTS = {
     "pruned_config": "mmlm.compress.prune",
 }
 
-__all__ = ["is_int8", "prune_clip", "pruned_config", "quantize_int8"]
+__all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from mmlm.compress.prune import prune_clip, pruned_config
     from mmlm.compress.quantize import is_int8, quantize_int8
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mmlm.compress' has no attribute {name!r}")
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -14,8 +14,9 @@ Names load on first use (PEP 562): ``mmlm explain --help`` and ``import mmlm.exp
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mmlm._lazy import lazy_exports
 
 _EXPORTS = {
     "METHODS": "mmlm.explain.heatmaps",
@@ -41,13 +42,4 @@ if TYPE_CHECKING:
     from mmlm.explain.text import TokenAttributions, token_attributions
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mmlm.explain' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -11,8 +11,9 @@ Names are imported on first use, so the command line's ``--help`` does not load 
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mmlm._lazy import lazy_exports
 
 _EXPORTS = {"Index": "mmlm.retrieval.index", "Client": "mmlm.retrieval.client"}
 
@@ -23,9 +24,4 @@ if TYPE_CHECKING:
     from mmlm.retrieval.index import Index
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'mmlm.retrieval' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
