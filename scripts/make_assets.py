@@ -1,4 +1,4 @@
-"""Rebuild the sample data in ``mmlm/assets/`` from sources installed with Python packages.
+"""Rebuild the sample data in ``assets/`` from sources installed with Python packages.
 
     python scripts/make_assets.py
 
@@ -20,7 +20,8 @@ from PIL import Image
 
 from mmlm.data.text_datasets import split_sentences
 from mmlm.data.tokenizers import train_tokenizer
-from mmlm.paths import ASSETS as HERE
+
+HERE = Path(__file__).resolve().parents[1] / "assets"  # the source tree's folder, which the wheel ships
 
 # output name: (skimage file, crop box or None, captions)
 IMAGES: dict[str, tuple[str, tuple[int, int, int, int] | None, list[str]]] = {

@@ -1,4 +1,4 @@
-"""Rebuild the small NLP fine-tuning sets in ``mmlm/assets/finetune/`` from CPython's pydoc topics.
+"""Rebuild the small NLP fine-tuning sets in ``assets/finetune/`` from CPython's pydoc topics.
 
     python scripts/make_finetune_assets.py
 
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from make_assets import prose_paragraphs  # this folder is on sys.path when run as a script
 
-OUT = Path(__file__).resolve().parent.parent / "mmlm" / "assets" / "finetune"
+OUT = Path(__file__).resolve().parent.parent / "assets" / "finetune"
 
 LABELS: dict[str, list[str]] = {
     "statement": [

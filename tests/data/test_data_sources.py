@@ -79,21 +79,26 @@ def test_digits_carry_their_own_prompts():
 
 def test_bundled_assets_resolve_from_any_working_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    assert ASSETS == Path(__file__).resolve().parents[2] / "assets"  # the top-level folder of the source tree
     assert resolve("assets/tokenizer") == ASSETS / "tokenizer" and (ASSETS / "tokenizer" / "tokenizer.json").is_file()
     (tmp_path / "assets").mkdir()  # a user's own assets folder in the working directory wins
     (tmp_path / "assets" / "corpus.txt").write_text("mine\n")
     assert resolve("assets/corpus.txt") == Path("assets/corpus.txt")
 
 
-def test_wheel_ships_the_assets_every_config_names(tmp_path):
+# Where `assets/tokenizer` resolves in an interpreter that sees only site-packages folders given to it (-S keeps
+# the shared venv's own editable mmlm out); mmlm.paths needs nothing beyond the standard library.
+WHERE = "import site, sys; site.addsitedir(sys.argv[1]); from mmlm.paths import resolve; print(resolve('assets/tokenizer'))"
+
+
+def test_wheel_and_editable_install_ship_the_assets_every_config_names(tmp_path):
     root = Path(__file__).resolve().parents[2]
     source = tmp_path / "src"  # setuptools writes build/ and *.egg-info beside the sources: build a copy
     shutil.copytree(root, source, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "runs",
                                                                   ".pytest_cache", "tests", "docs"))  # fmt: skip
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(source)],
-        check=True, capture_output=True, env={**os.environ, "PIP_NO_INDEX": "1"}, cwd=tmp_path,
-    )  # fmt: skip
+    pip = [sys.executable, "-m", "pip", "-q", "--no-input"]
+    offline = {"cwd": tmp_path, "check": True, "capture_output": True, "env": {**os.environ, "PIP_NO_INDEX": "1"}}
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), str(source)], **offline)
     (wheel,) = tmp_path.glob("mmlm-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     named = {
@@ -105,7 +110,26 @@ def test_wheel_ships_the_assets_every_config_names(tmp_path):
     assert named >= {"corpus.txt", "tokenizer", "captions.csv"}
     for rel in named:
         assert any(n == f"mmlm/assets/{rel}" or n.startswith(f"mmlm/assets/{rel}/") for n in names), rel
-    assert "mmlm/assets/images/astronaut.jpg" in names and "mmlm/assets/ATTRIBUTION.md" in names
+    assert {f"mmlm/assets/{p.relative_to(root / 'assets').as_posix()}" for p in (root / "assets").rglob("*")
+            if p.is_file()} <= names  # fmt: skip
+    # pyproject.toml lists the packages (for the assets mapping): every module of mmlm/ must still be in the wheel
+    assert {p.relative_to(root).as_posix() for p in (root / "mmlm").rglob("*.py")} <= names
+
+    # `assets/...` from another working folder: inside an installed wheel, and in an editable install
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    installed = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(installed), str(wheel)], **offline)
+    where = subprocess.run([sys.executable, "-S", "-c", WHERE, str(installed)], cwd=elsewhere, check=True,
+                           capture_output=True, text=True, env={})  # fmt: skip
+    assert Path(where.stdout.strip()) == installed / "mmlm" / "assets" / "tokenizer"
+    assert (installed / "mmlm" / "assets" / "tokenizer" / "tokenizer.json").is_file()
+    subprocess.run([*pip, "install", "--no-deps", "--no-build-isolation", "--prefix", str(tmp_path / "editable"), "-e",
+                    str(source)], **offline)  # fmt: skip
+    (site_packages,) = (tmp_path / "editable").glob("lib/python*/site-packages")
+    where = subprocess.run([sys.executable, "-S", "-c", WHERE, str(site_packages)], cwd=elsewhere, check=True,
+                           capture_output=True, text=True, env={})  # fmt: skip
+    assert Path(where.stdout.strip()) == source / "assets" / "tokenizer"
 
 
 @pytest.mark.parametrize("spec", ["missing.csv", "assets/missing.csv"])
