@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # jsonargparse runs this block to read the annotations: keep 
 
 from mmlm.compress.commands import prune, quantize
 from mmlm.explain.command import explain
-from mmlm.paths import ASSETS
+from mmlm.paths import ASSETS, resolve
 from mmlm.retrieval.commands import index_add, index_build, index_info
 from mmlm.retrieval.serve import search, serve
 
@@ -78,6 +78,7 @@ def demo(
 
     spec = checkpoint or preset
     model = load_model(spec, seed=seed)
+    manifest = resolve(manifest)
     with open(manifest, newline="") as f:
         rows = list(csv.DictReader(f))
     first: dict[str, str] = {}

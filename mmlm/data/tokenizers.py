@@ -401,8 +401,8 @@ def train_tokenizer(
     smallest = len(WORDPIECE_SPECIALS) + 1 if kind == "wordpiece" else len(BPE_SPECIALS) + 256
     if vocab_size < smallest:
         raise ValueError(f"vocab_size {vocab_size} is too small for {kind}: at least {smallest}, e.g. 8000")
+    files = [str(resolve(f)) for f in files]  # `assets/corpus.txt` from any folder
     check_corpus(files)
-    files = [str(f) for f in files]
     if kind == "wordpiece":
         specials = WORDPIECE_SPECIALS
         tok = Backend(models.WordPiece(unk_token=specials["unk"]))

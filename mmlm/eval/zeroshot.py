@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from mmlm.data.digits import DIGIT_TEMPLATES
+from mmlm.paths import resolve
 
 Template = str | Callable[[str], str]
 
@@ -82,7 +83,7 @@ def load_templates(spec: str | Path) -> list[str]:
     with one template per line (or a JSON list); ``{}`` or ``{c}`` marks the class name."""
     if isinstance(spec, str) and spec in TEMPLATE_SETS:
         return list(TEMPLATE_SETS[spec])
-    path = Path(spec)
+    path = resolve(spec)
     if not path.is_file():
         raise ValueError(f"templates {spec!r}: neither a built-in set ({', '.join(TEMPLATE_SETS)}) nor a file")
     templates = _read_list(path)
@@ -94,7 +95,7 @@ def load_templates(spec: str | Path) -> list[str]:
 
 def load_classnames(path: str | Path) -> list[str]:
     """Class names in label order: one per line, or a JSON list."""
-    names = _read_list(Path(path))
+    names = _read_list(resolve(path))
     if not names:
         raise ValueError(f"{path}: no class names")
     return names

@@ -64,12 +64,13 @@ def _explain_image(model, spec: str, rest: list[str], method: str, out: Path, to
     from mmlm.explain.heatmaps import attention_maps, heatmaps, image_tensor, text_embeddings
     from mmlm.explain.render import attention_figure, heatmap_figure, open_image
     from mmlm.models.clip import CLIP
+    from mmlm.paths import resolve as resolve_path
 
     if not isinstance(model, CLIP):
         raise ValueError(f"{spec} is a {type(model).__name__}: image heatmaps need a CLIP (a text classifier takes --text)")
     if not rest:
         raise ValueError("give IMAGE after MODEL, then the texts to find in it")
-    image_path, texts = Path(rest[0]), rest[1:]
+    image_path, texts = resolve_path(rest[0]), rest[1:]  # `assets/images/...` from any folder
     if not image_path.is_file():
         raise FileNotFoundError(f"image {image_path} does not exist")
     if out.suffix.lower() != ".png":

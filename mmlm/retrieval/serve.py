@@ -111,10 +111,11 @@ def search(
         api_key: the server's API key; default: the ``MMLM_API_KEY`` environment variable.
         output: ``table`` (rank, score, id, caption or file) or ``json`` (the hits as the API returns them).
     """
+    from mmlm.paths import resolve
     from mmlm.retrieval.client import Client
 
     client = Client(url, api_key=api_key, index=index)
-    hits = client.search(image=Path(query), modality=modality, k=k) if image else client.search(query, modality=modality, k=k)
+    hits = client.search(image=resolve(query), modality=modality, k=k) if image else client.search(query, modality=modality, k=k)
     if output == "json":
         print(json.dumps(hits, indent=2))
         return hits
