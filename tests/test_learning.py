@@ -4,12 +4,27 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
 
 from mmlm.cli import lightning_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
          "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]  # fmt: skip
+
+
+# minutes of training each: left out of the quick tier
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: these tiny models gain nothing from two, and on a busy 2-core machine two threads that
+    wait for each other made each step ~6x slower (1.4 s against 0.22 s for a clip-tiny step of 64 digits)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def cli(config: str, tmp_path: Path, *args: str):

@@ -10,6 +10,8 @@ import pytest
 
 from mmlm.paths import ASSETS
 
+pytestmark = pytest.mark.server
+
 
 def test_api_key_in_each_form(keyed_server):
     key = keyed_server.api_key

@@ -21,6 +21,8 @@ from mmlm.paths import ASSETS
 from mmlm.retrieval import Client
 from mmlm.retrieval.client import ApiError
 
+pytestmark = pytest.mark.server
+
 ATOL = 1e-5  # float32 forward passes of one query vs a batch of them
 
 

@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from mmlm.paths import ASSETS
+
+pytestmark = [pytest.mark.server, pytest.mark.browser]
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package: Playwright's own browser download is not reachable
 

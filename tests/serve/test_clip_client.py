@@ -12,6 +12,8 @@ import pytest
 
 from mmlm.paths import ASSETS
 
+pytestmark = pytest.mark.server
+
 CLIENT = """
 import importlib.util, json
 import requests

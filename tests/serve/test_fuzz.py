@@ -22,6 +22,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mmlm.paths import ASSETS
 
+pytestmark = pytest.mark.server
+
 JSON = {"Content-Type": "application/json"}
 
 

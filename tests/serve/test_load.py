@@ -8,10 +8,13 @@ import base64
 import json
 
 import numpy as np
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mmlm.paths import ASSETS
 from mmlm.retrieval.client import load
+
+pytestmark = pytest.mark.server
 
 CLIENTS = 200
 REQUESTS = 5000
