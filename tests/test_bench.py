@@ -30,6 +30,7 @@ ROWS = ("CLIP image encode", "CLIP text encode", "CLIP text encode, both T=77", 
         "CLIP tokenizer")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_quick_bench_prints_every_workload_with_matching_outputs(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "TMPDIR": str(tmp_path)}
@@ -82,6 +83,7 @@ def test_rows_that_cannot_run_on_a_gpu_are_printed_with_their_reason(tmp_path, m
     (["--only", "[nope]"], "bench.py: error: unknown workload(s) ['nope']; known: clip_image,"),
     (["--quick", "--full"], "bench.py: error: --quick and --full exclude each other"),
 ])  # fmt: skip
+@pytest.mark.slow
 def test_a_mistake_is_one_line_before_anything_runs(args, message, tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), *args], cwd=tmp_path,
                             capture_output=True, text=True, timeout=300, check=False)  # fmt: skip

@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = ("index build, end to end (per image)", "index build, marginal (per image)",
         "search only, exact, 4,000 x 32",
@@ -19,6 +21,7 @@ ROWS = ("index build, end to end (per image)", "index build, marginal (per image
         "query, 1 client, int8, IVF64,PQ8 20,000", "query, 8 clients, int8, IVF64,PQ8 20,000")  # fmt: skip
 
 
+@pytest.mark.slow
 def test_retrieval_workloads_match_the_model_and_faiss_called_directly(tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "TMPDIR": str(tmp_path)}

@@ -62,6 +62,7 @@ def output_paths(config: dict) -> list[str]:
     return [p for v in config for p in output_paths(v)] if isinstance(config, list) else []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: str(c.relative_to(ROOT / "configs")))
 def test_every_config_instantiates_and_writes_only_under_its_root(config, tmp_path, monkeypatch):
     import yaml
@@ -77,6 +78,7 @@ def test_every_config_instantiates_and_writes_only_under_its_root(config, tmp_pa
     assert {Path(logger.log_dir).resolve() for logger in cli.trainer.loggers} == {run, run / "tb"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", TINY, ids=lambda c: c.stem)
 def test_tiny_configs_fit_a_few_steps(config, tmp_path):
     out = tmp_path / "run"
@@ -125,6 +127,7 @@ def final_weights(ckpt: Path) -> tuple[int, dict[str, torch.Tensor]]:
     return state["global_step"], state["state_dict"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every_n_steps, kill_after", [(None, "epoch=0-step=5.ckpt"), (3, "epoch=1-step=6.ckpt")],
                          ids=["epoch-end", "mid-epoch"])  # fmt: skip
 def test_killed_run_resumes_to_the_same_step_and_weights(tmp_path, every_n_steps, kill_after):
@@ -171,6 +174,7 @@ def snapshot(folder: Path) -> dict[str, tuple[bytes, int]]:
             if p.is_file()}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_runs_get_their_own_folders_and_last_resumes_the_newest(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(ROOT)
     fit(tmp_path, 3)  # run A
@@ -205,6 +209,7 @@ def test_ckpt_path_last_without_a_run_is_one_line(tmp_path, monkeypatch, capsys)
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_the_end_of_a_run_is_saved_when_max_steps_stops_it_between_checkpoints(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     cli = fit(tmp_path, 5, "--trainer.callbacks", "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -230,6 +235,8 @@ def test_progress_bar_epoch_counter(limits, expected):
     assert bar._get_train_description(27).strip() == expected  # Lightning's own: "Epoch 27/-2" for max_steps
 
 
+@pytest.mark.processes
+@pytest.mark.slow
 def test_fit_runs_with_ddp_on_two_cpu_processes(tmp_path):
     result = run_mmlm(
         "fit", "--config", str(DIGITS), "--trainer.devices", "2", "--trainer.strategy", "ddp",

@@ -101,6 +101,7 @@ def test_options_take_dashes(capsys, tmp_path):
 # ------------------------------------------------------------------------------ models that do not exist
 
 
+@pytest.mark.slow
 def test_unknown_preset_in_fit_is_one_line_before_training(tmp_path):
     done = run_mmlm("fit", "--config", str(DIGITS), "--model.init_args.model", "clip-tinyy",
                     "--trainer.default_root_dir", str(tmp_path))  # fmt: skip
@@ -145,6 +146,7 @@ def broken(kind: str, whole: bytes) -> bytes:
     return {"empty": b"", "random": os.urandom(3000), "truncated": whole[: len(whole) // 2]}[kind]
 
 
+@pytest.mark.slow
 def test_broken_safetensors_through_the_real_command(tmp_path, clip_folder):
     folder = tmp_path / "model"
     folder.mkdir()
@@ -193,6 +195,7 @@ def test_broken_lightning_checkpoint(kind, tmp_path, torch_file, capsys):
     assert f"{path} is not a valid or complete PyTorch checkpoint" in line
 
 
+@pytest.mark.slow
 def test_text_file_named_pt_through_the_real_command(tmp_path):
     path = tmp_path / "weights.pt"
     path.write_text("this is not a checkpoint\n")
@@ -213,6 +216,7 @@ def test_config_json_that_is_not_json(tmp_path, clip_folder, capsys):
 # ------------------------------------------------------------------------------ numbers out of range
 
 
+@pytest.mark.slow
 def test_recall_at_zero_through_the_real_command():
     done = run_mmlm("eval-retrieval", "clip-tiny", "--dataset", "digits", "--ks", "[0]")
     assert done.returncode == 2

@@ -11,11 +11,13 @@ def n_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_clip_b32_has_openclip_parameter_count():
     # OpenCLIP's ViT-B-32: 151,277,313 parameters (151.28 M)
     assert n_params(mmlm.create_model("clip-vit-b-32")) == 151_277_313
 
 
+@pytest.mark.slow
 def test_clip_b16_matches_openclip_parameter_count():
     assert n_params(mmlm.create_model("clip-vit-b-16")) == n_params(open_clip.create_model("ViT-B-16"))
 

@@ -86,6 +86,8 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.processes
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
 def test_two_rank_gradients_equal_full_batch_gradients(tmp_path, kind):
     out = str(tmp_path / "grads.pt")

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import open_clip
+import pytest
 from PIL import Image
 
 from mmlm.config import from_name
@@ -38,6 +39,7 @@ def block_parts(width: int, mlp_dim: int) -> tuple[int, int, int]:
     return attention, mlp, 2 * 2 * width
 
 
+@pytest.mark.slow
 def test_smoke_run_reports_every_mode_with_independent_parameter_counts(tmp_path):
     out = tmp_path / "out"
     result = study(tmp_path, "--out", str(out), "--steps", "3", "--seeds", "1", "--modes", f"[{', '.join(MODES)}]")

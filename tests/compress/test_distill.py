@@ -75,6 +75,7 @@ def test_teacher_is_frozen_and_the_step_is_open_clip_s_loss():
         ClipDistillation("clip-tiny", "clip-tiny", {"embed_dim": 16}, feature_weight=1.0)
 
 
+@pytest.mark.slow
 def test_distill_config_trains_the_student_a_few_steps(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     run = lightning_cli(["--config", "configs/align/distill-digits-tiny.yaml", *QUIET, "--trainer.default_root_dir",
@@ -90,6 +91,7 @@ def test_distill_config_trains_the_student_a_few_steps(tmp_path, monkeypatch):
     assert "val/zeroshot_acc1" in run.trainer.callback_metrics
 
 
+@pytest.mark.slow
 def test_prune_recover_config_fine_tunes_a_pruned_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(ROOT)
     pruned = prune_clip(mmlm.resolve("clip-tiny", seed=0).eval(), 0.5, [batch()])

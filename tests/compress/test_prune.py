@@ -111,6 +111,7 @@ def test_pruned_model_saves_loads_and_fine_tunes(clip, tmp_path):
     assert torch.isfinite(loss) and all(p.grad is not None for p in task.parameters())
 
 
+@pytest.mark.slow
 def test_prune_command_calibrates_on_digits(tmp_path, capsys):
     out = tmp_path / "pruned"
     main(["prune", "clip-tiny", "--keep", "0.5", "--out", str(out), "--samples", "32", "--batch-size", "16"])

@@ -69,6 +69,7 @@ def test_copy_is_int8_original_untouched_and_embeddings_stay_close(clip):
         quantize_int8(int8)
 
 
+@pytest.mark.slow
 def test_folder_holds_int8_bytes_and_loads_back_bit_for_bit(clip, tmp_path):
     int8 = quantize_int8(clip)
     mmlm.save(clip, tmp_path / "fp32")
@@ -96,6 +97,7 @@ def test_folder_holds_int8_bytes_and_loads_back_bit_for_bit(clip, tmp_path):
         assert all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())  # noqa: SIM118 (safe_open is no dict)
 
 
+@pytest.mark.slow
 def test_quantize_and_zeroshot_commands_take_the_folder(tmp_path, capsys):
     out = tmp_path / "int8"
     main(["quantize", "clip-tiny", "--out", str(out)])
@@ -121,6 +123,7 @@ def test_quantize_mistakes_give_one_line(tmp_path, capsys):
         assert "mmlm quantize: error: " in err and message in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_int8_switch_quantizes_on_the_fly(capsys):
     from mmlm.eval.results import load_model
 

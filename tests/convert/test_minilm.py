@@ -67,6 +67,7 @@ def test_paraphrases_rank_above_unrelated_pairs(folder, model):
     assert sim.diagonal().min() > 0.5
 
 
+@pytest.mark.slow
 def test_encode_takes_one_text_or_many_in_any_batch_size(folder, model):
     tok = mmlm.get_tokenizer(folder)
     texts = [s for pair in PAIRS for s in pair]

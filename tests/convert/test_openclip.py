@@ -33,6 +33,7 @@ def _compare(ref: torch.nn.Module, model: mmlm.CLIP, name: str) -> None:
         assert_parity(model.encode_text(ids, normalize=False), ref.encode_text(ids), what=f"{name} encode_text")
 
 
+@pytest.mark.slow
 def test_vit_b_32_safetensors(tmp_path):
     ref = randomize_(open_clip.create_model("ViT-B-32"), std=0.02).eval()
     path = tmp_path / "open_clip_vit_b_32.safetensors"
@@ -44,6 +45,7 @@ def test_vit_b_32_safetensors(tmp_path):
     _compare(ref, model, "ViT-B-32")
 
 
+@pytest.mark.slow
 def test_vit_b_32_quickgelu_fp16_pickle(tmp_path):
     """An fp16 ``torch.save`` file; the quickgelu name alone selects the activation."""
     ref = randomize_(open_clip.create_model("ViT-B-32-quickgelu"), std=0.02).eval()

@@ -86,6 +86,7 @@ def test_load_returns_the_model_in_eval_mode(tmp_path):
         torch.testing.assert_close(loaded.encode_image(images), model.eval().encode_image(images), rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_demo_and_convert_take_the_checkpoint_fit_writes(tmp_path, monkeypatch, capsys):
     """`mmlm demo --checkpoint RUN.ckpt`: the .ckpt of a one-step `mmlm fit` gives the similarities of the
     weights that run ended with, the same as through `mmlm convert RUN.ckpt DIR` and an mmlm folder."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import timm
 import torch
 from _parity import assert_parity, randomize_
@@ -10,6 +11,7 @@ from safetensors.torch import save_file
 import mmlm
 
 
+@pytest.mark.slow
 def test_vit_tiny_patch16_224_state_dict_file(tmp_path):
     """A bare state dict: every shape read off the tensors, heads from timm's 64-wide convention."""
     ref = randomize_(timm.create_model("vit_tiny_patch16_224", pretrained=False)).eval()

@@ -62,6 +62,7 @@ def test_image_text_datamodule_from_yaml(tmp_path, assets):
     assert batch["input_ids"].shape[1] <= 32  # clip-tiny's text context
 
 
+@pytest.mark.slow
 def test_clip_preset_on_the_bundled_captions(assets):
     dm = ImageTextDataModule(
         val_data=str(assets / "captions.csv"), preset="clip-vit-b-32", batch_size=64, num_workers=0
@@ -87,6 +88,7 @@ def test_digits_image_text_split_and_captions():
     assert digits_image_text("test", seed=1).labels.tolist() != test.labels.tolist()
 
 
+@pytest.mark.slow
 def test_trainer_fits_on_digits():
     dm = ImageClassificationDataModule(
         train_data="digits", val_data="digits", preset="vit-tiny", batch_size=64, num_workers=0
@@ -139,6 +141,8 @@ class CountingProbe(Probe):
 BAD_ROWS = {"missing_file": 1, "empty_file": 1, "corrupt_image": 1, "bad_label": 1}
 
 
+@pytest.mark.processes
+@pytest.mark.slow
 @pytest.mark.parametrize("bad_samples", ["drop", "replace"])
 def test_ddp_ranks_split_the_samples_and_count_their_bad_ones(tmp_path, assets, bad_samples):
     # 2 gloo processes: Lightning re-creates the SkippingDataLoader with a DistributedSampler

@@ -91,6 +91,7 @@ def test_bundled_assets_resolve_from_any_working_folder(tmp_path, monkeypatch):
 WHERE = "import site, sys; site.addsitedir(sys.argv[1]); from mmlm.paths import resolve; print(resolve('assets/tokenizer'))"
 
 
+@pytest.mark.slow
 def test_wheel_and_editable_install_ship_the_assets_every_config_names(tmp_path):
     root = Path(__file__).resolve().parents[2]
     source = tmp_path / "src"  # setuptools writes build/ and *.egg-info beside the sources: build a copy

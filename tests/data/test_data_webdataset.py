@@ -41,6 +41,7 @@ def _datamodule(urls, **kw):
     return dm, dm.train_dataloader()
 
 
+@pytest.mark.slow
 def test_one_pass_mode_reads_every_sample_exactly_once(shards, monkeypatch):
     urls = str(shards / "train-{000..003}.tar")
     keys = []
@@ -61,6 +62,7 @@ def test_one_pass_mode_reads_every_sample_exactly_once(shards, monkeypatch):
     assert sorted(names) == [f"s{i:04d}" for i in range(sum(SIZES))]  # none lost, none repeated
 
 
+@pytest.mark.slow
 def test_resampled_mode_has_a_fixed_epoch_length(shards, monkeypatch):
     urls = str(shards / "train-{000..003}.tar")
     for rank in (0, 1):
@@ -74,6 +76,7 @@ def test_resampled_mode_has_a_fixed_epoch_length(shards, monkeypatch):
             assert sizes == [4] * 6
 
 
+@pytest.mark.slow
 def test_declared_epoch_length_evens_out_uneven_ranks(shards, monkeypatch):
     # the 2 ranks get different amounts of data; with epoch_length both yield the same batch count
     urls = str(shards / "train-{000..003}.tar")

@@ -42,6 +42,7 @@ def png(path) -> Image.Image:
     return picture
 
 
+@pytest.mark.slow
 def test_heatmaps_of_two_captions(tmp_path, capsys):
     out = tmp_path / "heat.png"
     main(["explain", "clip-tiny", str(PHOTO), "a tabby cat", "a rocket", "--method", "occlusion", "--out", str(out)])
@@ -80,6 +81,7 @@ def fails(capsys, *args: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_mistakes_give_one_line(classifier_folder, tmp_path, capsys):
     assert "image nope.png does not exist" in fails(capsys, "clip-tiny", "nope.png", "a cat")
     assert "give one or more texts after the image" in fails(capsys, "clip-tiny", str(PHOTO))

@@ -105,6 +105,7 @@ def _assert_same_metrics(theirs: dict, ours: dict) -> None:
         assert theirs[key] == pytest.approx(value, abs=1e-12), key
 
 
+@pytest.mark.slow
 def test_clip_benchmark_console_script_on_exported_open_clip(checkpoint, wds_root, reference, tmp_path):
     folder = export(mmlm.load(checkpoint), tmp_path / "open_clip", "open_clip")
     (tmp_path / "site").mkdir()
@@ -126,6 +127,7 @@ def test_clip_benchmark_console_script_on_exported_open_clip(checkpoint, wds_roo
     torch.testing.assert_close(classifier, reference["classifier"], atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_mmlm_clip_benchmark_command(checkpoint, wds_root, reference, tmp_path):
     """CLIP_benchmark's documented form, `--model PATH` without --pretrained, on model type mmlm."""
     run_command(

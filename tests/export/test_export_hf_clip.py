@@ -32,6 +32,8 @@ from mmlm.pretrained import convert
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "convert"))
 from _parity import assert_parity, randomize_
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 CLASSES = list(DIGIT_CLASSNAMES)
 SENTENCES = [
@@ -144,6 +146,7 @@ def digits(tmp_path_factory) -> dict:
             "images": [Image.open(root / p) for p in paths], "out": out, "hf": torch.load(root / "hf_out.pt")}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_fit_checkpoint_converts_to_a_complete_transformers_folder(digits):
     folder, vision = digits["root"] / "hf", digits["model"].cfg.vision
     assert {p.name for p in folder.iterdir()} == {
@@ -298,6 +301,7 @@ def models(tmp_path_factory) -> dict:
             "pixels": torch.load(root / "pixels.pt")}  # fmt: skip
 
 
+@pytest.mark.slow
 def test_processor_resizes_and_crops_as_mmlm(models):
     """The processor's resize + centre crop + normalisation on photos of other shapes and sizes: exact with
     its PIL backend; transformers 5's default torchvision backend resizes tensors, within one grey level."""

@@ -21,6 +21,8 @@ from mmlm.tasks import TextClassification
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "convert"))
 from _parity import randomize_
 
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parents[2]
 TOKENIZER = ASSETS / "tokenizer"
 # bert-tiny on the bundled WordPiece vocabulary: its [SEP] / [MASK] ids
@@ -133,6 +135,7 @@ def _gap(ours: torch.Tensor, theirs: torch.Tensor, what: str) -> float:
     return gap
 
 
+@pytest.mark.slow
 @torch.no_grad()
 def test_bert_heads_give_transformers_outputs(exported):
     root, models, inputs, report = exported

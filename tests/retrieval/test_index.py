@@ -229,6 +229,7 @@ def test_ivf_index_types_are_trained_and_searchable(index_type, tmp_path):
 # ------------------------------------------------------------------------------ add
 
 
+@pytest.mark.slow
 def test_add_continues_the_ids_and_refuses_another_model(bad_manifest, tmp_path, capsys):
     model = mmlm.save(mmlm.create_model("clip-tiny"), tmp_path / "model")
     first = Index.build(str(model), "assets", tmp_path / "ix", **CPU)
@@ -287,6 +288,7 @@ def test_int8_build_embeds_with_the_int8_copy_and_add_keeps_it(assets_index, bad
 # ------------------------------------------------------------------------------ mistakes
 
 
+@pytest.mark.slow
 def test_mistakes_are_one_line(assets_index, tmp_path, capsys):
     line = error_line(capsys, "index", "build", "clip-tiny", str(tmp_path / "nothing"), "--out", str(tmp_path / "a"))
     assert f"DATA {str(tmp_path / 'nothing')!r}: not 'digits', 'assets'" in line

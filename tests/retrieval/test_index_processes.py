@@ -22,7 +22,7 @@ from mmlm.retrieval import Index
 ROOT = Path(__file__).resolve().parents[2]
 
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"), pytest.mark.processes, pytest.mark.slow]
 
 
 def mmlm_index(*args: str, cwd: Path) -> subprocess.Popen:

@@ -162,6 +162,7 @@ def captioned_digits(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_eval_retrieval_equals_clip_benchmark_end_to_end(checkpoint, captioned_digits, tmp_path):
     """CLIP_benchmark's evaluate through mmlm's loader, on the images and captions of the manifest, against
     `mmlm eval-retrieval` on the manifest and on CLIP_benchmark's retrieval shards of the same data."""

@@ -12,7 +12,7 @@ import pytest
 
 import mmlm.eval.retrieval
 
-pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
+pytestmark = [pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status"), pytest.mark.slow]
 EVALUATE = Path(mmlm.eval.retrieval.__file__)
 N, D = 50_000, 32
 FULL_MATRIX_BYTES = N * N * 4

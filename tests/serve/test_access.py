@@ -10,9 +10,10 @@ import pytest
 
 from mmlm.paths import ASSETS
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 
+@pytest.mark.slow
 def test_api_key_in_each_form(keyed_server):
     key = keyed_server.api_key
     body = json.dumps({"text": "a rocket", "k": 2}).encode()

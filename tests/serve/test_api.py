@@ -21,7 +21,7 @@ from mmlm.paths import ASSETS
 from mmlm.retrieval import Client
 from mmlm.retrieval.client import ApiError
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 ATOL = 1e-5  # float32 forward passes of one query vs a batch of them
 

@@ -12,7 +12,7 @@ from playwright.sync_api import expect, sync_playwright
 
 from mmlm.paths import ASSETS
 
-pytestmark = [pytest.mark.server, pytest.mark.browser]
+pytestmark = [pytest.mark.server, pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package: Playwright's own browser download is not reachable
 

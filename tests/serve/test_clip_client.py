@@ -12,7 +12,7 @@ import pytest
 
 from mmlm.paths import ASSETS
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 CLIENT = """
 import importlib.util, json

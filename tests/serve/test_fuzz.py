@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from mmlm.paths import ASSETS
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 JSON = {"Content-Type": "application/json"}
 

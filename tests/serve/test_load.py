@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mmlm.paths import ASSETS
 from mmlm.retrieval.client import load
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 CLIENTS = 200
 REQUESTS = 5000

@@ -199,6 +199,8 @@ def validate_on_two_ranks(rank: int, tasks: dict, port: int, out: Path) -> None:
         torch.save(scores, out / "two_ranks.pt")
 
 
+@pytest.mark.processes
+@pytest.mark.slow
 def test_validation_scores_with_two_processes_equal_one(tmp_path):
     torch.manual_seed(0)
     tasks = {name: CASES[name][0]() for name in SCORES}

@@ -84,6 +84,7 @@ def _assert_same_metrics(ours: dict, ref: dict) -> None:
         assert ours[key] == pytest.approx(ref[key], abs=1e-12), key
 
 
+@pytest.mark.slow
 def test_classifier_and_logits_equal_clip_benchmark(reference, tiny_checkpoint, digits_folder):
     """Per image, not just per metric: CLIP_benchmark's logits through the loader equal mmlm's own path."""
     from mmlm.data.eval_datasets import classification_data

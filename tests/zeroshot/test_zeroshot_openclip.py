@@ -39,6 +39,7 @@ def test_templates_are_open_clips_80():
     assert fill("a photo of a {c}.", "dog") == fill("a photo of a {}.", "dog") == "a photo of a dog."
 
 
+@pytest.mark.slow
 def test_classifier_and_predictions_equal_open_clip(models):
     ref, model = models
     templates = OPENAI_IMAGENET_TEMPLATES[::16]  # 5 of the 80 keep the 151M-parameter towers quick on a CPU
