@@ -11,6 +11,7 @@ installed metadata (`importlib.metadata.requires("mmlm")`), which works on every
 from __future__ import annotations
 
 import ast
+import inspect
 import re
 import sys
 import textwrap
@@ -41,8 +42,19 @@ def declared_distributions() -> set[str]:
 
 
 def module_providers() -> dict[str, set[str]]:
-    """Top-level module -> the installed distributions that provide it."""
-    return {module: {norm(d) for d in dists} for module, dists in metadata.packages_distributions().items()}
+    """Top-level module -> the installed distributions that provide it, as Python 3.11's
+    ``importlib.metadata.packages_distributions()`` finds them: a distribution's top_level.txt, else the top
+    folders and modules of the files it installed. (3.10's reads top_level.txt only, which many wheels, torch's
+    and numpy's among them, no longer carry.)"""
+    providers: dict[str, set[str]] = {}
+    for dist in metadata.distributions():
+        modules = (dist.read_text("top_level.txt") or "").split()
+        if not modules:
+            tops = {f.parts[0] if len(f.parts) > 1 else inspect.getmodulename(f.name) or f.name for f in dist.files or []}
+            modules = [name for name in tops if "." not in name]
+        for module in modules:
+            providers.setdefault(module, set()).add(norm(dist.metadata["Name"]))
+    return providers
 
 
 def imported_modules(source: str) -> set[str]:
