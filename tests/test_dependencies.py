@@ -50,7 +50,8 @@ def module_providers() -> dict[str, set[str]]:
     for dist in metadata.distributions():
         modules = (dist.read_text("top_level.txt") or "").split()
         if not modules:
-            tops = {f.parts[0] if len(f.parts) > 1 else inspect.getmodulename(f.name) or f.name for f in dist.files or []}
+            files = dist.files or []
+            tops = {f.parts[0] if len(f.parts) > 1 else inspect.getmodulename(f.name) or f.name for f in files}
             modules = [name for name in tops if "." not in name]
         for module in modules:
             providers.setdefault(module, set()).add(norm(dist.metadata["Name"]))
@@ -117,7 +118,8 @@ def test_a_module_that_arrives_only_with_another_package_is_reported(tmp_path):
     (tmp_path / "tests").mkdir()
     (tmp_path / "scripts").mkdir()
     (tmp_path / "mmlm" / "hub.py").write_text(
-        "import os\nfrom . import sibling\nimport mmlm.config\n\ndef load():\n    from huggingface_hub import hf_hub_download\n"
+        "import os\nfrom . import sibling\nimport mmlm.config\n\n\ndef load():\n"
+        "    from huggingface_hub import hf_hub_download\n"
     )
     (tmp_path / "tests" / "_helper.py").write_text("import torch\n")
     (tmp_path / "tests" / "test_x.py").write_text(
@@ -152,6 +154,7 @@ def test_installed_metadata_matches_pyproject():
         extra = re.search(r"""extra\s*==\s*["']([^"']+)["']""", r)
         installed.add((requirement_name(r), extra and extra.group(1)))
     assert installed == in_pyproject, (
-        f"the installed metadata is stale (reinstall: pip install -e '.[dev]'): only installed "
-        f"{sorted(installed - in_pyproject, key=str)}, only in pyproject.toml {sorted(in_pyproject - installed, key=str)}"
+        "the installed metadata is stale (reinstall: pip install -e '.[dev]'): "
+        f"only installed {sorted(installed - in_pyproject, key=str)}, "
+        f"only in pyproject.toml {sorted(in_pyproject - installed, key=str)}"
     )
