@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
-from typing import Any, Self
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,7 +53,7 @@ class Importance:
         self.counts: dict[str, int] = {}
         self._hooks: list[Any] = []
 
-    def __enter__(self) -> Self:
+    def __enter__(self) -> Importance:  # typing.Self is Python 3.11+
         for tower, field in TOWERS.items():
             heads = getattr(self.model.cfg, field).heads
             for name, module in getattr(self.model, tower).named_modules():
