@@ -26,7 +26,13 @@ from mmlm.data.datamodules import (
     TextClassificationDataModule,
     TokenClassificationDataModule,
 )
-from mmlm.data.digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, DigitsImageText, digits_image_text
+from mmlm.data.digits import (
+    DIGIT_CLASSNAMES,
+    DIGIT_TEMPLATES,
+    DigitsImageText,
+    digits_image_text,
+    write_clip_benchmark_wds,
+)
 from mmlm.data.image_datasets import ImageClassificationDataset, ImageTextDataset
 from mmlm.data.manifest import read_manifest
 from mmlm.data.skips import ReplaceBad, Skip, SkippingDataLoader, SkipStats, load_image
@@ -96,4 +102,5 @@ __all__ = [
     "text_config",
     "train_tokenizer",
     "vision_config",
+    "write_clip_benchmark_wds",
 ]

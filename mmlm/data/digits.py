@@ -7,7 +7,9 @@ class names and templates build a zero-shot classifier.
 
 from __future__ import annotations
 
+import io
 import random
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -82,3 +84,33 @@ def digits_image_text(
     train, test = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=digits.target)
     keep = np.sort(train if split == "train" else test)
     return DigitsImageText(digits.images[keep], digits.target[keep], seed + (split == "test"), image_size, transform)
+
+
+def write_clip_benchmark_wds(root: str | Path, split: Literal["train", "test"] = "test", shards: int = 2) -> Path:
+    """The digits ``split`` as a CLIP_benchmark ``wds`` folder (the layout its ``clip_benchmark_export_wds`` writes).
+
+    ``root/SPLIT/0.tar ...`` hold PNG + ``cls`` samples (item ``i`` in shard ``i % shards``), with
+    ``root/SPLIT/nshards.txt``, ``root/classnames.txt`` and ``root/zeroshot_classification_templates.txt``
+    (``{c}`` marks the class). Read it with ``clip_benchmark eval --dataset wds/digits --dataset_root ROOT``
+    or ``mmlm zeroshot MODEL --dataset ROOT``. ``root`` must be new or empty: nothing is overwritten.
+    """
+    import webdataset as wds
+
+    root = Path(root)
+    if root.exists() and (not root.is_dir() or any(root.iterdir())):
+        raise FileExistsError(f"{root} already exists and is not an empty folder: give a new one")
+    if shards < 1:
+        raise ValueError(f"shards={shards}: give a number >= 1")
+    (root / split).mkdir(parents=True)
+    ds = digits_image_text(split)
+    for shard in range(shards):
+        with wds.TarWriter(str(root / split / f"{shard}.tar")) as sink:
+            for i in range(shard, len(ds), shards):
+                png = io.BytesIO()
+                ds.image(i).save(png, format="PNG")  # PNG keeps every pixel
+                sink.write({"__key__": f"s{i:04d}", "png": png.getvalue(), "cls": int(ds.labels[i])})
+    (root / split / "nshards.txt").write_text(str(shards))
+    (root / "classnames.txt").write_text("\n".join(DIGIT_CLASSNAMES) + "\n")
+    templates = [t.replace("{}", "{c}") for t in DIGIT_TEMPLATES]  # CLIP_benchmark's placeholder is {c}
+    (root / "zeroshot_classification_templates.txt").write_text("\n".join(templates) + "\n")
+    return root

@@ -14,19 +14,17 @@ numpy 2.4 must; ``mmlm clip-benchmark`` does the same by itself.
 
 from __future__ import annotations
 
-import io
 import json
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import webdataset as wds
 from _client import _GUARD, run_command
 
 import mmlm
 from mmlm.cli import zeroshot
-from mmlm.data import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, digits_image_text
+from mmlm.data import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, write_clip_benchmark_wds
 from mmlm.data.eval_datasets import classification_data
 from mmlm.data.tokenizers import clip_tokenizer
 from mmlm.data.transforms import image_transform
@@ -68,19 +66,7 @@ def checkpoint(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def wds_root(tmp_path_factory) -> Path:
     """The 360 scans of the digits test split as CLIP_benchmark's wds folder: 2 shards of PNG + cls."""
-    root = tmp_path_factory.mktemp("wds_digits")
-    (root / "test").mkdir()
-    ds = digits_image_text("test")
-    for shard in range(2):
-        with wds.TarWriter(str(root / "test" / f"{shard}.tar")) as sink:
-            for i in range(shard, len(ds), 2):
-                png = io.BytesIO()
-                ds.image(i).save(png, format="PNG")
-                sink.write({"__key__": f"s{i:04d}", "png": png.getvalue(), "cls": int(ds.labels[i])})
-    (root / "test" / "nshards.txt").write_text("2")
-    (root / "classnames.txt").write_text("\n".join(DIGIT_CLASSNAMES) + "\n")
-    (root / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
-    return root
+    return write_clip_benchmark_wds(tmp_path_factory.mktemp("wds") / "digits")
 
 
 @pytest.fixture(scope="module")

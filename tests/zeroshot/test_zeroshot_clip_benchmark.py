@@ -6,7 +6,6 @@ import json
 
 import pytest
 import torch
-import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
@@ -15,7 +14,7 @@ import mmlm
 from mmlm.eval.clip_benchmark import BenchmarkModel, BenchmarkTokenizer, load_clip_benchmark, register_clip_benchmark
 from mmlm.cli import main, zeroshot
 from mmlm.config import from_name, update
-from mmlm.data import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, get_tokenizer
+from mmlm.data import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, get_tokenizer, write_clip_benchmark_wds
 from mmlm.eval.zeroshot import build_classifier
 
 zsc = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
@@ -64,19 +63,9 @@ def templates_file(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def clip_benchmark_wds(tmp_path_factory, digit_pngs):
+def clip_benchmark_wds(tmp_path_factory):
     """The digits test split in CLIP_benchmark's WebDataset layout (what clip_benchmark_export_wds writes)."""
-    root = tmp_path_factory.mktemp("wds_digits")
-    (root / "test").mkdir()
-    for shard in range(2):
-        with wds.TarWriter(str(root / "test" / f"{shard}.tar")) as sink:
-            for i in range(shard, len(digit_pngs), 2):
-                png, label = digit_pngs[i]
-                sink.write({"__key__": f"s{i:04d}", "png": png, "cls": label})
-    (root / "test" / "nshards.txt").write_text("2")
-    (root / "classnames.txt").write_text("\n".join(DIGIT_CLASSNAMES) + "\n")
-    (root / "zeroshot_classification_templates.txt").write_text("\n".join(TEMPLATES) + "\n")
-    return root
+    return write_clip_benchmark_wds(tmp_path_factory.mktemp("wds") / "digits")
 
 
 def _assert_same_metrics(ours: dict, ref: dict) -> None:
