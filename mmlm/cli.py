@@ -268,9 +268,8 @@ def eval_retrieval(
         seed: seed of a preset's random weights.
         int8: quantize the model's Linear layers to int8 on the fly (CPU).
     """
-    from mmlm.eval.retrieval import check_retrieval_args, evaluate_retrieval
-
     from mmlm.errors import check_at_least
+    from mmlm.eval.retrieval import check_retrieval_args, evaluate_retrieval
 
     check_retrieval_args(ks, chunk_size)  # before the slow imports and the model
     check_at_least(1, batch_size=batch_size)
@@ -331,7 +330,8 @@ def build_parser() -> ArgumentParser:
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(
-        exit_on_error=False, prog="mmlm", description="Train, convert and evaluate vision-language models built on one shared block.",
+        prog="mmlm", description="Train, convert and evaluate vision-language models built on one shared block.",
+        exit_on_error=False,  # every parser raises what it refuses: `main` prints one line, not the usage block
         epilog=f"`mmlm COMMAND --help` lists a command's options; they take dashes or underscores (--vocab-size). "
         f"Errors print one line; add {DEBUG_FLAG} or set MMLM_DEBUG=1 for the traceback.",
     )  # fmt: skip
