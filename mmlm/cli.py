@@ -26,6 +26,7 @@ from __future__ import annotations
 import csv
 import inspect
 import os
+import re
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
@@ -193,6 +194,7 @@ def zeroshot(
     """
     from mmlm.data import image_transform
     from mmlm.data.eval_datasets import classification_data
+    from mmlm.errors import check_at_least
     from mmlm.eval import results
     from mmlm.eval.zeroshot import (
         OPENAI_IMAGENET_TEMPLATES,
@@ -202,6 +204,8 @@ def zeroshot(
         zero_shot_classify,
     )
 
+    check_at_least(1, batch_size=batch_size)
+    check_at_least(0, num_workers=num_workers)
     net = results.load_model(model, act, device, seed, int8)
     tok = results.model_tokenizer(net, tokenizer, model)
     names = load_classnames(classnames) if classnames is not None else None
@@ -265,9 +269,12 @@ def eval_retrieval(
         seed: seed of a preset's random weights.
         int8: quantize the model's Linear layers to int8 on the fly (CPU).
     """
+    from mmlm.errors import check_at_least
     from mmlm.eval.retrieval import check_retrieval_args, evaluate_retrieval
 
     check_retrieval_args(ks, chunk_size)  # before the slow imports and the model
+    check_at_least(1, batch_size=batch_size)
+    check_at_least(0, num_workers=num_workers)
     from mmlm.data import image_transform
     from mmlm.data.eval_datasets import retrieval_data
     from mmlm.eval import results
@@ -325,15 +332,16 @@ def build_parser() -> ArgumentParser:
 
     parser = ArgumentParser(
         prog="mmlm", description="Train, convert and evaluate vision-language models built on one shared block.",
+        exit_on_error=False,  # every parser raises what it refuses: `main` prints one line, not the usage block
         epilog=f"`mmlm COMMAND --help` lists a command's options; they take dashes or underscores (--vocab-size). "
         f"Errors print one line; add {DEBUG_FLAG} or set MMLM_DEBUG=1 for the traceback.",
     )  # fmt: skip
     subcommands = parser.add_subcommands(required=True)
     for name in LIGHTNING_COMMANDS:
         text = f"Lightning {name}: task, data and trainer from --config FILE (`mmlm {name} --help` lists the options)"
-        subcommands.add_subcommand(name, ArgumentParser(description=text), help=text)
+        subcommands.add_subcommand(name, ArgumentParser(exit_on_error=False, description=text), help=text)
     text = "CLIP_benchmark's command line (`clip_benchmark eval ...`) with model_type `mmlm` registered"
-    subcommands.add_subcommand(CLIP_BENCHMARK, ArgumentParser(description=text), help=text)
+    subcommands.add_subcommand(CLIP_BENCHMARK, ArgumentParser(exit_on_error=False, description=text), help=text)
     _add_commands(subcommands, COMMANDS)
     return parser
 
@@ -343,11 +351,11 @@ def _add_commands(subcommands: Any, commands: dict[str, Any]) -> None:
 
     for name, target in commands.items():
         if isinstance(target, dict):  # jsonargparse wants a level added before the one below it
-            sub = ArgumentParser(description=f"{name} commands")
+            sub = ArgumentParser(exit_on_error=False, description=f"{name} commands")
             subcommands.add_subcommand(name, sub, help=f"{name} commands: {', '.join(target)}")
             _add_commands(sub.add_subcommands(required=True), target)
             continue
-        sub = ArgumentParser(description=_summary(target))
+        sub = ArgumentParser(exit_on_error=False, description=_summary(target))
         sub.add_argument("--config", action=ActionConfigFile, help="a YAML file with any of the options below")
         own = {VARIADIC[target]} if target in VARIADIC else set()
         for arg in own:
@@ -413,8 +421,41 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 def one_line(error: BaseException) -> str:
     """The error's message on one line (a KeyError's str() would add quotes around it)."""
+    from argparse import ArgumentError
+
+    if isinstance(error, ArgumentError):
+        return parse_error(str(error))
     message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
     return " ".join(str(message).split()) or type(error).__name__
+
+
+def parse_error(message: str) -> str:
+    """jsonargparse's many-line refusal of a value, as ``--k abc: expected int``: the option, the value
+    as typed, and what it takes (a Literal's choices, a type's name)."""
+    found = re.match(r'Parser key "([^"]+)":\s*(.*)', message, re.S)
+    if found is None:
+        flat = " ".join(message.split())
+        return flat if len(flat) <= 300 else flat[:300] + " ..."  # `--config` of a non-YAML file echoes it whole
+    key, detail = found.groups()
+    value = re.findall(r"(?:Got value|Given value): (.*)", detail)
+    wanted = []
+    for name in re.findall(r"Expected a (.+?)(?:\. Got value:.*)?$", detail, re.M):
+        choices = re.fullmatch(r"typing\.Literal\[(.*)\]", name)
+        if choices:  # typing.Literal['a', 'b'] -> one of a, b
+            name = "one of " + choices.group(1).replace("'", "")
+        else:  # <class 'int'> -> int
+            name = re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", name)
+        if name != "NoneType" and name not in wanted:
+            wanted.append(name)
+    typed = f" {value[-1]}" if value else ""
+    nested = re.fullmatch(r"NestedArg\(key='(.*)', val='(.*)'\)", value[-1]) if value else None
+    if nested:  # `--model.init_args.nope 3`: jsonargparse names the class_path option and repeats the rest as a repr
+        key, typed = f"{key}.init_args.{nested.group(1)}", f" {nested.group(2)}"
+    problem = re.search(r"Problem with given class_path '([^']+)':\s*(.+)", detail)
+    if problem:
+        return f"--{key}{typed}: {problem.group(2).strip()} (by {problem.group(1)})"
+    reason = f"expected {' or '.join(wanted)}" if wanted else " ".join(detail.split())
+    return f"--{key}{typed}: {reason}"
 
 
 def _command_words(args: list[str]) -> str:
@@ -431,16 +472,20 @@ def _command_words(args: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == [CLIP_BENCHMARK]:
-        from mmlm.eval.clip_benchmark import cli
-
-        raise SystemExit(cli(args[1:]))
     cut = args.index("--") if "--" in args else len(args)
     debug = DEBUG_FLAG in args[:cut] or os.environ.get("MMLM_DEBUG", "0") not in ("", "0")
-    args = underscore_options([a for a in args[:cut] if a != DEBUG_FLAG] + args[cut:])
-    command = _command_words(args)
+    args = [a for a in args[:cut] if a != DEBUG_FLAG] + args[cut:]
+    benchmark = args[:1] == [CLIP_BENCHMARK]  # its options go to CLIP_benchmark's parser as typed
+    args = args if benchmark else underscore_options(args)
+    command = CLIP_BENCHMARK if benchmark else _command_words(args)
     try:
-        if command in LIGHTNING_COMMANDS:
+        if benchmark:
+            from mmlm.eval.clip_benchmark import cli
+
+            code = cli(args[1:])
+            if code:
+                raise SystemExit(code)
+        elif command in LIGHTNING_COMMANDS:
             lightning_cli(args)
         else:
             run_command(args)

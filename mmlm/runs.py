@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ def resolve_ckpt_path(root: Path, ckpt_path: str | None) -> Path | None:
         path = Path(ckpt_path)
         if not path.is_file():
             raise ValueError(f"--ckpt_path {ckpt_path}: no such checkpoint file (give a .ckpt file or '{LAST}')")
+        check_checkpoint_file(path)
         return path
     runs = numbered(root, VERSION)
     if not runs:
@@ -83,6 +85,19 @@ def resolve_ckpt_path(root: Path, ckpt_path: str | None) -> Path | None:
         raise ValueError(f"--ckpt_path last: the newest run, {newest}, saved no checkpoints/last.ckpt; "
                          "give the checkpoint file of the run to continue")  # fmt: skip
     return last
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """Refuse, before the model is built, a file ``torch.load`` would fail on at its first bytes: an empty
+    file, a cut-short zip archive (``torch.save``'s format), or neither a zip nor a pickle (the legacy format)."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ValueError(f"--ckpt_path {path}: the file is empty (0 bytes), not a checkpoint")
+    if head.startswith(b"PK") and not zipfile.is_zipfile(path):
+        raise ValueError(f"--ckpt_path {path}: not a complete checkpoint (a zip archive cut short)")
+    if not head.startswith((b"PK", b"\x80")):
+        raise ValueError(f"--ckpt_path {path}: not a PyTorch checkpoint (neither torch.save's zip nor a pickle)")
 
 
 def run_of(root: Path, ckpt: Path | None) -> Path | None:
@@ -149,6 +164,7 @@ class RunCLI(LightningCLI):
             auto_configure_optimizers=False,  # tasks build their own optimizer and warmup + cosine schedule
             save_config_callback=SaveRunConfig,
             trainer_defaults={"callbacks": [RestoreRNG(), SaveFinalState(), ReportResume()]},
+            parser_kwargs={"exit_on_error": False},  # a refused value is raised: `mmlm.cli` prints it as one line
             args=args,
             run=run,
         )

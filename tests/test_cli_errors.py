@@ -7,9 +7,12 @@ The real command runs in a subprocess for one case of each command; the variants
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import lightning  # noqa: F401 (its log handlers keep the stderr of their import: not a test's capsys, closed after it)
@@ -37,16 +40,19 @@ def run_mmlm(*args: str) -> subprocess.CompletedProcess:
 def error_line(stderr: str, command: str) -> str:
     """The one line ``mmlm COMMAND: error: ...``; other stderr lines are progress bars and logs."""
     assert "Traceback" not in stderr
+    assert "usage:" not in stderr and "tip: For details" not in stderr, stderr  # no usage block
     lines = [line for line in stderr.splitlines() if line.startswith(f"mmlm {command}: error: ")]
     assert len(lines) == 1, stderr
     return lines[0]
 
 
-def fails_in_process(capsys, *args: str) -> str:
+def fails_in_process(capsys, *args: str, command: str | None = None) -> str:
+    """``mmlm ARGS`` in this process: exit code 2 and its one error line (``command``: the words naming
+    the command, when there are two, as ``index build``)."""
     with pytest.raises(SystemExit) as exit_:
         main(list(args))
     assert exit_.value.code == 2
-    return error_line(capsys.readouterr().err, args[0])
+    return error_line(capsys.readouterr().err, command or args[0])
 
 
 # ------------------------------------------------------------------------------ help and typing
@@ -225,9 +231,204 @@ def test_recall_at_zero_through_the_real_command():
 
 @pytest.mark.parametrize(("args", "message"), [
     (["eval-retrieval", "--chunk-size", "0"], "chunk_size 0"),
-    (["eval-retrieval", "--batch-size", "0"], "batch_size=0"),
-    (["zeroshot", "--batch_size", "0"], "batch_size=0"),
+    (["eval-retrieval", "--batch-size", "0"], "--batch_size 0: give 1 or more"),
+    (["zeroshot", "--batch_size", "0"], "--batch_size 0: give 1 or more"),
+    (["zeroshot", "--num_workers", "-1"], "--num_workers -1: give 0 or more"),
 ])  # fmt: skip
 def test_sizes_of_zero(args, message, capsys):
     line = fails_in_process(capsys, args[0], "clip-tiny", "--dataset", "digits", *args[1:])
     assert message in line
+
+
+# ------------------------------------------------------------------------------ option values the parser refuses
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["search", "http://127.0.0.1:9", "a cat", "--k", "abc"], "--k abc: expected int"),
+    (["convert", "clip-tiny", "out", "--to", "onnx"],
+     "--to onnx: expected one of mmlm, hf, open_clip, timm, sentence_transformers"),
+    (["explain", "clip-tiny", "x.png", "a cat", "--method", "lime"],
+     "--method lime: expected one of similarity, rollout, gradcam, occlusion, attention"),
+    (["serve", "idx", "--max-body-mb", "big"], "--max_body_mb big: expected float"),
+])  # fmt: skip
+def test_a_mistyped_value_is_one_line_naming_the_option(args, message, capsys):
+    assert fails_in_process(capsys, *args).startswith(f"mmlm {args[0]}: error: {message} (add --debug")
+
+
+def test_a_mistyped_lightning_value_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    line = fails_in_process(capsys, "fit", "--config", str(DIGITS), "--trainer.max_steps", "abc",
+                            "--trainer.default_root_dir", str(tmp_path))  # fmt: skip
+    assert "--trainer.max_steps abc: expected int" in line
+    line = fails_in_process(capsys, "fit", "--config", str(DIGITS), "--model.init_args.nope", "3",
+                            "--trainer.default_root_dir", str(tmp_path))  # fmt: skip
+    assert "--model.init_args.nope 3: Option 'nope' is not accepted (by mmlm.tasks.ContrastiveAlignment)" in line
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_missing_config_file_is_one_line(tmp_path, capsys):
+    missing = tmp_path / "nothere.yaml"
+    line = fails_in_process(capsys, "fit", "--config", str(missing))
+    assert f"--config: File does not exist: '{missing}'" in line
+
+
+# ------------------------------------------------------------------------------ options checked before any work
+
+
+@pytest.mark.parametrize("nprobe", ["-5", "0"])
+def test_index_build_refuses_nprobe_before_embedding(nprobe, tmp_path, capsys):
+    out = tmp_path / "idx"
+    line = fails_in_process(capsys, "index", "build", "clip-tiny", "assets", "--out", str(out), "--index_type",
+                            "IVF2,Flat", "--nprobe", nprobe, command="index build")  # fmt: skip
+    assert f"--nprobe {nprobe}: give the IVF clusters searched per query, 1 or more" in line
+    assert not list(tmp_path.iterdir())  # neither the index nor a .idx.partial
+
+
+def test_index_build_names_what_it_needs_of_the_model(tmp_path, capsys):
+    line = fails_in_process(capsys, "index", "build", "vit-tiny", "assets", "--out", str(tmp_path / "idx"),
+                            command="index build")  # fmt: skip
+    assert "vit-tiny is a VisionTransformer: an index of images and captions needs an image-text (CLIP) model" in line
+    assert "zero-shot" not in line and not list(tmp_path.iterdir())
+
+
+# on a machine without a GPU `cuda` itself is refused; cuda:99 is refused on every machine
+DEVICES = ["cuda:99"] + ([] if torch.cuda.is_available() else ["cuda"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("args", [
+    ["zeroshot", "clip-tiny", "--dataset", "digits"],
+    ["eval-retrieval", "clip-tiny", "--dataset", "digits"],
+    ["explain", "clip-tiny", "missing.png", "a cat"],
+    ["serve", "missing-index"],
+], ids=lambda args: args[0])  # fmt: skip
+def test_a_device_this_machine_lacks_is_one_line_before_the_model(args, device, capsys):
+    line = fails_in_process(capsys, *args, "--device", device)
+    assert f"--device {device}: no CUDA device" in line
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--port", "-1"], "--port -1: give a port from 1 to 65535 (0: any free one)"),
+    (["--port", "70000"], "--port 70000: give a port from 1 to 65535 (0: any free one)"),
+    (["--max_batch", "0"], "--max_batch 0: give 1 or more"),
+    (["--max_body_mb", "0"], "--max_body_mb 0.0: give a size in MiB above 0"),
+])  # fmt: skip
+def test_serve_refuses_limits_out_of_range_before_loading(args, message, capsys):
+    assert message in fails_in_process(capsys, "serve", "missing-index", *args)  # the index would fail next
+
+
+# ------------------------------------------------------------------------------ files that are not what they say
+
+
+@pytest.fixture(scope="module")
+def int8_folder(tmp_path_factory) -> Path:
+    from mmlm.compress import quantize_int8
+
+    return mmlm.save(quantize_int8(mmlm.create_model("clip-tiny")), tmp_path_factory.mktemp("int8") / "clip-int8")
+
+
+def test_quantize_an_int8_model_is_one_line(int8_folder, tmp_path, capsys):
+    line = fails_in_process(capsys, "quantize", str(int8_folder), "--out", str(tmp_path / "again"))
+    assert f"{int8_folder} is already int8: quantize the float model it was made from" in line
+    assert not (tmp_path / "again").exists()
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header says ``width`` x ``height`` (grey, 8 bit), with one row of pixel data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    rows = zlib.compress(b"\0" * (width + 1))
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", rows) + chunk(b"IEND", b"")
+
+
+def test_explain_a_decompression_bomb_is_one_line(tmp_path, capsys):
+    image = tmp_path / "huge.png"
+    image.write_bytes(png_header(20_000, 20_000))
+    line = fails_in_process(capsys, "explain", "clip-tiny", str(image), "a cat", "--out", str(tmp_path / "h.png"))
+    assert f"image {image}: Image size (400000000 pixels) exceeds limit" in line
+    assert not (tmp_path / "h.png").exists()
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    (b"", "the file is empty (0 bytes), not a checkpoint"),
+    (b"PK\x03\x04 cut short", "not a complete checkpoint (a zip archive cut short)"),
+    (b"epoch: 3\n", "not a PyTorch checkpoint (neither torch.save's zip nor a pickle)"),
+])  # fmt: skip
+def test_fit_ckpt_path_that_is_not_a_checkpoint(content, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    ckpt = tmp_path / "last.ckpt"
+    ckpt.write_bytes(content)
+    line = fails_in_process(capsys, "fit", "--config", str(DIGITS), "--ckpt_path", str(ckpt),
+                            "--trainer.default_root_dir", str(tmp_path / "runs"))  # fmt: skip
+    assert f"--ckpt_path {ckpt}: {message}" in line
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(("manifest", "message"), [
+    ('{"format": "mmlm-index/1", ', "is not valid JSON (Expecting property name"),
+    ("[1, 2]", "format 'list', not 'mmlm-index/1'"),
+    ('{"format": "mmlm-index/1", "model": {}}', "is not a complete index manifest (no embedding, counts, indexes,"),
+])  # fmt: skip
+def test_index_info_on_a_malformed_manifest(manifest, message, tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text(manifest)
+    line = fails_in_process(capsys, "index", "info", str(tmp_path), command="index info")
+    assert f"{tmp_path / 'manifest.json'}" in line and message in line
+
+
+# ------------------------------------------------------------------------------ mmlm clip-benchmark
+
+
+@pytest.fixture(scope="module")
+def one_shard(tmp_path_factory) -> Path:
+    """A CLIP_benchmark wds folder with one shard of two images (what clip_benchmark_export_wds writes)."""
+    import io
+
+    import webdataset as wds
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("wds")
+    (root / "test").mkdir()
+    with wds.TarWriter(str(root / "test" / "0.tar")) as sink:
+        for i in range(2):
+            png = io.BytesIO()
+            Image.new("RGB", (32, 32), (255 * i, 0, 0)).save(png, format="PNG")
+            sink.write({"__key__": f"s{i}", "png": png.getvalue(), "cls": i})
+    (root / "test" / "nshards.txt").write_text("1")
+    (root / "classnames.txt").write_text("black\nred\n")
+    (root / "zeroshot_classification_templates.txt").write_text("a photo of {c}.\n")
+    return root
+
+
+def benchmark(*args: str) -> list[str]:
+    return ["clip-benchmark", "eval", "--model_type", "mmlm", "--dataset", "wds/x", "--no_amp", "--quiet", *args]
+
+
+def test_clip_benchmark_mistakes_are_one_line(one_shard, tmp_path, capsys):
+    missing, empty = tmp_path / "missing", tmp_path / "empty.pt"
+    empty.write_bytes(b"")
+    (tmp_path / "root").mkdir()
+    for args, message in [
+        (["--model", str(missing), "--dataset_root", str(one_shard)],
+         f"--model {missing}: no checkpoint file or folder (nor an mmlm preset name)"),
+        (["--model", str(empty), "--dataset_root", str(one_shard), "--num_workers", "0"],
+         f"{empty} is not a valid or complete PyTorch checkpoint"),
+        (["--model", "clip-tiny", "--dataset_root", str(tmp_path / "root")],
+         f"--dataset_root {tmp_path / 'root'}: no test/nshards.txt, so not a CLIP_benchmark WebDataset folder"),
+        (["--model", "clip-tiny", "--dataset_root", str(one_shard)],  # CLIP_benchmark's default: 4 workers
+         f"--num_workers 4: more than the 1 shards of {one_shard}/test; give --num_workers 1 or fewer"),
+    ]:  # fmt: skip
+        assert message in fails_in_process(capsys, *benchmark(*args, "--output", str(tmp_path / "r.json")))
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_clip_benchmark_result_names_the_mmlm_checkpoint(one_shard, clip_folder, tmp_path, capsys):
+    main(benchmark("--model", str(clip_folder), "--dataset_root", str(one_shard), "--num_workers", "0",
+                   "--output", str(tmp_path / "r.json")))  # fmt: skip
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert (result["model"], result["pretrained"]) == (str(clip_folder), str(clip_folder.resolve()))
+    main(benchmark("--model", "clip-tiny", "--dataset_root", str(one_shard), "--num_workers", "0",
+                   "--output", str(tmp_path / "p.json")))  # fmt: skip
+    assert json.loads((tmp_path / "p.json").read_text())["pretrained"] == "random-init-seed0"  # as mmlm zeroshot

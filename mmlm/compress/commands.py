@@ -23,12 +23,15 @@ def quantize(
         seed: seed of a preset's random weights.
     """
     from mmlm import checkpoint
-    from mmlm.compress.quantize import quantize_int8
+    from mmlm.compress.quantize import is_int8, quantize_int8
+    from mmlm.errors import UsageError
     from mmlm.models import resolve
 
     out = _out(out)
     checkpoint.refuse_to_overwrite(out, overwrite)
     net = resolve(model, seed=seed)
+    if is_int8(net):
+        raise UsageError(f"{model} is already int8: quantize the float model it was made from")
     tok = _tokenizer(model, net, tokenizer)
     before = sum(v.numel() * v.element_size() for v in net.state_dict().values())
     checkpoint.save(quantize_int8(net), out, overwrite=overwrite)
@@ -77,6 +80,7 @@ def prune(
     from mmlm import checkpoint
     from mmlm.compress.prune import prune_clip, pruned_config
     from mmlm.compress.quantize import is_int8
+    from mmlm.errors import UsageError
     from mmlm.models import CLIP, resolve
 
     out = _out(out)
@@ -85,7 +89,7 @@ def prune(
     checkpoint.refuse_to_overwrite(out, overwrite)
     net = resolve(model, seed=seed)
     if not isinstance(net, CLIP):
-        raise TypeError(f"{model} is a {type(net).__name__}: mmlm prune takes a CLIP")
+        raise UsageError(f"{model} is a {type(net).__name__}: mmlm prune takes a CLIP")
     if is_int8(net):
         raise ValueError(f"{model} is int8: prune the float model, then quantize the pruned one")
     pruned_config(net.cfg, keep)  # a bad keep fails before the data is read

@@ -12,13 +12,16 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from mmlm.data.tokenizers import Tokenizer
 from mmlm.data.transforms import image_transform
-from mmlm.eval.results import load_model, model_tokenizer
+from mmlm.errors import UsageError
+from mmlm.eval.results import describe_model, load_model, model_tokenizer
 
 # CLIP_benchmark's default --pretrained: an OpenCLIP weights tag, so `--model PATH` alone names the checkpoint
 DEFAULT_PRETRAINED = "laion400m_e32"
@@ -89,7 +92,7 @@ def load_clip_benchmark(
         act: MLP activation of an OpenAI / OpenCLIP state dict when it cannot be detected.
         tokenizer: a tokenizer folder, when the checkpoint has none and is not a CLIP BPE model.
     """
-    spec = model_name if pretrained in (None, "", DEFAULT_PRETRAINED) else pretrained
+    spec = model_name if pretrained in (None, "", DEFAULT_PRETRAINED, describe_model(model_name)[1]) else pretrained
     model = load_model(spec, act, device)
     tok = model_tokenizer(model, tokenizer, spec)
     transform = image_transform(model.cfg.vision, train=False)
@@ -116,8 +119,10 @@ def _accuracy(output: torch.Tensor, target: torch.Tensor, topk: tuple[int, ...] 
 def cli(argv: list[str]) -> int:
     """Run CLIP_benchmark's command line on ``argv`` with model type ``mmlm`` registered; its exit code.
 
-    Zero-shot classification on numpy >= 2.4 gets the working ``accuracy`` above; everything else is
-    CLIP_benchmark's own code, so its flags, datasets and result JSON are unchanged.
+    Zero-shot classification on numpy >= 2.4 gets the working ``accuracy`` above; an mmlm model's result
+    names its checkpoint in ``pretrained`` (as ``mmlm zeroshot``'s does), not CLIP_benchmark's default
+    OpenCLIP tag; the options are checked before a model loads (``check_args``). Everything else is
+    CLIP_benchmark's own code, so its flags and datasets are unchanged.
     """
     from clip_benchmark import cli as benchmark_cli
     from clip_benchmark.metrics import zeroshot_classification
@@ -128,10 +133,69 @@ def cli(argv: list[str]) -> int:
     except TypeError:
         zeroshot_classification.accuracy = _accuracy
     saved, sys.argv = sys.argv, ["clip_benchmark", *argv]  # its parser reads sys.argv
+    run = benchmark_cli.run
     try:
-        benchmark_cli.main()
+        parser, base = benchmark_cli.get_parser_args()
+        if getattr(base, "which", None) == "eval":
+            check_args(base)
+            benchmark_cli.run = _naming_the_checkpoint(run)
+            benchmark_cli.main_eval(base)
+        elif getattr(base, "which", None) == "build":
+            benchmark_cli.main_build(base)
+        else:
+            parser.print_help()
     except SystemExit as e:  # argparse: --help, a bad flag
         return e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
-        sys.argv = saved
+        sys.argv, benchmark_cli.run = saved, run
     return 0
+
+
+def check_args(args) -> None:
+    """The mistakes CLIP_benchmark finds only after loading the model, or never: an mmlm ``--model`` that
+    does not exist, a WebDataset ``--dataset_root`` that is not one, more ``--num_workers`` than shards
+    (each worker past the shard count would read nothing, and webdataset refuses)."""
+    from mmlm.config import PRESETS
+    from mmlm.paths import resolve
+
+    if args.model_type == "mmlm" and not args.pretrained_model:
+        for model in _as_list(args.model):
+            if model not in PRESETS and not resolve(model).exists():
+                raise UsageError(f"--model {model}: no checkpoint file or folder (nor an mmlm preset name)")
+    for dataset in _as_list(args.dataset):
+        if not dataset.startswith("wds/"):
+            continue
+        name = dataset.removeprefix("wds/")
+        root = args.dataset_root.format(dataset=name, dataset_cleaned=name.replace("/", "-"))
+        if "://" in root:
+            continue
+        shards_file = Path(root) / args.split / "nshards.txt"
+        if not shards_file.is_file():
+            raise UsageError(f"--dataset_root {root}: no {args.split}/nshards.txt, so not a CLIP_benchmark WebDataset "
+                             "folder (clip_benchmark_export_wds writes one)")  # fmt: skip
+        text = shards_file.read_text().strip()
+        if not text.isdigit() or int(text) < 1:
+            raise UsageError(f"{shards_file}: {text!r} is not a number of shards")
+        if args.num_workers > int(text):
+            raise UsageError(f"--num_workers {args.num_workers}: more than the {text} shards of {root}/{args.split}; "
+                             f"give --num_workers {text} or fewer (CLIP_benchmark's default is 4)")  # fmt: skip
+
+
+def _naming_the_checkpoint(run: Callable) -> Callable:
+    """CLIP_benchmark's ``run(args)``, with an mmlm model's ``pretrained`` set to the checkpoint it loads (the
+    file or folder, or ``random-init-seed0`` for a preset), where CLIP_benchmark would write its default tag."""
+
+    def run_mmlm(args) -> Any:
+        if args.model_type == "mmlm" and args.pretrained in (None, "", DEFAULT_PRETRAINED):
+            pretrained = describe_model(args.model)[1]
+            # the default output name holds {pretrained}: the checkpoint's name, not its whole path
+            args.output = args.output.replace("{pretrained}", Path(pretrained).name)
+            args.output = args.output.replace("{pretrained_full_path}", pretrained.replace("/", "_"))
+            args.pretrained = pretrained
+        return run(args)
+
+    return run_mmlm
+
+
+def _as_list(value: Any) -> list[str]:
+    return value if isinstance(value, list) else [value]

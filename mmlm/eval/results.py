@@ -19,16 +19,20 @@ from mmlm.paths import resolve
 
 
 def load_model(
-    spec: str | Path, act: str | None = None, device: str | torch.device = "cpu", seed: int = 0, int8: bool = False
-) -> nn.Module:
+    spec: str | Path, act: str | None = None, device: str | torch.device = "cpu", seed: int = 0, int8: bool = False,
+    use: str = "zero-shot evaluation",
+) -> nn.Module:  # fmt: skip
     """The image-text model ``spec`` names (``mmlm.models.resolve``; a preset's random weights seeded by
     ``seed``, for smoke tests) in eval mode, refused unless it encodes both images and text.
-    ``int8``: quantized on the fly for the CPU (``mmlm.compress.quantize_int8``)."""
+    ``int8``: quantized on the fly for the CPU (``mmlm.compress.quantize_int8``). ``use``: what needs the
+    model, for the refusal (``mmlm index build``)."""
+    from mmlm.errors import UsageError, check_device
     from mmlm.models import resolve as resolve_model
 
+    check_device(str(device))
     model = resolve_model(spec, act=act, device=device, seed=seed).eval()
     if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
-        raise ValueError(f"{spec} is a {type(model).__name__}: zero-shot evaluation needs an image-text (CLIP) model")
+        raise UsageError(f"{spec} is a {type(model).__name__}: {use} needs an image-text (CLIP) model")
     if int8:
         from mmlm.compress import quantize_int8
 

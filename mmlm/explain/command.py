@@ -44,43 +44,61 @@ def explain(
         device: ``cpu``, ``cuda``, ...
         seed: seed of a preset's random weights.
     """
+    from mmlm.errors import check_at_least, check_device
     from mmlm.models import resolve
 
     if not inputs:
         raise ValueError("give MODEL, then IMAGE and texts (a CLIP) or --text (a text classifier)")
     spec, *rest = [str(i) for i in inputs]
-    model = resolve(spec, device=device, seed=seed).eval()
+    check_device(device)
+    check_at_least(1, steps=steps)
     if text is not None:
         if rest:
             raise ValueError(f"--text explains a text classifier alone; drop {rest[0]!r} or drop --text")
+        model = resolve(spec, device=device, seed=seed).eval()
         return _explain_text(model, spec, text, out or Path("explain.html"), tokenizer, target, classes, steps)
-    return _explain_image(model, spec, rest, method, out or Path("explain.png"), tokenizer)
+    out = out or Path("explain.png")
+    image = _read_image(rest, method, out)  # every mistake in what was typed is found before the model loads
+    model = resolve(spec, device=device, seed=seed).eval()
+    return _explain_image(model, spec, image, rest[1:], method, out, tokenizer)
 
 
-def _explain_image(model, spec: str, rest: list[str], method: str, out: Path, tokenizer: str | None) -> Path:
-    import torch
+def _read_image(rest: list[str], method: str, out: Path):
+    """The image ``rest`` names (IMAGE, then the texts), refused with what is wrong in what was typed."""
+    from PIL import Image
 
-    from mmlm.eval.results import model_tokenizer
-    from mmlm.explain.heatmaps import attention_maps, heatmaps, image_tensor, text_embeddings
-    from mmlm.explain.render import attention_figure, heatmap_figure, open_image
-    from mmlm.models.clip import CLIP
+    from mmlm.errors import UsageError
+    from mmlm.explain.render import open_image
     from mmlm.paths import resolve as resolve_path
 
-    if not isinstance(model, CLIP):
-        raise ValueError(f"{spec} is a {type(model).__name__}: image heatmaps need a CLIP (a text classifier takes --text)")
     if not rest:
-        raise ValueError("give IMAGE after MODEL, then the texts to find in it")
+        raise UsageError("give IMAGE after MODEL, then the texts to find in it")
     image_path, texts = resolve_path(rest[0]), rest[1:]  # `assets/images/...` from any folder
     if not image_path.is_file():
         raise FileNotFoundError(f"image {image_path} does not exist")
     if out.suffix.lower() != ".png":
-        raise ValueError(f"--out {out}: heatmaps are written as PNG; name a .png file")
-    image = open_image(image_path)
+        raise UsageError(f"--out {out}: heatmaps are written as PNG; name a .png file")
+    if method != "attention" and not texts:
+        raise UsageError(f"give one or more texts after the image {image_path} to find in it")
+    try:
+        return open_image(image_path)
+    except Image.DecompressionBombError as e:  # Pillow's own limit on pixels, against decompression bombs
+        raise UsageError(f"image {image_path}: {e}") from None
+
+
+def _explain_image(model, spec: str, image, texts: list[str], method: str, out: Path, tokenizer: str | None) -> Path:
+    import torch
+
+    from mmlm.eval.results import model_tokenizer
+    from mmlm.explain.heatmaps import attention_maps, heatmaps, image_tensor, text_embeddings
+    from mmlm.explain.render import attention_figure, heatmap_figure
+    from mmlm.models.clip import CLIP
+
+    if not isinstance(model, CLIP):
+        raise ValueError(f"{spec} is a {type(model).__name__}: image heatmaps need a CLIP (a text classifier takes --text)")
     if method == "attention":
         figure = attention_figure(image, attention_maps(model, image))
     else:
-        if not texts:
-            raise ValueError(f"give one or more texts after the image {image_path} to find in it")
         tok = model_tokenizer(model, tokenizer, spec)
         maps = heatmaps(model, image, texts, method, tok)  # type: ignore[arg-type]
         with torch.no_grad():

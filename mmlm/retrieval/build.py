@@ -518,7 +518,7 @@ def build(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists: give a new folder, pass --overwrite to replace it, "
                               f"or append with `mmlm index add {out} DATA`")  # fmt: skip
-    net = load_model(model, act, "cpu", seed)
+    net = load_model(model, act, "cpu", seed, use="an index of images and captions")
     tok = model_tokenizer(net, tokenizer, model)
     items = collection(data, image_transform(net.cfg.vision, train=False), split, image_key, caption_key)
     check_index_type(opts.index_type, net.cfg.embed_dim, len(items) if items.shards is None else None)

@@ -65,8 +65,12 @@ def index_build(
         resume: continue an interrupted build of the same job from the chunks it wrote.
         overwrite: replace an existing index in ``out`` (the old one stays until the new one is complete).
     """
+    from mmlm.errors import UsageError
+
     if out is None:
-        raise ValueError("give the folder to write the index into: --out DIR")
+        raise UsageError("give the folder to write the index into: --out DIR")
+    if nprobe is not None and nprobe < 1:  # FAISS would take it only after the whole embedding pass
+        raise UsageError(f"--nprobe {nprobe}: give the IVF clusters searched per query, 1 or more")
     from mmlm.retrieval.build import build
 
     folder = build(

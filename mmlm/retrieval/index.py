@@ -104,13 +104,23 @@ def is_lossy(index: faiss.Index) -> bool:
     return not isinstance(faiss.downcast_index(inner), (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexHNSWFlat))
 
 
+MANIFEST_KEYS = ("model", "embedding", "counts", "indexes", "skipped", "builds", "versions")  # what every reader uses
+
+
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not an mmlm index folder (no {MANIFEST}); `mmlm index build` writes one")
-    manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT:
-        raise ValueError(f"{path}: format {manifest.get('format')!r}, not {FORMAT!r}")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): not an mmlm index manifest") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise ValueError(f"{path}: format {found!r}, not {FORMAT!r}")
+    missing = [key for key in MANIFEST_KEYS if key not in manifest]
+    if missing:
+        raise ValueError(f"{path} is not a complete index manifest (no {', '.join(missing)}); rebuild the index")
     return manifest
 
 

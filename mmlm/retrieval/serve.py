@@ -68,6 +68,15 @@ def serve(
         forwarded_allow_ips: proxies whose X-Forwarded-* headers are trusted (comma-separated, ``*``: any).
         log_level: uvicorn's log level.
     """
+    from mmlm.errors import UsageError, check_at_least, check_device, check_port
+
+    check_port(port)  # before the indexes and the model load, not when uvicorn binds
+    check_device(device)
+    check_at_least(1, threads=threads, max_pixels=max_pixels, max_text=max_text, max_k=max_k, max_batch=max_batch,
+                   max_queue=max_queue)  # fmt: skip
+    check_at_least(0, max_wait_ms=max_wait_ms)
+    if not max_body_mb > 0:
+        raise UsageError(f"--max_body_mb {max_body_mb}: give a size in MiB above 0")
     import logging
 
     import uvicorn

@@ -21,6 +21,7 @@ import asyncio
 import base64
 import binascii
 import hmac
+import http.client
 import logging
 import os
 import queue
@@ -751,7 +752,7 @@ def fetch_image(url: str, allow: Sequence[str], max_bytes: int) -> bytes:
         request = urllib.request.Request(url, headers={"User-Agent": f"mmlm-serve/{mmlm.__version__}"})
         with urllib.request.build_opener(NoRedirect).open(request, timeout=10) as response:
             data = response.read(max_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:  # InvalidURL: a space, \r\n
         raise HTTPException(400, f"image_url: could not fetch it ({e})") from None
     if len(data) > max_bytes:
         raise HTTPException(413, f"image_url: larger than {max_bytes:,} bytes")

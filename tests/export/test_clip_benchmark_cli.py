@@ -124,4 +124,5 @@ def test_mmlm_clip_benchmark_command(checkpoint, wds_root, reference, tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     print(f"[mmlm clip-benchmark] {result['metrics']}")
     assert (result["dataset"], result["model"]) == ("wds/digits", str(checkpoint))
+    assert result["pretrained"] == str(checkpoint.resolve())  # the checkpoint, as `mmlm zeroshot` records it
     _assert_same_metrics(result["metrics"], reference["metrics"])

@@ -186,6 +186,10 @@ def test_hand_written_cases_get_their_4xx(server, keyed_server, indexes):
                 f"{server.url}@evil.example/items/1", "http://127.0.0.1:9/items/1"):  # fmt: skip
         check(keyed_server, f"image_url outside the allowed prefix: {url}", "POST",
               f"/knn-service?api_key={keyed_server.api_key}", json.dumps({"image_url": url}).encode(), {}, 403)
+    for url in (f"{server.url}/items/a b", f"{server.url}/items/1\r\nX-Injected: 1", f"{server.url}/items/\t1"):
+        # inside the allowed prefix, but http.client refuses to send it (InvalidURL): the client's mistake, a 400
+        check(keyed_server, f"image_url with a control character: {url!r}", "POST",
+              f"/knn-service?api_key={keyed_server.api_key}", json.dumps({"image_url": url}).encode(), {}, 400)
     status, data = chunked_post(server, "/search", [b'{"text": "'] + [b"a" * 2**20] * 10)
     assert status == 413 and "bytes" in json.loads(data)["detail"]  # no Content-Length: counted as it comes
     for s in (server, keyed_server):
