@@ -576,6 +576,7 @@ def add(
 ) -> Path | None:  # fmt: skip
     """Append ``data`` to the index in ``index`` with the model it was built with (``mmlm index add``)."""
     base = Index.open(index)
+    outputs.check(index, "index", overwrite=True)  # it is replaced by itself plus the new items: only if all mmlm's
     built = base.manifest["model"]
     spec = model or built["spec"]
     net = load_model(spec, built["act"], "cpu", built["seed"])
