@@ -223,7 +223,8 @@ def write_file(path: str | Path, data: bytes | str, overwrite: bool = False) -> 
         else:
             os.link(tmp, path)  # fails if the file appeared meanwhile: never replaces one
     except FileExistsError:
-        raise FileExistsError(f"{path} already exists: give a new file name, or pass --overwrite to replace it") from None
+        check_file(path, overwrite)  # it appeared meanwhile: the same one line
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -125,7 +125,8 @@ def test_indexes_and_models_written_before_markers_are_recognised_by_their_own_f
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
     out = tmp_path / "out"
     with outputs.claim(out):
-        with pytest.raises(FileExistsError, match=f"{out} is being written by another mmlm command \\(pid {os.getpid()}"):
+        held = f"{out} is being written by another mmlm command \\(pid {os.getpid()}\\)"
+        with pytest.raises(FileExistsError, match=held):
             with outputs.writing(out, "mmlm"):
                 pytest.fail("the block ran")
     with outputs.writing(out, "mmlm") as folder:  # free again
@@ -135,7 +136,8 @@ def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
 
 def test_the_lock_of_a_killed_writer_does_not_outlive_it(tmp_path):
     out = tmp_path / "out"
-    code = "import sys, time; from mmlm import outputs\nwith outputs.claim(sys.argv[1]):\n print('held', flush=True); time.sleep(300)"
+    code = ("import sys, time; from mmlm import outputs\n"
+            "with outputs.claim(sys.argv[1]):\n print('held', flush=True); time.sleep(300)")
     proc = subprocess.Popen([sys.executable, "-c", code, str(out)], stdout=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     assert proc.stdout.readline().strip() == "held"

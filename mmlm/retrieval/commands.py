@@ -123,9 +123,9 @@ def index_add(
     from mmlm.retrieval.build import add
 
     folder = _stoppable(
-        "index add", add, index, data, model=model, split=split, image_key=image_key, caption_key=caption_key, batch_size=batch_size,
-        resume=resume, chunk_size=chunk_size, num_workers=num_workers, accelerator=accelerator, devices=devices,
-        num_nodes=num_nodes, precision=precision,
+        "index add", add, index, data, model=model, split=split, image_key=image_key, caption_key=caption_key,
+        batch_size=batch_size, resume=resume, chunk_size=chunk_size, num_workers=num_workers, accelerator=accelerator,
+        devices=devices, num_nodes=num_nodes, precision=precision,
     )  # fmt: skip
     if folder is not None:
         index_info(folder)
