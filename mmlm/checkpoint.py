@@ -4,9 +4,9 @@ safetensors holds only tensors (no pickle, no code), and the config beside it is
 enough to rebuild the module before loading the weights.
 
 The file helpers here (``read_json``, ``read_safetensors``, ``safetensors_header``,
-``save_safetensors``, ``refuse_to_overwrite``) are what every reader and writer of
-model folders uses, so a broken or existing file gets the same one-line message
-naming it wherever it is met.
+``save_safetensors``) are what every reader and writer of model folders uses, so a
+broken file gets the same one-line message naming it wherever it is met; where a
+folder may be written is ``mmlm.outputs``' rule.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mmlm import outputs
 from mmlm.config import from_dict, to_dict
 
 WEIGHTS_NAME = "model.safetensors"
@@ -78,34 +79,26 @@ def _umask() -> int:
     return mask
 
 
-def refuse_to_overwrite(folder: str | Path, overwrite: bool) -> None:
-    """Raise unless ``folder`` is absent, empty, or ``overwrite`` says to write into it anyway."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise FileExistsError(f"{folder} is a file, not a folder: give a folder to write the model into")
-    if not overwrite and folder.is_dir() and any(folder.iterdir()):
-        raise FileExistsError(
-            f"{folder} already exists and is not empty: give a new folder, or pass --overwrite "
-            "(overwrite=True) to replace the model files in it"
-        )
-
-
 # ------------------------------------------------------------------------------ the format
 
 
 def save(model: nn.Module, path: str | Path, overwrite: bool = False) -> Path:
     """Write ``model`` (anything with a ``cfg``) to the folder ``path``; returns the folder.
 
-    A folder that already holds files is refused unless ``overwrite=True``.
+    ``path`` must be new or empty; ``overwrite=True`` replaces an mmlm model folder, nothing else
+    (``mmlm.outputs``).
     """
-    path = Path(path)
-    refuse_to_overwrite(path, overwrite)
-    path.mkdir(parents=True, exist_ok=True)
+    with outputs.writing(path, "mmlm", overwrite) as folder:
+        write(model, folder)
+    return Path(path)
+
+
+def write(model: nn.Module, folder: Path) -> None:
+    """The files of ``save`` in ``folder``, a folder the caller has claimed (``mmlm.outputs.writing``)."""
     quantization = _quantization(model)
-    save_safetensors(tensors(model), path / WEIGHTS_NAME, metadata={"format": FORMAT, **quantization})
+    save_safetensors(tensors(model), folder / WEIGHTS_NAME, metadata={"format": FORMAT, **quantization})
     meta = {"format": FORMAT, "config": to_dict(model.cfg), **quantization}
-    (path / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
-    return path
+    (folder / CONFIG_NAME).write_text(json.dumps(meta, indent=2))
 
 
 def is_mmlm_checkpoint(path: str | Path) -> bool:

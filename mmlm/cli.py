@@ -124,7 +124,7 @@ def convert(
             config) or ``sentence_transformers`` (a ``SentenceTransformer(DST)`` folder).
         tokenizer: the model's tokenizer folder (or ``clip``) when none is beside ``src``.
         act: MLP activation of an OpenAI / OpenCLIP file when it cannot be detected (``quick_gelu`` or ``gelu``).
-        overwrite: write into ``dst`` even if it already holds files (those of the same name are replaced).
+        overwrite: replace ``dst`` if it is a folder mmlm wrote for the same target (any other is refused).
     """
     from mmlm.pretrained import convert as run
 
@@ -133,7 +133,11 @@ def convert(
 
 
 def train_tokenizer(
-    files: list[Path], vocab_size: int = 8000, out: Path = Path("tokenizer"), kind: Literal["wordpiece", "bpe"] = "wordpiece"
+    files: list[Path],
+    vocab_size: int = 8000,
+    out: Path = Path("tokenizer"),
+    kind: Literal["wordpiece", "bpe"] = "wordpiece",
+    overwrite: bool = False,
 ) -> None:
     """Train a WordPiece (BERT) or byte-level BPE (GPT-2) tokenizer and save it as a tokenizer.json folder.
 
@@ -142,10 +146,11 @@ def train_tokenizer(
         vocab_size: target vocabulary size, special tokens included.
         out: output folder (loads with ``mmlm.get_tokenizer(out)`` or transformers' ``AutoTokenizer``).
         kind: ``wordpiece`` or ``bpe``.
+        overwrite: replace ``out`` if it is a tokenizer folder this command wrote (any other is refused).
     """
     from mmlm.data import train_tokenizer as train
 
-    tok = train(files, vocab_size, out, kind)
+    tok = train(files, vocab_size, out, kind, overwrite=overwrite)
     print(f"{kind} tokenizer with {tok.vocab_size} tokens written to {out}")
 
 
@@ -167,6 +172,7 @@ def zeroshot(
     language: str = "en",
     seed: int = 0,
     int8: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Zero-shot classification: acc1, acc5, mean per-class recall, printed as CLIP_benchmark's result JSON.
 
@@ -191,7 +197,13 @@ def zeroshot(
         language: the ``language`` field of the result.
         seed: seed of a preset's random weights.
         int8: quantize the model's Linear layers to int8 on the fly (CPU; ``mmlm quantize`` saves such a model).
+        overwrite: replace ``output`` / ``confusion_matrix`` if they exist (else they are refused).
     """
+    from mmlm import outputs
+
+    for path in (output, confusion_matrix):
+        if path is not None:
+            outputs.check_file(path, overwrite)  # before the model is loaded
     from mmlm.data import image_transform
     from mmlm.data.eval_datasets import classification_data
     from mmlm.errors import check_at_least
@@ -217,11 +229,11 @@ def zeroshot(
     loader = data.loader(batch_size, num_workers)
     metrics, logits, labels = zero_shot_classify(net, tok, loader, data.classes, prompts, device)
     if confusion_matrix is not None:
-        save_confusion_matrix(labels, logits.argmax(1), data.classes, confusion_matrix)
+        save_confusion_matrix(labels, logits.argmax(1), data.classes, confusion_matrix, overwrite=overwrite)
     described = results.describe_model(model, seed)
     samples = results.sample_counts(loader)
     result = results.benchmark_result(dataset, *described, "zeroshot_classification", metrics, language, samples)
-    results.write_result(result, output)
+    results.write_result(result, output, overwrite)
     return result
 
 
@@ -242,6 +254,7 @@ def eval_retrieval(
     language: str = "en",
     seed: int = 0,
     int8: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Image-text retrieval: recall@k, mean and median rank both ways, as CLIP_benchmark's result JSON.
 
@@ -268,13 +281,17 @@ def eval_retrieval(
         language: the ``language`` field of the result.
         seed: seed of a preset's random weights.
         int8: quantize the model's Linear layers to int8 on the fly (CPU).
+        overwrite: replace ``output`` if it exists (else it is refused).
     """
+    from mmlm import outputs
     from mmlm.errors import check_at_least
     from mmlm.eval.retrieval import check_retrieval_args, evaluate_retrieval
 
     check_retrieval_args(ks, chunk_size)  # before the slow imports and the model
     check_at_least(1, batch_size=batch_size)
     check_at_least(0, num_workers=num_workers)
+    if output is not None:
+        outputs.check_file(output, overwrite)
     from mmlm.data import image_transform
     from mmlm.data.eval_datasets import retrieval_data
     from mmlm.eval import results
@@ -287,7 +304,7 @@ def eval_retrieval(
     described = results.describe_model(model, seed)
     samples = results.sample_counts(loader)
     result = results.benchmark_result(dataset, *described, "zeroshot_retrieval", metrics, language, samples)
-    results.write_result(result, output)
+    results.write_result(result, output, overwrite)
     return result
 
 

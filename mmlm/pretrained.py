@@ -36,7 +36,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mmlm import checkpoint
+from mmlm import checkpoint, outputs
 from mmlm.config import Activation, CLIPConfig, ModelConfig, TextWithHeadsConfig, VisionConfig, from_dict, update
 from mmlm.convert import hf_bert, hf_clip, hf_gpt2, hf_vit, openclip, timm_vit
 from mmlm.convert.common import ConversionError, StateDict
@@ -499,7 +499,8 @@ def convert(
 ) -> Path:
     """Convert a checkpoint: anything ``load_pretrained`` reads -> any ``mmlm.export`` target.
 
-    ``dst`` must be new or empty unless ``overwrite=True``. ``tokenizer`` (a folder or ``clip``)
+    ``dst`` must be new or empty; ``overwrite=True`` replaces a folder mmlm wrote for the same target
+    (``mmlm.outputs``). ``tokenizer`` (a folder or ``clip``)
     overrides the one found beside ``src``. ``kwargs`` go to ``load_pretrained`` (``act``,
     ``with_heads``, config overrides).
     """
@@ -508,7 +509,7 @@ def convert(
 
     if to != "mmlm" and to not in TARGETS:
         raise ValueError(f"to must be one of {['mmlm', *TARGETS]}, not {to!r}")
-    checkpoint.refuse_to_overwrite(dst, overwrite)  # before the slow part
+    outputs.check(dst, to, overwrite)  # before the slow part
     model = load_pretrained(src, **kwargs)
     if tokenizer is not None:
         tok = get_tokenizer(tokenizer, context_length=_context_length(model))

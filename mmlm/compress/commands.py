@@ -17,26 +17,24 @@ def quantize(
     Args:
         model: the model: a preset name, an mmlm folder, a ``mmlm fit`` .ckpt, or any
             checkpoint ``mmlm.load_pretrained`` reads.
-        out: output folder (required); new or empty unless ``--overwrite``.
+        out: output folder (required); new or empty; ``--overwrite`` replaces an mmlm model folder, nothing else.
         tokenizer: the model's tokenizer folder, copied into ``out``; default: the one beside ``model``, if any.
-        overwrite: write into ``out`` even if it already holds files.
+        overwrite: replace the mmlm model folder ``out`` (refused for any other non-empty folder).
         seed: seed of a preset's random weights.
     """
-    from mmlm import checkpoint
+    from mmlm import checkpoint, outputs
     from mmlm.compress.quantize import is_int8, quantize_int8
     from mmlm.errors import UsageError
     from mmlm.models import resolve
 
     out = _out(out)
-    checkpoint.refuse_to_overwrite(out, overwrite)
+    outputs.check(out, "mmlm", overwrite)  # before the slow part
     net = resolve(model, seed=seed)
     if is_int8(net):
         raise UsageError(f"{model} is already int8: quantize the float model it was made from")
     tok = _tokenizer(model, net, tokenizer)
     before = sum(v.numel() * v.element_size() for v in net.state_dict().values())
-    checkpoint.save(quantize_int8(net), out, overwrite=overwrite)
-    if tok is not None:
-        tok.save(out)
+    _save(quantize_int8(net), tok, out, overwrite)
     after = (out / checkpoint.WEIGHTS_NAME).stat().st_size
     print(f"wrote {out}: int8 Linear layers, weights {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB")
     return out
@@ -65,7 +63,7 @@ def prune(
     Args:
         model: the CLIP: a preset name, an mmlm folder, a ``mmlm fit`` .ckpt, or any
             checkpoint ``mmlm.load_pretrained`` reads.
-        out: output folder (required); new or empty unless ``--overwrite``.
+        out: output folder (required); new or empty; ``--overwrite`` replaces an mmlm model folder, nothing else.
         keep: fraction of heads (and with them of MLP units and channels) kept in every layer, in (0, 1].
         data: calibration images with captions: ``digits``, a CSV / TSV / JSONL manifest or WebDataset shards.
         split: ``train`` or ``test`` for digits and CLIP_benchmark folders (calibrate on what you do not evaluate on).
@@ -74,10 +72,10 @@ def prune(
         image_key: manifest column with the image path.
         caption_key: manifest column (default ``title``) or shard json field (default ``caption``).
         tokenizer: the model's tokenizer folder; default: the one beside ``model``, else the CLIP BPE.
-        overwrite: write into ``out`` even if it already holds files.
+        overwrite: replace the mmlm model folder ``out`` (refused for any other non-empty folder).
         seed: seed of a preset's random weights.
     """
-    from mmlm import checkpoint
+    from mmlm import outputs
     from mmlm.compress.prune import prune_clip, pruned_config
     from mmlm.compress.quantize import is_int8
     from mmlm.errors import UsageError
@@ -86,7 +84,7 @@ def prune(
     out = _out(out)
     if samples < 1 or batch_size < 1:
         raise ValueError(f"samples and batch_size must be at least 1, got {samples} and {batch_size}")
-    checkpoint.refuse_to_overwrite(out, overwrite)
+    outputs.check(out, "mmlm", overwrite)  # before the slow part
     net = resolve(model, seed=seed)
     if not isinstance(net, CLIP):
         raise UsageError(f"{model} is a {type(net).__name__}: mmlm prune takes a CLIP")
@@ -96,12 +94,20 @@ def prune(
     tok = _tokenizer(model, net, tokenizer)
     batches = _calibration(net, tok, data, split, samples, batch_size, image_key, caption_key)
     small = prune_clip(net, keep, batches)
-    checkpoint.save(small, out, overwrite=overwrite)
-    if tok is not None:
-        tok.save(out)
+    _save(small, tok, out, overwrite)
     heads = f"{net.cfg.vision.heads}/{net.cfg.text.heads} -> {small.cfg.vision.heads}/{small.cfg.text.heads}"
     print(f"wrote {out}: {_count(net):,} -> {_count(small):,} parameters (heads {heads})")
     return out
+
+
+def _save(net: Any, tok: Any, out: Path, overwrite: bool) -> None:
+    """The model and its tokenizer (if any), as one mmlm folder (``mmlm.outputs``: new, empty, or replaced)."""
+    from mmlm import checkpoint, outputs
+
+    with outputs.writing(out, "mmlm", overwrite) as folder:
+        checkpoint.write(net, folder)
+        if tok is not None:
+            tok.save(folder)
 
 
 def _count(model: Any) -> int:

@@ -175,14 +175,28 @@ class Tokenizer:
         return [s.strip() for s in self.backend.decode_batch(rows, skip_special_tokens=skip_special_tokens)]
 
     # ---------------------------------------------------------------- saving
-    def save(self, out_dir: str | Path) -> Path:
-        """Write ``tokenizer.json`` + ``tokenizer_config.json`` + ``special_tokens_map.json``.
+    def save(self, out_dir: str | Path, overwrite: bool = False) -> Path:
+        """Write ``tokenizer.json`` + ``tokenizer_config.json`` + ``special_tokens_map.json`` (and the
+        slow tokenizers' vocabulary files) into ``out_dir``, e.g. beside a model's weights.
 
-        The folder loads with ``get_tokenizer(out_dir)`` and with
+        A file of those names already there is refused unless ``overwrite`` (``mmlm.outputs``: never
+        silently replaced). The folder loads with ``get_tokenizer(out_dir)`` and with
         ``transformers.AutoTokenizer.from_pretrained(out_dir)``.
         """
+        import tempfile
+
+        from mmlm import outputs
+
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            files = self._write(Path(tmp))
+            for f in files:  # all refused before one is written
+                outputs.check_file(out / f.name, overwrite)
+            for f in files:
+                outputs.write_file(out / f.name, f.read_bytes(), overwrite)
+        return out
+
+    def _write(self, out: Path) -> list[Path]:
         backend = Backend.from_str(self.backend.to_str())
         backend.no_truncation()
         backend.no_padding()
@@ -199,7 +213,7 @@ class Tokenizer:
             config["model_input_names"] = ["input_ids", "token_type_ids", "attention_mask"]
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
         (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n")
-        return out
+        return sorted(out.iterdir())
 
     def __repr__(self) -> str:
         specials = self.special_tokens
@@ -380,8 +394,12 @@ def train_tokenizer(
     min_frequency: int = 2,
     lowercase: bool = True,
     context_length: int = 512,
+    overwrite: bool = False,
 ) -> Tokenizer:
     """Train a tokenizer on text files and save it as a standard ``tokenizer.json`` folder.
+
+    ``out_dir`` must be new or empty; ``overwrite`` replaces a tokenizer folder that ``train_tokenizer``
+    wrote, nothing else (``mmlm.outputs``: never the tokenizer files of a model folder).
 
     Args:
         files: plain-text files to learn the vocabulary from.
@@ -394,7 +412,10 @@ def train_tokenizer(
         min_frequency: pairs seen fewer times are not merged.
         lowercase: WordPiece only; BPE keeps case.
         context_length: ``model_max_length`` written to the folder.
+        overwrite: replace the tokenizer folder ``out_dir`` (refused for any other non-empty folder).
     """
+    from mmlm import outputs
+
     if kind not in ("wordpiece", "bpe"):
         raise ValueError(f"kind must be 'wordpiece' or 'bpe', got {kind!r}")
     # a byte-level BPE always keeps its 256 byte tokens
@@ -403,6 +424,7 @@ def train_tokenizer(
         raise ValueError(f"vocab_size {vocab_size} is too small for {kind}: at least {smallest}, e.g. 8000")
     files = [str(resolve(f)) for f in files]  # `assets/corpus.txt` from any folder
     check_corpus(files)
+    outputs.check(out_dir, "tokenizer", overwrite)  # before the training
     if kind == "wordpiece":
         specials = WORDPIECE_SPECIALS
         tok = Backend(models.WordPiece(unk_token=specials["unk"]))
@@ -436,7 +458,8 @@ def train_tokenizer(
             single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tok.token_to_id(eos))]
         )
     tokenizer = Tokenizer(tok, context_length, specials)
-    tokenizer.save(out_dir)
+    with outputs.writing(out_dir, "tokenizer", overwrite) as folder:
+        tokenizer.save(folder)
     return tokenizer
 
 

@@ -81,8 +81,8 @@ def sample_counts(loader: SkippingDataLoader) -> dict[str, Any]:
     return {"used": loader.stats.good, "skipped": loader.stats.history[-1] if loader.stats.history else {}}
 
 
-def write_result(result: dict[str, Any], path: str | Path | None = None) -> str:
-    """Print the result as JSON and write it to ``path`` if given.
+def write_result(result: dict[str, Any], path: str | Path | None = None, overwrite: bool = False) -> str:
+    """Print the result as JSON and write it to ``path`` if given (an existing file only if ``overwrite``).
 
     Strict JSON: a metric that does not exist (acc5 with fewer than 5 classes) is ``null``, never
     ``NaN``, which JSON readers other than Python's refuse.
@@ -90,6 +90,7 @@ def write_result(result: dict[str, Any], path: str | Path | None = None) -> str:
     text = json.dumps(result, indent=2, allow_nan=False)
     print(text)
     if path is not None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(text + "\n")
+        from mmlm import outputs
+
+        outputs.write_file(path, text + "\n", overwrite)
     return text

@@ -11,6 +11,8 @@ prediction is the class whose column is most similar to its normalised embedding
 
 from __future__ import annotations
 
+import io
+
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -190,8 +192,11 @@ def save_confusion_matrix(
     classnames: Sequence[str],
     path: str | Path,
     normalize: bool = True,
+    overwrite: bool = False,
 ) -> np.ndarray:
     """Write the confusion matrix (rows: true class, columns: predicted) as a PNG; returns the counts.
+
+    An existing ``path`` is refused unless ``overwrite`` (``mmlm.outputs``).
 
     ``normalize`` colours each row by its share of the true class (a recall per cell).
     """
@@ -214,7 +219,9 @@ def save_confusion_matrix(
         ax.set_xticks([])
         ax.set_yticks([])
     ax.set_title("confusion matrix" + (" (row-normalised)" if normalize else ""))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    from mmlm import outputs
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    outputs.write_file(path, buf.getvalue(), overwrite)
     return counts

@@ -20,6 +20,7 @@ def explain(
     steps: int = 50,
     device: str = "cpu",
     seed: int = 0,
+    overwrite: bool = False,
 ) -> Path:
     """Show where a CLIP finds each text in an image, or which tokens decide a text classifier.
 
@@ -36,14 +37,17 @@ def explain(
         method: ``occlusion`` (cosine drop when a region is painted over; the best in the pointing game),
             ``similarity`` (projected patch tokens vs the text), ``rollout`` (attention rollout), ``gradcam``
             (Grad-CAM of the image-text cosine) or ``attention`` (per-layer, per-head grid).
-        out: the file to write; default ``explain.png`` (``explain.html`` for ``--text``).
+        out: the file to write; default ``explain.png`` (``explain.html`` for ``--text``); an existing
+            file is refused unless ``--overwrite``.
         tokenizer: tokenizer name or folder; default the checkpoint's, else the CLIP BPE.
         target: the class ``--text`` explains; default the predicted one.
         classes: the classifier's class names in label order, for the heading.
         steps: Integrated Gradients steps (more: a smaller completeness delta).
         device: ``cpu``, ``cuda``, ...
         seed: seed of a preset's random weights.
+        overwrite: replace the file ``out`` if it exists.
     """
+    from mmlm import outputs
     from mmlm.errors import check_at_least, check_device
     from mmlm.models import resolve
 
@@ -52,15 +56,16 @@ def explain(
     spec, *rest = [str(i) for i in inputs]
     check_device(device)
     check_at_least(1, steps=steps)
+    out = Path(out or ("explain.html" if text is not None else "explain.png"))
+    outputs.check_file(out, overwrite)  # every mistake in what was typed is found before the model loads
     if text is not None:
         if rest:
             raise ValueError(f"--text explains a text classifier alone; drop {rest[0]!r} or drop --text")
         model = resolve(spec, device=device, seed=seed).eval()
-        return _explain_text(model, spec, text, out or Path("explain.html"), tokenizer, target, classes, steps)
-    out = out or Path("explain.png")
-    image = _read_image(rest, method, out)  # every mistake in what was typed is found before the model loads
+        return _explain_text(model, spec, text, out, tokenizer, target, classes, steps, overwrite)
+    image = _read_image(rest, method, out)
     model = resolve(spec, device=device, seed=seed).eval()
-    return _explain_image(model, spec, image, rest[1:], method, out, tokenizer)
+    return _explain_image(model, spec, image, rest[1:], method, out, tokenizer, overwrite)
 
 
 def _read_image(rest: list[str], method: str, out: Path):
@@ -86,9 +91,12 @@ def _read_image(rest: list[str], method: str, out: Path):
         raise UsageError(f"image {image_path}: {e}") from None
 
 
-def _explain_image(model, spec: str, image, texts: list[str], method: str, out: Path, tokenizer: str | None) -> Path:
+def _explain_image(
+    model, spec: str, image, texts: list[str], method: str, out: Path, tokenizer: str | None, overwrite: bool
+) -> Path:
     import torch
 
+    from mmlm import outputs
     from mmlm.eval.results import model_tokenizer
     from mmlm.explain.heatmaps import attention_maps, heatmaps, image_tensor, text_embeddings
     from mmlm.explain.render import attention_figure, heatmap_figure
@@ -107,14 +115,14 @@ def _explain_image(model, spec: str, image, texts: list[str], method: str, out: 
         for t, c in zip(texts, cosines):
             print(f"{c:+.3f}  {t}")
         figure = heatmap_figure(image, maps, [f"{t}\ncos {c:+.3f}" for t, c in zip(texts, cosines)])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(figure)
+    outputs.write_file(out, figure, overwrite)
     print(f"wrote {out}")
     return out
 
 
 def _explain_text(model, spec: str, text: str, out: Path, tokenizer: str | None, target: int | None,
-                  classes: list[str] | None, steps: int) -> Path:  # fmt: skip
+                  classes: list[str] | None, steps: int, overwrite: bool) -> Path:  # fmt: skip
+    from mmlm import outputs
     from mmlm.data.tokenizers import get_tokenizer
     from mmlm.explain.render import tokens_html, tokens_png
     from mmlm.explain.text import check_classifier, token_attributions
@@ -137,10 +145,7 @@ def _explain_text(model, spec: str, text: str, out: Path, tokenizer: str | None,
     print(f"{name}: p = {attr.probability:.3f}; completeness delta {attr.delta:+.1e}")
     ranked = sorted((v, t) for v, t, special in zip(attr.attributions.tolist(), attr.tokens, attr.special) if not special)
     print("tokens most for it: " + ", ".join(f"{t!r} {v:+.3f}" for v, t in ranked[::-1][:5]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    if out.suffix.lower() == ".html":
-        out.write_text(tokens_html(attr, classes))
-    else:
-        out.write_bytes(tokens_png(attr, classes))
+    page = tokens_html(attr, classes) if out.suffix.lower() == ".html" else tokens_png(attr, classes)
+    outputs.write_file(out, page, overwrite)
     print(f"wrote {out}")
     return out

@@ -16,8 +16,8 @@
 =========================  ========================================  ====================================
 
 Each target lives in a module of its own with one function
-``export(model, folder, *, tokenizer=None) -> Path``; ``export`` here checks the folder and
-dispatches. A model the target cannot express raises ``ConversionError`` saying what does not fit.
+``export(model, folder, *, tokenizer=None, final) -> Path`` writing into ``folder``, which is
+renamed to ``final`` once complete; ``export`` here claims the folder (``mmlm.outputs``) and dispatches. A model the target cannot express raises ``ConversionError`` saying what does not fit.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Literal
 
 from torch import nn
 
-from mmlm import checkpoint
+from mmlm import checkpoint, outputs
 
 if TYPE_CHECKING:
     from mmlm.data.tokenizers import Tokenizer
@@ -50,21 +50,24 @@ def export(
     tokenizer: Tokenizer | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write ``model`` into ``folder`` (new or empty unless ``overwrite``) for target ``to``.
+    """Write ``model`` into ``folder`` for target ``to``; returns the folder.
+
+    ``folder`` must be new or empty; ``overwrite=True`` replaces a folder mmlm exported for the same
+    target, nothing else (``mmlm.outputs``). The folder appears, complete, at the end.
 
     ``tokenizer``: the tokenizer the model was trained with, written beside the weights where the
     target keeps one (hf, open_clip, sentence_transformers); None for the CLIP BPE when the
     vocabulary is CLIP's 49,408 tokens.
     """
-    checkpoint.refuse_to_overwrite(folder, overwrite)
     if to == "mmlm":
         return checkpoint.save(model, folder, overwrite=overwrite)
     if to not in TARGETS:
         raise ValueError(f"to must be one of {['mmlm', *TARGETS]}, not {to!r}")
     module = importlib.import_module(f"mmlm.export.{TARGETS[to]}")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    return module.export(model.eval(), folder, tokenizer=tokenizer)
+    with outputs.writing(folder, to, overwrite) as staging:
+        module.export(model.eval(), staging, tokenizer=tokenizer, final=folder)
+    return folder
 
 
 __all__ = ["TARGETS", "Target", "export"]

@@ -55,7 +55,7 @@ HF_SOT, HF_EOT = "<|startoftext|>", "<|endoftext|>"
 RESAMPLE = {"bicubic": 3, "bilinear": 2}  # PIL.Image.Resampling
 
 
-def export(model: nn.Module, folder: Path, *, tokenizer: Tokenizer | None = None) -> Path:
+def export(model: nn.Module, folder: Path, *, tokenizer: Tokenizer | None = None, final: Path | None = None) -> Path:
     if isinstance(model, CLIP):
         return _clip(model, folder, tokenizer)
     from mmlm.export import hf_encoders

@@ -24,7 +24,7 @@ from mmlm.data.tokenizers import CLIP_EOT, CLIP_SOT, CLIP_VOCAB_SIZE, Tokenizer,
 from mmlm.models import CLIP
 
 
-def export(model: nn.Module, folder: Path, *, tokenizer: Tokenizer | None = None) -> Path:
+def export(model: nn.Module, folder: Path, *, tokenizer: Tokenizer | None = None, final: Path | None = None) -> Path:
     if not isinstance(model, CLIP):
         raise ConversionError(f"--to open_clip writes CLIP models only, not a {type(model).__name__}")
     cfg = model.cfg
@@ -32,7 +32,8 @@ def export(model: nn.Module, folder: Path, *, tokenizer: Tokenizer | None = None
     own = _own_tokenizer(cfg.text, tokenizer)
     sd = openclip.mmlm_to_openclip(model.state_dict(), cfg)
     if own is not None:
-        config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = str(folder.resolve())
+        # where the folder will be, not where it is written
+        config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = str((final or folder).resolve())
         own.save(folder)
     (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     checkpoint.save_safetensors(

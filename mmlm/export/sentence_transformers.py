@@ -44,7 +44,7 @@ POOLING = {  # TextConfig.pool -> its flag in 1_Pooling/config.json
 }
 
 
-def export(model: nn.Module, folder: Path, *, tokenizer: Tokenizer | None = None) -> Path:
+def export(model: nn.Module, folder: Path, *, tokenizer: Tokenizer | None = None, final: Path | None = None) -> Path:
     """Write ``model`` (a ``TextEncoder``, or the encoder of a ``TextWithHeads``) as a sentence-transformers folder."""
     import transformers
 

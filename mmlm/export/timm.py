@@ -29,7 +29,7 @@ from mmlm.convert.common import ConversionError
 from mmlm.models import CLIP, VisionTransformer
 
 
-def export(model: nn.Module, folder: Path, *, tokenizer: Any = None) -> Path:
+def export(model: nn.Module, folder: Path, *, tokenizer: Any = None, final: Path | None = None) -> Path:
     """``tokenizer`` is ignored: a timm model takes images only."""
     if isinstance(model, CLIP):
         raise ConversionError("timm holds image models: export the CLIP's image tower, model.visual")

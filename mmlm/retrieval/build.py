@@ -9,10 +9,13 @@ then merge them and rename the result into place.
     skip counts of the pass                    ──►  counts/RUN-rRANK.json          write .DIR.partial/index/
                                                                                     rename it to DIR
 
-Everything is written into ``.DIR.partial`` beside ``DIR``; ``DIR`` appears (or replaces the previous
-one) by a rename at the very end, so a killed build leaves no ``DIR`` or the previous complete one.
-``--resume`` embeds only the items no chunk holds; the bad samples, which no chunk holds, are read
-again and counted in the pass that completes, so the counts come out as an uninterrupted build's.
+Everything is written into ``.DIR.partial`` beside ``DIR``, under its lock (``mmlm.outputs``: a second
+build or add of ``DIR`` is refused while one runs; a killed one's lock dies with it); ``DIR`` appears (or
+replaces the previous index, never a folder that is not one) by a rename at the very end, so a killed
+build leaves no ``DIR`` or the previous complete one. SIGTERM stops a build as SIGINT does (``Stopped``),
+keeping its chunks. ``--resume`` embeds only the items no chunk holds; the bad samples, which no chunk
+holds, are read again and counted in the pass that completes, so the counts come out as an uninterrupted
+build's.
 """
 
 from __future__ import annotations
@@ -22,12 +25,15 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sqlite3
 import sys
+import threading
 import time
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +46,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from torch import nn
 from tqdm.auto import tqdm
 
+from mmlm import outputs
 from mmlm.config import PRESETS
 from mmlm.data import image_transform
 from mmlm.data.skips import NoGoodSamples, SkippingDataLoader, SkipStats
@@ -120,7 +127,7 @@ class Work:
     """``.DIR.partial``: the job, the chunks every rank wrote, their skip counts, the merged index."""
 
     def __init__(self, out: Path) -> None:
-        self.root = out.parent / f".{out.name}.partial"
+        self.root = outputs.partial(out)
         self.job_file, self.chunks, self.counts, self.index = (
             self.root / "job.json", self.root / "chunks", self.root / "counts", self.root / "index",
         )  # fmt: skip
@@ -146,10 +153,9 @@ class Work:
                 tmp.unlink()
             print(f"resuming from {len(list(self.chunks.glob('*.npz')))} chunks in {self.root}", file=sys.stderr)
             return
-        if self.root.exists():
-            if not resume:
-                print(f"starting over: {self.root} held an interrupted build (--resume continues one)", file=sys.stderr)
-            shutil.rmtree(self.root)
+        if self.job_file.exists() and not resume:
+            print(f"starting over: {self.root} held an interrupted build (--resume continues one)", file=sys.stderr)
+        outputs.clear(self.root)  # all but the lock this build holds
         self.chunks.mkdir(parents=True)
         self.counts.mkdir()
         self.job_file.write_text(json.dumps(asdict(job), indent=2))
@@ -457,16 +463,37 @@ def _versions() -> dict[str, str]:
             "lightning": lightning.__version__, "python": platform.python_version()}  # fmt: skip
 
 
-def publish(src: Path, out: Path) -> None:
-    """``src`` becomes ``out`` by renames; a previous ``out`` is moved aside first and removed after."""
-    if out.exists():
-        old = out.parent / f".{out.name}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out, old)
-        os.rename(src, out)
-        shutil.rmtree(old)
-    else:
-        os.rename(src, out)
+class Stopped(BaseException):
+    """SIGTERM or SIGINT stopped a build or add; its chunks are kept for ``--resume``. A BaseException,
+    as KeyboardInterrupt is, so that nothing on the way handles it as an error."""
+
+    def __init__(self, signum: int, message: str = "") -> None:
+        super().__init__(message or f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT raise ``Stopped`` while the block runs (Lightning only logs a SIGTERM in predict);
+    the previous handlers come back after it."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise Stopped(signum)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _launching_process() -> bool:
+    """True in the process the user started (global rank 0), False in the ranks Lightning or torchrun start."""
+    return all(os.environ.get(k, "0") in ("", "0") for k in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 # ------------------------------------------------------------------------------ build / add
@@ -474,11 +501,29 @@ def publish(src: Path, out: Path) -> None:
 
 def run_job(
     job: Job, options: Options, out: Path, model: nn.Module, items: Collection, collate: CollateItems,
-    resume: bool, base: Index | None = None,
+    resume: bool, base: Index | None = None, overwrite: bool = False,
 ) -> Path | None:  # fmt: skip
-    """Embed on every rank, merge on rank 0; returns ``out`` on rank 0, None on the others."""
+    """Embed on every rank, merge on rank 0; returns ``out`` on rank 0, None on the others.
+
+    The launching process holds the lock of ``out`` throughout; SIGTERM or SIGINT raise ``Stopped``."""
     work = Work(out)
     work.check(job, resume)
+    with ExitStack() as stack:
+        if _launching_process():
+            stack.enter_context(outputs.claim(out))
+        stack.enter_context(stop_on_signals())
+        try:
+            return _run(work, job, options, out, model, items, collate, resume, base, overwrite)
+        except Stopped as e:
+            chunks = len(list(work.chunks.glob("*.npz")))
+            raise Stopped(e.signum, f"{e}: {chunks} chunks are kept in {work.root}; rerun with --resume to continue "
+                                    "from them") from None  # fmt: skip
+
+
+def _run(
+    work: Work, job: Job, options: Options, out: Path, model: nn.Module, items: Collection, collate: CollateItems,
+    resume: bool, base: Index | None, overwrite: bool,
+) -> Path | None:  # fmt: skip
     started = time.perf_counter()
     data = ShareData(items, work, job, resume, collate, options.num_workers)
     distributed = options.devices * options.num_nodes > 1
@@ -498,8 +543,8 @@ def run_job(
     merged, skipped = merge(work, data.run)
     write_index(work.index, merged, skipped, job, options, base, items.caption_key, model,
                 time.perf_counter() - started)  # fmt: skip
-    publish(work.index, out)
-    shutil.rmtree(work.root)
+    outputs.publish(work.index, out, "index", overwrite)
+    shutil.rmtree(work.root)  # the lock file with it: released when run_job ends
     return out
 
 
@@ -513,11 +558,7 @@ def build(
     _check_sizes(batch_size, opts)
     _check_int8(int8, opts)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"{out} is a file: give a folder for the index")
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists: give a new folder, pass --overwrite to replace it, "
-                              f"or append with `mmlm index add {out} DATA`")  # fmt: skip
+    outputs.check(out, "index", overwrite, hint=f", or append with `mmlm index add {out} DATA`")  # before the work
     net = load_model(model, act, "cpu", seed, use="an index of images and captions")
     tok = model_tokenizer(net, tokenizer, model)
     items = collection(data, image_transform(net.cfg.vision, train=False), split, image_key, caption_key)
@@ -526,7 +567,7 @@ def build(
     spec = str(resolve(model).resolve()) if local else model  # `index add` and the server find it from any folder
     job = Job("build", spec, weights_hash(net), items.spec, split, image_key, caption_key, tokenizer, act, seed,
               batch_size, int8=int8)  # fmt: skip
-    return run_job(job, opts, out, _encoder(net, int8), items, CollateItems(tok), resume)
+    return run_job(job, opts, out, _encoder(net, int8), items, CollateItems(tok), resume, overwrite=overwrite)
 
 
 def add(
@@ -535,6 +576,7 @@ def add(
 ) -> Path | None:  # fmt: skip
     """Append ``data`` to the index in ``index`` with the model it was built with (``mmlm index add``)."""
     base = Index.open(index)
+    outputs.check(index, "index", overwrite=True)  # it is replaced by itself plus the new items: only if all mmlm's
     built = base.manifest["model"]
     spec = model or built["spec"]
     net = load_model(spec, built["act"], "cpu", built["seed"])
@@ -553,7 +595,8 @@ def add(
     manifest_hash = hashlib.sha256((Path(index) / MANIFEST).read_bytes()).hexdigest()
     job = Job("add", built["spec"], weights, items.spec, split, image_key, caption_key, built["tokenizer"],
               built["act"], built["seed"], batch_size, manifest_hash, int8)  # fmt: skip
-    return run_job(job, opts, Path(index), _encoder(net, int8), items, CollateItems(tok), resume, base)
+    # the index is replaced by itself plus the new items
+    return run_job(job, opts, Path(index), _encoder(net, int8), items, CollateItems(tok), resume, base, overwrite=True)
 
 
 def _encoder(model: nn.Module, int8: bool) -> nn.Module:

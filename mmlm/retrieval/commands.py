@@ -6,8 +6,10 @@ Only the standard library is imported here, so ``mmlm --help`` stays fast; the w
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 
 def index_build(
@@ -42,7 +44,8 @@ def index_build(
         data: a folder of images (captions not needed), a CSV / TSV / JSONL manifest (``filepath`` plus
             ``caption`` or ``title`` and any other columns; one row per caption), WebDataset shards
             (``data/{0..9}.tar``), ``digits`` or ``assets`` (the bundled photographs and captions).
-        out: the index folder to write (it appears, complete, at the very end).
+        out: the index folder to write (it appears, complete, at the very end); new or empty, or an index
+            with ``--overwrite``. A second build or add of it is refused while one runs.
         index_type: ``auto`` (exact below 1M vectors, IVF-PQ above) or any FAISS index_factory string
             (``Flat``, ``HNSW32``, ``IVF4096,PQ64``, ...), trained on a sample of the embeddings.
         dtype: of the stored embeddings (``float16`` halves the disk).
@@ -62,8 +65,10 @@ def index_build(
         seed: seed of a preset's random weights.
         int8: embed with an int8 copy of the model (dynamic int8 Linear layers, CPU); the index records it,
             keeps the float model's weights hash, and ``mmlm index add`` embeds the same way.
-        resume: continue an interrupted build of the same job from the chunks it wrote.
-        overwrite: replace an existing index in ``out`` (the old one stays until the new one is complete).
+        resume: continue an interrupted build of the same job from the chunks it wrote (SIGTERM and SIGINT
+            stop a build keeping them, exit status 143 and 130).
+        overwrite: replace the index in ``out`` (the old one stays until the new one is complete); a folder that
+            is not an mmlm index is never replaced.
     """
     from mmlm.errors import UsageError
 
@@ -73,8 +78,8 @@ def index_build(
         raise UsageError(f"--nprobe {nprobe}: give the IVF clusters searched per query, 1 or more")
     from mmlm.retrieval.build import build
 
-    folder = build(
-        model, data, out, split=split, image_key=image_key, caption_key=caption_key, tokenizer=tokenizer, act=act,
+    folder = _stoppable(
+        "index build", build, model, data, out, split=split, image_key=image_key, caption_key=caption_key, tokenizer=tokenizer, act=act,
         seed=seed, batch_size=batch_size, resume=resume, overwrite=overwrite, int8=int8, index_type=index_type, dtype=dtype,
         nprobe=nprobe, chunk_size=chunk_size, num_workers=num_workers, accelerator=accelerator, devices=devices,
         num_nodes=num_nodes, precision=precision,
@@ -116,17 +121,29 @@ def index_add(
         split: ``train`` or ``test`` for digits and CLIP_benchmark folders.
         image_key: manifest column with the image path.
         caption_key: manifest column with the caption, or shard json field; default: ``caption``, else ``title``.
-        resume: continue an interrupted add of the same data from the chunks it wrote.
+        resume: continue an interrupted add of the same data from the chunks it wrote (SIGTERM and SIGINT stop
+            an add keeping them, exit status 143 and 130).
     """
     from mmlm.retrieval.build import add
 
-    folder = add(
-        index, data, model=model, split=split, image_key=image_key, caption_key=caption_key, batch_size=batch_size,
-        resume=resume, chunk_size=chunk_size, num_workers=num_workers, accelerator=accelerator, devices=devices,
-        num_nodes=num_nodes, precision=precision,
+    folder = _stoppable(
+        "index add", add, index, data, model=model, split=split, image_key=image_key, caption_key=caption_key,
+        batch_size=batch_size, resume=resume, chunk_size=chunk_size, num_workers=num_workers, accelerator=accelerator,
+        devices=devices, num_nodes=num_nodes, precision=precision,
     )  # fmt: skip
     if folder is not None:
         index_info(folder)
+
+
+def _stoppable(command: str, run: Callable[..., Path | None], *args: Any, **kwargs: Any) -> Path | None:
+    """``run``; stopped by a signal (``Stopped``), one line and the shell's exit status for it (128 + signal)."""
+    from mmlm.retrieval.build import Stopped
+
+    try:
+        return run(*args, **kwargs)
+    except Stopped as e:
+        print(f"mmlm {command}: {e}", file=sys.stderr)
+        raise SystemExit(128 + e.signum) from None
 
 
 def index_info(index: Path) -> None:

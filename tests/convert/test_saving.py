@@ -33,15 +33,18 @@ def clip_folder(tmp_path_factory):
 def test_save_refuses_a_folder_that_holds_files(tmp_path):
     model = mmlm.create_model("vit-tiny")
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(FileExistsError, match=f"{tmp_path}.*--overwrite"):
-        mmlm.save(model, tmp_path)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
-    mmlm.save(model, tmp_path, overwrite=True)
-    assert (tmp_path / "notes.txt").read_text() == "mine"  # only the model's own files are replaced
-    assert mmlm.load(tmp_path).cfg == model.cfg
+    for overwrite in (False, True):  # --overwrite replaces an mmlm model folder, never a folder of the user's
+        with pytest.raises(FileExistsError, match=f"{tmp_path} already exists and holds files mmlm did not write"):
+            mmlm.save(model, tmp_path, overwrite=overwrite)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
     empty = tmp_path / "empty"
     empty.mkdir()
     mmlm.save(model, empty)  # an existing empty folder is fine
+    with pytest.raises(FileExistsError, match=f"{empty} already exists \\(an mmlm model\\).*--overwrite"):
+        mmlm.save(model, empty)
+    mmlm.save(mmlm.create_model("vit-tiny", depth=1), empty, overwrite=True)  # an mmlm model folder is replaced
+    assert mmlm.load(empty).cfg.depth == 1
 
 
 def test_convert_refuses_to_replace_a_model(tmp_path, clip_folder):
