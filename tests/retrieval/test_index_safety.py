@@ -100,6 +100,8 @@ def test_overwrite_replaces_an_index_and_an_empty_folder_is_written(assets_index
 # ------------------------------------------------------------------------------ one writer at a time
 
 
+@pytest.mark.slow
+@pytest.mark.processes
 def test_a_second_build_is_refused_while_the_first_runs(tmp_path, capsys):
     """The issue's reproduction: a second build wiped the first's `.DIR.partial` and published both data sets."""
     out = tmp_path / "ix"
@@ -127,6 +129,8 @@ def test_add_and_build_take_the_same_lock(assets_index, tmp_path, capsys):
 # ------------------------------------------------------------------------------ signals
 
 
+@pytest.mark.slow
+@pytest.mark.processes
 def test_sigterm_stops_a_build_keeping_its_chunks_and_resume_completes_it(tmp_path, capsys):
     out = tmp_path / "ix"
     proc = mmlm_index("build", "clip-tiny", "digits", "--out", str(out), *OPTIONS, cwd=tmp_path)
