@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import re
+import shutil
 from pathlib import Path
 
 from PIL import Image
@@ -175,7 +176,9 @@ def main() -> None:
 
     make_images(Path(skimage.__file__).parent / "data")
     make_corpus()
+    # the project's own tokenizer, rebuilt whole (train_tokenizer refuses a folder it did not mark as its own);
     # the corpus holds only ~4k distinct words, so every pair seen once may merge
+    shutil.rmtree(HERE / "tokenizer", ignore_errors=True)
     train_tokenizer(
         [HERE / "corpus.txt"], vocab_size=6000, out_dir=HERE / "tokenizer", kind="wordpiece", min_frequency=1
     )

@@ -125,9 +125,13 @@ def test_wheel_and_editable_install_ship_the_assets_every_config_names(tmp_path)
                            capture_output=True, text=True, env={})  # fmt: skip
     assert Path(where.stdout.strip()) == installed / "mmlm" / "assets" / "tokenizer"
     assert (installed / "mmlm" / "assets" / "tokenizer" / "tokenizer.json").is_file()
-    subprocess.run([*pip, "install", "--no-deps", "--no-build-isolation", "--prefix", str(tmp_path / "editable"), "-e",
-                    str(source)], **offline)  # fmt: skip
-    (site_packages,) = (tmp_path / "editable").glob("lib/python*/site-packages")
+    # the editable wheel `pip install -e` would build (PEP 660), installed with --target: `pip install --prefix -e`
+    # would uninstall the mmlm of the environment running these tests
+    build = "import setuptools.build_meta as b, sys; print(b.build_editable(sys.argv[1]))"
+    editable = subprocess.run([sys.executable, "-c", build, str(tmp_path)], cwd=source, check=True, capture_output=True,
+                              text=True).stdout.strip().splitlines()[-1]  # fmt: skip
+    site_packages = tmp_path / "editable"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site_packages), str(tmp_path / editable)], **offline)
     where = subprocess.run([sys.executable, "-S", "-c", WHERE, str(site_packages)], cwd=elsewhere, check=True,
                            capture_output=True, text=True, env={})  # fmt: skip
     assert Path(where.stdout.strip()) == source / "assets" / "tokenizer"
