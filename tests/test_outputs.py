@@ -4,7 +4,6 @@ at a time, and a killed writer's lock does not outlive it. Then the commands tha
 
 from __future__ import annotations
 
-import hashlib
 import os
 import signal
 import subprocess
@@ -17,22 +16,9 @@ import mmlm
 from mmlm import outputs
 from mmlm.cli import main
 from mmlm.paths import ASSETS
+from _checks import error_line, hashes
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def hashes(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
-
-
-def error_line(capsys, *args: str) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
 
 
 def write_two(folder: Path, text: str) -> None:

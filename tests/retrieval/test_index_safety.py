@@ -4,7 +4,6 @@ keeping its chunks, and `--resume` continues it."""
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import signal
 import time
@@ -16,25 +15,11 @@ from mmlm import outputs
 from mmlm.cli import main
 from mmlm.paths import ASSETS
 from mmlm.retrieval import Index
+from _checks import error_line, hashes
 from test_index_processes import mmlm_index
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 OPTIONS = ["--batch_size", "4", "--chunk_size", "8", "--accelerator", "cpu"]
-
-
-def hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder``, by relative path."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}  # fmt: skip
-
-
-def error_line(capsys, *args: str) -> str:
-    with pytest.raises(SystemExit) as e:
-        main(list(args))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in err[0], err
-    return err[0]
 
 
 def wait_for_chunk(proc, out: Path) -> None:
