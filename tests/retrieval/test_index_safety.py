@@ -92,7 +92,11 @@ def test_a_second_build_is_refused_while_the_first_runs(tmp_path, capsys):
     out = tmp_path / "ix"
     first = mmlm_index("build", "clip-tiny", "digits", "--out", str(out), *OPTIONS, cwd=tmp_path)
     wait_for_chunk(first, out)
-    line = error_line(capsys, "index", "build", "clip-tiny", "assets", "--out", str(out), *OPTIONS)
+    first.send_signal(signal.SIGSTOP)  # still running (and holding the lock) however fast this machine is
+    try:
+        line = error_line(capsys, "index", "build", "clip-tiny", "assets", "--out", str(out), *OPTIONS)
+    finally:
+        first.send_signal(signal.SIGCONT)
     assert f"{out} is being written by another mmlm command (pid {first.pid})" in line
     log = first.communicate(timeout=300)[0]
     assert first.returncode == 0, log[-3000:]
