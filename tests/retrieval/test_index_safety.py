@@ -22,6 +22,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 OPTIONS = ["--batch_size", "4", "--chunk_size", "8", "--accelerator", "cpu"]
 
 
+def build_in_background(tmp_path: Path) -> tuple[Path, object]:
+    """``mmlm index build`` of the 360 test digits into ``tmp_path/ix`` in a second process, once it has
+    written its first chunk: (the index folder, the process)."""
+    out = tmp_path / "ix"
+    proc = mmlm_index("build", "clip-tiny", "digits", "--out", str(out), *OPTIONS, cwd=tmp_path)
+    wait_for_chunk(proc, out)
+    return out, proc
+
+
 def wait_for_chunk(proc, out: Path) -> None:
     chunks = outputs.partial(out) / "chunks"
     deadline = time.monotonic() + 300
@@ -89,9 +98,7 @@ def test_overwrite_replaces_an_index_and_an_empty_folder_is_written(assets_index
 @pytest.mark.processes
 def test_a_second_build_is_refused_while_the_first_runs(tmp_path, capsys):
     """The issue's reproduction: a second build wiped the first's `.DIR.partial` and published both data sets."""
-    out = tmp_path / "ix"
-    first = mmlm_index("build", "clip-tiny", "digits", "--out", str(out), *OPTIONS, cwd=tmp_path)
-    wait_for_chunk(first, out)
+    out, first = build_in_background(tmp_path)
     first.send_signal(signal.SIGSTOP)  # still running (and holding the lock) however fast this machine is
     try:
         line = error_line(capsys, "index", "build", "clip-tiny", "assets", "--out", str(out), *OPTIONS)
@@ -121,9 +128,7 @@ def test_add_and_build_take_the_same_lock(assets_index, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.processes
 def test_sigterm_stops_a_build_keeping_its_chunks_and_resume_completes_it(tmp_path, capsys):
-    out = tmp_path / "ix"
-    proc = mmlm_index("build", "clip-tiny", "digits", "--out", str(out), *OPTIONS, cwd=tmp_path)
-    wait_for_chunk(proc, out)
+    out, proc = build_in_background(tmp_path)
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=60)[0]
     assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
