@@ -15,7 +15,7 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "load": "mmlm.checkpoint",
+    "load": "mmlm.pretrained",
     "save": "mmlm.checkpoint",
     "CLIPConfig": "mmlm.config",
     "TextConfig": "mmlm.config",
@@ -28,20 +28,22 @@ _EXPORTS = {
     "TextWithHeads": "mmlm.models",
     "VisionTransformer": "mmlm.models",
     "create_model": "mmlm.models",
-    "resolve": "mmlm.models",
-    # mmlm.convert is the converters' package; the convert(src, dst, to) entry point is mmlm.pretrained.convert
-    "export_hf_clip": "mmlm.pretrained",
+    "resolve": "mmlm.factory",
+    # mmlm.convert is the converters' package; the convert(src, dst, to) entry point is mmlm.export.convert
+    "export_hf_clip": "mmlm.export.convert",
     "load_pretrained": "mmlm.pretrained",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from mmlm.checkpoint import load, save
+    from mmlm.checkpoint import save
     from mmlm.config import CLIPConfig, TextConfig, VisionConfig, from_name, list_presets
     from mmlm.data.tokenizers import get_tokenizer
-    from mmlm.models import CLIP, TextEncoder, TextWithHeads, VisionTransformer, create_model, resolve
-    from mmlm.pretrained import export_hf_clip, load_pretrained
+    from mmlm.export.convert import export_hf_clip
+    from mmlm.factory import resolve
+    from mmlm.models import CLIP, TextEncoder, TextWithHeads, VisionTransformer, create_model
+    from mmlm.pretrained import load, load_pretrained
 
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mmlm import outputs
-from mmlm.config import from_dict, to_dict
+from mmlm.config import to_dict
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -109,22 +109,6 @@ def is_mmlm_checkpoint(path: str | Path) -> bool:
     return isinstance(meta, dict) and meta.get("format") == FORMAT
 
 
-def load(path: str | Path, device: str = "cpu") -> nn.Module:
-    """Rebuild the model saved by ``save`` and load its weights (strictly); in eval mode, as ``load_pretrained``."""
-    from mmlm.models import create_model
-
-    path = Path(path)
-    if not is_mmlm_checkpoint(path):
-        raise ValueError(f"{path} is not an mmlm checkpoint folder (expected {CONFIG_NAME} with format 'mmlm')")
-    meta = read_json(path / CONFIG_NAME)
-    model = create_model(from_dict(meta["config"]))
-    state = read_safetensors(path / WEIGHTS_NAME, device=device)
-    if "quantization" in meta:
-        return _load_int8(model, state, meta["quantization"], path, device)
-    model.load_state_dict(state)
-    return model.to(device).eval()
-
-
 # ------------------------------------------------------------------------------ int8 models (mmlm.compress)
 
 
@@ -143,13 +127,3 @@ def _quantization(model: nn.Module) -> dict[str, str]:
     from mmlm.compress.quantize import INT8, is_int8
 
     return {"quantization": INT8} if is_int8(model) else {}
-
-
-def _load_int8(model: nn.Module, state: dict[str, torch.Tensor], kind: str, path: Path, device: str) -> nn.Module:
-    from mmlm.compress.quantize import INT8, load_int8_state_dict
-
-    if kind != INT8:
-        raise ValueError(f"{path}: unknown quantization {kind!r} (this mmlm reads {INT8!r})")
-    if torch.device(device).type != "cpu":
-        raise ValueError(f"{path} is an int8 model, which runs on the CPU only: load it with device='cpu'")
-    return load_int8_state_dict(model, state).eval()

@@ -74,11 +74,11 @@ def demo(
     import torch
     from PIL import Image
 
-    from mmlm.data import image_transform
-    from mmlm.eval.results import load_model, model_tokenizer
+    from mmlm.factory import load
 
     spec = checkpoint or preset
-    model = load_model(spec, seed=seed)
+    loaded = load(spec, seed=seed, image_text="the demo")
+    model, transform = loaded.model, loaded.transform
     manifest = resolve(manifest)
     with open(manifest, newline="") as f:
         rows = list(csv.DictReader(f))
@@ -87,9 +87,8 @@ def demo(
         first.setdefault(row["filepath"], row["title"])
     paths, captions = list(first), list(first.values())
 
-    transform = image_transform(model.cfg.vision, train=False)
     images = torch.stack([transform(Image.open(manifest.parent / p).convert("RGB")) for p in paths])
-    tokens = model_tokenizer(model, checkpoint=checkpoint)(captions)
+    tokens = loaded.require_tokenizer()(captions)
     with torch.no_grad():
         sim = model.encode_image(images) @ model.encode_text(tokens["input_ids"], tokens["attention_mask"]).T
 
@@ -126,7 +125,7 @@ def convert(
         act: MLP activation of an OpenAI / OpenCLIP file when it cannot be detected (``quick_gelu`` or ``gelu``).
         overwrite: replace ``dst`` if it is a folder mmlm wrote for the same target (any other is refused).
     """
-    from mmlm.pretrained import convert as run
+    from mmlm.export.convert import convert as run
 
     kwargs = {"act": act} if act else {}
     print(f"wrote {run(src, dst, to, overwrite=overwrite, tokenizer=tokenizer, **kwargs)}")
@@ -204,7 +203,6 @@ def zeroshot(
     for path in (output, confusion_matrix):
         if path is not None:
             outputs.check_file(path, overwrite)  # before the model is loaded
-    from mmlm.data import image_transform
     from mmlm.data.eval_datasets import classification_data
     from mmlm.errors import check_at_least
     from mmlm.eval import results
@@ -218,11 +216,13 @@ def zeroshot(
 
     check_at_least(1, batch_size=batch_size)
     check_at_least(0, num_workers=num_workers)
-    net = results.load_model(model, act, device, seed, int8)
-    tok = results.model_tokenizer(net, tokenizer, model)
+    from mmlm.factory import load
+
+    loaded = load(model, tokenizer=tokenizer, act=act, device=device, seed=seed, int8=int8,
+                  image_text="zero-shot evaluation")  # fmt: skip
+    net, tok = loaded.model, loaded.require_tokenizer()
     names = load_classnames(classnames) if classnames is not None else None
-    data = classification_data(dataset, image_transform(net.cfg.vision, train=False), split, names,
-                               image_key, label_key)  # fmt: skip
+    data = classification_data(dataset, loaded.transform, split, names, image_key, label_key)
     if not data.classes:
         raise ValueError(f"{dataset} does not name its classes: give --classnames")
     prompts = load_templates(templates) if templates else data.templates or list(OPENAI_IMAGENET_TEMPLATES)
@@ -292,13 +292,14 @@ def eval_retrieval(
     check_at_least(0, num_workers=num_workers)
     if output is not None:
         outputs.check_file(output, overwrite)
-    from mmlm.data import image_transform
     from mmlm.data.eval_datasets import retrieval_data
     from mmlm.eval import results
+    from mmlm.factory import load
 
-    net = results.load_model(model, act, device, seed, int8)
-    tok = results.model_tokenizer(net, tokenizer, model)
-    data = retrieval_data(dataset, image_transform(net.cfg.vision, train=False), split, image_key, caption_key)
+    loaded = load(model, tokenizer=tokenizer, act=act, device=device, seed=seed, int8=int8,
+                  image_text="zero-shot evaluation")  # fmt: skip
+    net, tok = loaded.model, loaded.require_tokenizer()
+    data = retrieval_data(dataset, loaded.transform, split, image_key, caption_key)
     loader = data.loader(batch_size, num_workers)
     metrics = evaluate_retrieval(net, tok, loader, device, tuple(ks), chunk_size)
     described = results.describe_model(model, seed)

@@ -36,11 +36,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from mmlm import checkpoint, outputs
+from mmlm import checkpoint
 from mmlm.config import Activation, CLIPConfig, ModelConfig, TextWithHeadsConfig, VisionConfig, from_dict, update
 from mmlm.convert import hf_bert, hf_clip, hf_gpt2, hf_vit, openclip, timm_vit
 from mmlm.convert.common import ConversionError, StateDict
-from mmlm.models import CLIP, create_model
+from mmlm.models import create_model
 from mmlm.paths import resolve
 
 SAFE_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors")
@@ -222,7 +222,7 @@ def load_pretrained(
         return update(cfg, **overrides) if overrides else cfg
 
     if fmt == "mmlm":
-        model = checkpoint.load(path, device=str(device))
+        model = load(path, device=str(device))
         if (not with_heads or overrides or act) and "quantization" in (checkpoint.read_json(path / "config.json") or {}):
             raise ValueError(f"{path} is an int8 model: load it as it is (no with_heads=False, act or overrides)")
         if not with_heads:
@@ -249,6 +249,34 @@ def load_pretrained(
     cfg, convert = loaders[fmt](path, with_heads=with_heads, act=act)
     cfg = finish(cfg)
     return _build(cfg, convert(cfg)).eval().to(device)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model ``mmlm.save`` wrote into the folder ``path`` and load its weights (strictly), in eval mode."""
+    path = Path(path)
+    if not checkpoint.is_mmlm_checkpoint(path):
+        raise ValueError(
+            f"{path} is not an mmlm checkpoint folder (expected {checkpoint.CONFIG_NAME} with format 'mmlm')"
+        )
+    meta = checkpoint.read_json(path / checkpoint.CONFIG_NAME)
+    model = create_model(from_dict(meta["config"]))
+    state = checkpoint.read_safetensors(path / checkpoint.WEIGHTS_NAME, device=device)
+    if "quantization" in meta:
+        return _load_int8(model, state, meta["quantization"], path, device)
+    model.load_state_dict(state)
+    return model.to(device).eval()
+
+
+def _load_int8(
+    model: nn.Module, state: dict[str, torch.Tensor], kind: str, path: Path, device: str | torch.device
+) -> nn.Module:
+    from mmlm.compress.quantize import INT8, load_int8_state_dict
+
+    if kind != INT8:
+        raise ValueError(f"{path}: unknown quantization {kind!r} (this mmlm reads {INT8!r})")
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"{path} is an int8 model, which runs on the CPU only: load it with device='cpu'")
+    return load_int8_state_dict(model, state).eval()
 
 
 def _lightning(path: Path, with_heads: bool, **_: Any) -> Loaded:
@@ -452,67 +480,3 @@ def _openclip_act(path: Path, sd: Mapping[str, torch.Tensor], oc_config: dict[st
         stacklevel=3,
     )
     return "gelu"
-
-
-# ------------------------------------------------------------------------------ export
-
-
-def source_tokenizer(src: str | Path, model: nn.Module) -> Any:
-    """The tokenizer ``src`` was trained or shipped with: ``tokenizer.json`` in its folder, the
-    datamodule's ``tokenizer`` of a ``mmlm fit`` checkpoint, or None (CLIP BPE / none known)."""
-    from mmlm.data.tokenizers import get_tokenizer
-
-    path = resolve(src)
-    folder = path if path.is_dir() else path.parent
-    context = _context_length(model)
-    if (folder / "tokenizer.json").is_file():
-        return get_tokenizer(folder, context_length=context)
-    if path.is_file() and detect_format(path) == "lightning":
-        name = (torch_load(path).get("datamodule_hyper_parameters") or {}).get("tokenizer")
-        if name:
-            return get_tokenizer(name, context_length=context)
-    return None
-
-
-def _context_length(model: nn.Module) -> int | None:
-    cfg = getattr(model, "cfg", None)
-    text = getattr(cfg, "text", cfg)
-    return getattr(text, "context_length", None)
-
-
-def export_hf_clip(model: CLIP, folder: str | Path, overwrite: bool = False) -> Path:
-    """Write ``model`` as a complete transformers ``CLIPModel`` folder (see ``mmlm.export.hf``)."""
-    from mmlm.export import export
-
-    if not isinstance(model, CLIP):
-        raise ConversionError(f"export_hf_clip exports mmlm CLIP models, not {type(model).__name__}")
-    return export(model, folder, "hf", overwrite=overwrite)
-
-
-def convert(
-    src: str | Path,
-    dst: str | Path,
-    to: str = "mmlm",
-    overwrite: bool = False,
-    tokenizer: str | Path | None = None,
-    **kwargs: Any,
-) -> Path:
-    """Convert a checkpoint: anything ``load_pretrained`` reads -> any ``mmlm.export`` target.
-
-    ``dst`` must be new or empty; ``overwrite=True`` replaces a folder mmlm wrote for the same target
-    (``mmlm.outputs``). ``tokenizer`` (a folder or ``clip``)
-    overrides the one found beside ``src``. ``kwargs`` go to ``load_pretrained`` (``act``,
-    ``with_heads``, config overrides).
-    """
-    from mmlm.data.tokenizers import get_tokenizer
-    from mmlm.export import TARGETS, export
-
-    if to != "mmlm" and to not in TARGETS:
-        raise ValueError(f"to must be one of {['mmlm', *TARGETS]}, not {to!r}")
-    outputs.check(dst, to, overwrite)  # before the slow part
-    model = load_pretrained(src, **kwargs)
-    if tokenizer is not None:
-        tok = get_tokenizer(tokenizer, context_length=_context_length(model))
-    else:
-        tok = source_tokenizer(src, model) if to != "mmlm" else None
-    return export(model, dst, to, tokenizer=tok, overwrite=overwrite)  # type: ignore[arg-type]

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))  # run from a source checkout without installing
 
 from mmlm.data.tokenizers import get_tokenizer
 from mmlm.explain.text import class_probabilities, token_attributions
-from mmlm.models import resolve
+from mmlm.factory import resolve
 from mmlm.paths import resolve as resolve_path
 from mmlm.pretrained import source_tokenizer
 

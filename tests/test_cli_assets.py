@@ -10,7 +10,7 @@ import pytest
 import mmlm.paths
 from mmlm import save
 from mmlm.cli import main
-from mmlm.models import resolve
+from mmlm.factory import resolve
 from mmlm.paths import ASSETS
 
 

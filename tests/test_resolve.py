@@ -1,4 +1,4 @@
-"""``mmlm.models.resolve``: every kind of model spec gives the model it names."""
+"""``mmlm.factory.resolve``: every kind of model spec gives the model it names."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import transformers
 
 import mmlm
 from mmlm import cli
-from mmlm.models import SPEC_DOC, clip_tower, resolve
+from mmlm.factory import SPEC_DOC, resolve
+from mmlm.models import clip_tower
 from mmlm.tasks import (
     ContrastiveAlignment,
     ImageClassification,

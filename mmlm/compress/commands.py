@@ -25,14 +25,15 @@ def quantize(
     from mmlm import checkpoint, outputs
     from mmlm.compress.quantize import is_int8, quantize_int8
     from mmlm.errors import UsageError
-    from mmlm.models import resolve
+    from mmlm.factory import load
 
     out = _out(out)
     outputs.check(out, "mmlm", overwrite)  # before the slow part
-    net = resolve(model, seed=seed)
+    loaded = load(model, tokenizer=tokenizer, seed=seed)
+    net = loaded.model
     if is_int8(net):
         raise UsageError(f"{model} is already int8: quantize the float model it was made from")
-    tok = _tokenizer(model, net, tokenizer)
+    tok = _own_tokenizer(loaded)
     before = sum(v.numel() * v.element_size() for v in net.state_dict().values())
     _save(quantize_int8(net), tok, out, overwrite)
     after = (out / checkpoint.WEIGHTS_NAME).stat().st_size
@@ -79,22 +80,23 @@ def prune(
     from mmlm.compress.prune import prune_clip, pruned_config
     from mmlm.compress.quantize import is_int8
     from mmlm.errors import UsageError
-    from mmlm.models import CLIP, resolve
+    from mmlm.factory import load
+    from mmlm.models import CLIP
 
     out = _out(out)
     if samples < 1 or batch_size < 1:
         raise ValueError(f"samples and batch_size must be at least 1, got {samples} and {batch_size}")
     outputs.check(out, "mmlm", overwrite)  # before the slow part
-    net = resolve(model, seed=seed)
+    loaded = load(model, tokenizer=tokenizer, seed=seed)
+    net = loaded.model
     if not isinstance(net, CLIP):
         raise UsageError(f"{model} is a {type(net).__name__}: mmlm prune takes a CLIP")
     if is_int8(net):
         raise ValueError(f"{model} is int8: prune the float model, then quantize the pruned one")
     pruned_config(net.cfg, keep)  # a bad keep fails before the data is read
-    tok = _tokenizer(model, net, tokenizer)
-    batches = _calibration(net, tok, data, split, samples, batch_size, image_key, caption_key)
+    batches = _calibration(loaded, data, split, samples, batch_size, image_key, caption_key)
     small = prune_clip(net, keep, batches)
-    _save(small, tok, out, overwrite)
+    _save(small, _own_tokenizer(loaded), out, overwrite)
     heads = f"{net.cfg.vision.heads}/{net.cfg.text.heads} -> {small.cfg.vision.heads}/{small.cfg.text.heads}"
     print(f"wrote {out}: {_count(net):,} -> {_count(small):,} parameters (heads {heads})")
     return out
@@ -120,26 +122,18 @@ def _out(out: Path | str | None) -> Path:
     return Path(out)
 
 
-def _tokenizer(spec: str, net: Any, given: str | None) -> Any:
-    """The tokenizer given, else the one beside the checkpoint (``mmlm.pretrained.source_tokenizer``), else None."""
-    from mmlm.data.tokenizers import get_tokenizer
-    from mmlm.paths import resolve as resolve_path
-    from mmlm.pretrained import _context_length, source_tokenizer
-
-    if given is not None:
-        return get_tokenizer(given, context_length=_context_length(net))
-    return source_tokenizer(spec, net) if resolve_path(spec).exists() else None
+def _own_tokenizer(loaded: Any) -> Any:
+    """The tokenizer to save beside the compressed model: the one given or found with the checkpoint. The CLIP
+    BPE, the default for its vocabulary, is not copied (``mmlm.factory.tokenizer_for`` finds it again)."""
+    return loaded.tokenizer if loaded.tokenizer_source in ("given", "checkpoint") else None
 
 
-def _calibration(net, tok, data, split, samples, batch_size, image_key, caption_key):
+def _calibration(loaded, data, split, samples, batch_size, image_key, caption_key):
     """Batches of ``image``, ``input_ids``, ``attention_mask`` (the first caption of each image), ``samples`` images."""
-    from mmlm.data import image_transform
     from mmlm.data.eval_datasets import retrieval_data
-    from mmlm.eval.results import model_tokenizer
 
-    tok = tok or model_tokenizer(net)
-    transform = image_transform(net.cfg.vision, train=False)
-    loader = retrieval_data(data, transform, split, image_key, caption_key).loader(batch_size)
+    tok = loaded.require_tokenizer()
+    loader = retrieval_data(data, loaded.transform, split, image_key, caption_key).loader(batch_size)
     seen = 0
     for batch in loader:
         if "image" not in batch:

@@ -21,7 +21,8 @@ from torch import nn
 from mmlm.data.tokenizers import Tokenizer
 from mmlm.data.transforms import image_transform
 from mmlm.errors import UsageError
-from mmlm.eval.results import describe_model, load_model, model_tokenizer
+from mmlm.eval.results import describe_model
+from mmlm.factory import load
 
 # CLIP_benchmark's default --pretrained: an OpenCLIP weights tag, so `--model PATH` alone names the checkpoint
 DEFAULT_PRETRAINED = "laion400m_e32"
@@ -93,10 +94,9 @@ def load_clip_benchmark(
         tokenizer: a tokenizer folder, when the checkpoint has none and is not a CLIP BPE model.
     """
     spec = model_name if pretrained in (None, "", DEFAULT_PRETRAINED, describe_model(model_name)[1]) else pretrained
-    model = load_model(spec, act, device)
-    tok = model_tokenizer(model, tokenizer, spec)
-    transform = image_transform(model.cfg.vision, train=False)
-    return BenchmarkModel(model).eval(), transform, BenchmarkTokenizer(tok, model.cfg.text.context_length)
+    loaded = load(spec, tokenizer=tokenizer, act=act, device=device, image_text="zero-shot evaluation")
+    model, tok = loaded.model, loaded.require_tokenizer()
+    return BenchmarkModel(model).eval(), loaded.transform, BenchmarkTokenizer(tok, model.cfg.text.context_length)
 
 
 def register_clip_benchmark(name: str = "mmlm") -> None:

@@ -49,7 +49,7 @@ def explain(
     """
     from mmlm import outputs
     from mmlm.errors import check_at_least, check_device
-    from mmlm.models import resolve
+    from mmlm.factory import load
 
     if not inputs:
         raise ValueError("give MODEL, then IMAGE and texts (a CLIP) or --text (a text classifier)")
@@ -61,11 +61,11 @@ def explain(
     if text is not None:
         if rest:
             raise ValueError(f"--text explains a text classifier alone; drop {rest[0]!r} or drop --text")
-        model = resolve(spec, device=device, seed=seed).eval()
-        return _explain_text(model, spec, text, out, tokenizer, target, classes, steps, overwrite)
+        loaded = load(spec, tokenizer=tokenizer, device=device, seed=seed)
+        return _explain_text(loaded, text, out, target, classes, steps, overwrite)
     image = _read_image(rest, method, out)
-    model = resolve(spec, device=device, seed=seed).eval()
-    return _explain_image(model, spec, image, rest[1:], method, out, tokenizer, overwrite)
+    loaded = load(spec, tokenizer=tokenizer, device=device, seed=seed)
+    return _explain_image(loaded, image, rest[1:], method, out, overwrite)
 
 
 def _read_image(rest: list[str], method: str, out: Path):
@@ -91,23 +91,21 @@ def _read_image(rest: list[str], method: str, out: Path):
         raise UsageError(f"image {image_path}: {e}") from None
 
 
-def _explain_image(
-    model, spec: str, image, texts: list[str], method: str, out: Path, tokenizer: str | None, overwrite: bool
-) -> Path:
+def _explain_image(loaded, image, texts: list[str], method: str, out: Path, overwrite: bool) -> Path:
     import torch
 
     from mmlm import outputs
-    from mmlm.eval.results import model_tokenizer
     from mmlm.explain.heatmaps import attention_maps, heatmaps, image_tensor, text_embeddings
     from mmlm.explain.render import attention_figure, heatmap_figure
     from mmlm.models.clip import CLIP
 
+    model, spec = loaded.model, loaded.spec
     if not isinstance(model, CLIP):
         raise ValueError(f"{spec} is a {type(model).__name__}: image heatmaps need a CLIP (a text classifier takes --text)")
     if method == "attention":
         figure = attention_figure(image, attention_maps(model, image))
     else:
-        tok = model_tokenizer(model, tokenizer, spec)
+        tok = loaded.require_tokenizer()
         maps = heatmaps(model, image, texts, method, tok)  # type: ignore[arg-type]
         with torch.no_grad():
             pixels = image_tensor(model.visual, image).to(model.logit_scale.device)
@@ -120,22 +118,18 @@ def _explain_image(
     return out
 
 
-def _explain_text(model, spec: str, text: str, out: Path, tokenizer: str | None, target: int | None,
-                  classes: list[str] | None, steps: int, overwrite: bool) -> Path:  # fmt: skip
+def _explain_text(loaded, text: str, out: Path, target: int | None, classes: list[str] | None, steps: int,
+                  overwrite: bool) -> Path:  # fmt: skip
     from mmlm import outputs
-    from mmlm.data.tokenizers import get_tokenizer
     from mmlm.explain.render import tokens_html, tokens_png
     from mmlm.explain.text import check_classifier, token_attributions
-    from mmlm.pretrained import source_tokenizer
 
+    model, spec = loaded.model, loaded.spec
     try:
         check_classifier(model)
     except TypeError as e:
         raise ValueError(f"{spec}: {e}") from None
-    context = model.cfg.text.context_length
-    tok = get_tokenizer(tokenizer, context_length=context) if tokenizer else source_tokenizer(spec, model)
-    if tok is None:
-        raise ValueError(f"no tokenizer is known for {spec}: give --tokenizer (a tokenizer folder)")
+    tok = loaded.require_tokenizer()
     if classes is not None and len(classes) != model.cfg.num_labels:
         raise ValueError(f"--classes names {len(classes)} classes; the classifier has {model.cfg.num_labels}")
     if out.suffix.lower() not in (".html", ".png"):

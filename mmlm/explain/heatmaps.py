@@ -77,9 +77,11 @@ def image_tensor(vit: VisionTransformer, image: Image.Image | torch.Tensor) -> t
 def text_embeddings(model: CLIP, texts: Sequence[str], tokenizer: Tokenizer | None = None) -> torch.Tensor:
     """(N, embed_dim) L2-normalised text embeddings; ``tokenizer`` defaults to the model's (CLIP BPE)."""
     if tokenizer is None:
-        from mmlm.eval.results import model_tokenizer
+        from mmlm.factory import tokenizer_for
 
-        tokenizer = model_tokenizer(model)
+        tokenizer, _ = tokenizer_for(model, model)
+        if tokenizer is None:
+            raise ValueError("the text tower does not use the CLIP BPE: give its tokenizer")
     batch = tokenizer(list(texts))
     device = model.logit_scale.device
     with torch.no_grad():

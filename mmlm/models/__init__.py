@@ -16,7 +16,7 @@ model                      ``forward`` returns
                            ``end_logits`` (qa, (B, T) each)
 =========================  =====================================================================
 
-``resolve(spec)`` is the one way from a preset name or a checkpoint to a model (or one tower of it).
+``mmlm.factory`` is the one way from a preset name or a checkpoint to a model (or one tower of it).
 
 ``tower(model, "image" | "text")`` takes a tower out of any of them; one taken out of a
 CLIP (``clip_tower``) is a standalone copy that owns every weight it runs on.
@@ -31,7 +31,6 @@ from torch import nn
 from mmlm.config import CLIPConfig, ModelConfig, TextConfig, TextWithHeadsConfig, VisionConfig, from_name, update
 from mmlm.models.clip import CLIP
 from mmlm.models.heads import TextWithHeads
-from mmlm.models.resolve import SPEC_DOC, resolve
 from mmlm.models.text import TextEncoder
 from mmlm.models.towers import clip_tower, clip_with_tower, text_with_heads, tower, vit_with_classes
 from mmlm.models.vision import VisionTransformer
@@ -58,14 +57,12 @@ def create_model(name_or_config: str | ModelConfig, **overrides: Any) -> nn.Modu
 
 __all__ = [
     "CLIP",
-    "SPEC_DOC",
     "TextEncoder",
     "TextWithHeads",
     "VisionTransformer",
     "clip_tower",
     "clip_with_tower",
     "create_model",
-    "resolve",
     "text_with_heads",
     "tower",
     "vit_with_classes",

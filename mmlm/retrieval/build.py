@@ -48,11 +48,11 @@ from tqdm.auto import tqdm
 
 from mmlm import outputs
 from mmlm.config import PRESETS
-from mmlm.data import image_transform
 from mmlm.data.skips import NoGoodSamples, SkippingDataLoader, SkipStats
-from mmlm.eval.results import load_model, model_tokenizer
+from mmlm.factory import load
 from mmlm.paths import resolve
 from mmlm.retrieval.collection import CollateItems, Collection, collection
+from mmlm.retrieval.model import USE, built_with
 from mmlm.retrieval.index import (
     EMBEDDINGS,
     FORMAT,
@@ -101,23 +101,6 @@ class Options:
     devices: int = 1
     num_nodes: int = 1
     precision: str = "32-true"
-
-
-def weights_hash(model: nn.Module) -> str:
-    """sha256 of the config and every tensor (name, dtype, bytes): equal only for the same model."""
-    from mmlm.checkpoint import tensors
-
-    h = hashlib.sha256(json.dumps(_config_dict(model), sort_keys=True).encode())
-    for name, tensor in sorted(tensors(model).items()):  # an int8 model's int8 weights and scales too
-        h.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _config_dict(model: nn.Module) -> dict[str, Any]:
-    from mmlm.config import to_dict
-
-    return to_dict(model.cfg)
 
 
 # ------------------------------------------------------------------------------ the work folder
@@ -559,15 +542,14 @@ def build(
     _check_int8(int8, opts)
     out = Path(out)
     outputs.check(out, "index", overwrite, hint=f", or append with `mmlm index add {out} DATA`")  # before the work
-    net = load_model(model, act, "cpu", seed, use="an index of images and captions")
-    tok = model_tokenizer(net, tokenizer, model)
-    items = collection(data, image_transform(net.cfg.vision, train=False), split, image_key, caption_key)
-    check_index_type(opts.index_type, net.cfg.embed_dim, len(items) if items.shards is None else None)
-    local = model not in PRESETS and resolve(model).exists()
-    spec = str(resolve(model).resolve()) if local else model  # `index add` and the server find it from any folder
-    job = Job("build", spec, weights_hash(net), items.spec, split, image_key, caption_key, tokenizer, act, seed,
+    loaded = load(model, tokenizer=tokenizer, act=act, seed=seed, int8=int8, image_text=USE)
+    items = collection(data, loaded.transform, split, image_key, caption_key)
+    check_index_type(opts.index_type, loaded.model.cfg.embed_dim, len(items) if items.shards is None else None)
+    spec, tokenizer = _findable(model), _findable(tokenizer)  # `index add` and the server find them from any folder
+    job = Job("build", spec, loaded.weights_hash, items.spec, split, image_key, caption_key, tokenizer, act, seed,
               batch_size, int8=int8)  # fmt: skip
-    return run_job(job, opts, out, _encoder(net, int8), items, CollateItems(tok), resume, overwrite=overwrite)
+    collate = CollateItems(loaded.require_tokenizer())
+    return run_job(job, opts, out, loaded.model, items, collate, resume, overwrite=overwrite)
 
 
 def add(
@@ -578,34 +560,25 @@ def add(
     base = Index.open(index)
     outputs.check(index, "index", overwrite=True)  # it is replaced by itself plus the new items: only if all mmlm's
     built = base.manifest["model"]
-    spec = model or built["spec"]
-    net = load_model(spec, built["act"], "cpu", built["seed"])
-    weights = weights_hash(net)
-    if weights != built["weights_hash"]:
-        raise ValueError(
-            f"{spec} is not the model {index} was built with (weights hash {weights[:12]}, the index has "
-            f"{built['weights_hash'][:12]} from {built['spec']}): embeddings of two models cannot share an index"
-        )
     opts = Options(**options, dtype=base.manifest["embedding"]["dtype"])
     int8 = bool(built.get("int8", False))  # embedded as the index was
     _check_sizes(batch_size, opts)
     _check_int8(int8, opts)
-    tok = model_tokenizer(net, built["tokenizer"], spec)
-    items = collection(data, image_transform(net.cfg.vision, train=False), split, image_key, caption_key)
+    loaded = built_with(built, index, model)
+    items = collection(data, loaded.transform, split, image_key, caption_key)
     manifest_hash = hashlib.sha256((Path(index) / MANIFEST).read_bytes()).hexdigest()
-    job = Job("add", built["spec"], weights, items.spec, split, image_key, caption_key, built["tokenizer"],
-              built["act"], built["seed"], batch_size, manifest_hash, int8)  # fmt: skip
+    job = Job("add", built["spec"], built["weights_hash"], items.spec, split, image_key, caption_key,
+              built["tokenizer"], built["act"], built["seed"], batch_size, manifest_hash, int8)  # fmt: skip
     # the index is replaced by itself plus the new items
-    return run_job(job, opts, Path(index), _encoder(net, int8), items, CollateItems(tok), resume, base, overwrite=True)
+    collate = CollateItems(loaded.require_tokenizer())
+    return run_job(job, opts, Path(index), loaded.model, items, collate, resume, base, overwrite=True)
 
 
-def _encoder(model: nn.Module, int8: bool) -> nn.Module:
-    """What embeds the items: ``model``, or its int8 copy; the index records the weights hash of ``model``."""
-    if not int8:
-        return model
-    from mmlm.compress import quantize_int8
-
-    return quantize_int8(model)
+def _findable(spec: str | None) -> str | None:
+    """A model or tokenizer as the manifest records it: a local path made absolute, a name as it is."""
+    if spec is None or spec in PRESETS or not resolve(spec).exists():
+        return spec
+    return str(resolve(spec).resolve())
 
 
 def _check_int8(int8: bool, options: Options) -> None:

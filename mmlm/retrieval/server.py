@@ -67,7 +67,6 @@ import mmlm
 from mmlm.data import image_transform
 from mmlm.data.skips import DECOMPRESSION_BOMB, Skip, load_image
 from mmlm.data.tokenizers import Tokenizer
-from mmlm.eval.results import load_model, model_tokenizer
 from mmlm.paths import ASSETS, resolve
 from mmlm.retrieval.collection import BUNDLED
 from mmlm.retrieval.index import Index
@@ -212,38 +211,27 @@ def open_indexes(
     indexes: Mapping[str, Any] | Sequence[Any], model: str | nn.Module | None = None, device: str = "cpu",
     int8: bool = False,
 ) -> dict[str, Served]:  # fmt: skip
-    """Each index with the model its manifest names (one Engine per model), refused unless the model's
-    weights hash is the one the index was built with. ``model``: where that model is now, if it moved;
-    ``int8``: encode queries with an int8 copy of it."""
-    from mmlm.retrieval.build import weights_hash
+    """Each index with the model its manifest names (one Engine per model and tokenizer), refused unless the
+    model's weights hash is the one the index was built with (``mmlm.retrieval.model.built_with``). ``model``:
+    where that model is now, if it moved; ``int8``: encode queries with an int8 copy of it (as they are
+    anyway for an index embedded in int8)."""
+    from mmlm.retrieval.model import built_with
 
     named = index_names(indexes)
-    given = load_model(model, device=device) if isinstance(model, (str, Path)) else model
-    nets: dict[tuple, nn.Module] = {}
-    hashes: dict[int, str] = {}
     engines: dict[tuple, Engine] = {}
     served: dict[str, Served] = {}
     for name, index in named.items():
         built = index.manifest["model"]
-        key = (built["spec"], built["act"], built["seed"])
-        if given is None and key not in nets:
-            nets[key] = load_model(built["spec"], built["act"], device, built["seed"])
-        net = given if given is not None else nets[key]
-        if id(net) not in hashes:
-            hashes[id(net)] = weights_hash(net)
-        if hashes[id(net)] != built["weights_hash"]:
-            where = model if isinstance(model, (str, Path)) else built["spec"]
-            raise ValueError(
-                f"{where} is not the model {index.folder} was built with (weights hash {hashes[id(net)][:12]}, "
-                f"the index has {built['weights_hash'][:12]}): pass --model with the one it was built with"
-            )
-        engine_key = (id(net), built["tokenizer"])
-        if engine_key not in engines:
-            spec = model if isinstance(model, (str, Path)) else built["spec"]
-            engines[engine_key] = Engine(net, model_tokenizer(net, built["tokenizer"], spec), device, int8)
+        quantized = int8 or bool(built.get("int8", False))
+        key = (id(model) if isinstance(model, nn.Module) else model, built["spec"], built["act"], built["seed"],
+               built["tokenizer"], built["weights_hash"], quantized)  # fmt: skip
+        if key not in engines:
+            # loaded in float32 whatever the index: /explain needs gradients, which int8 layers do not have
+            loaded = built_with({**built, "int8": False}, index.folder, model, device)
+            engines[key] = Engine(loaded.model, loaded.require_tokenizer(), device, quantized)
         roots = [(b["ids"][0], b["ids"][1], root, b["image_key"]) for b in index.manifest["builds"]
                  if b["ids"] and (root := data_root(b["data"])) is not None]  # fmt: skip
-        served[name] = Served(name, index, engines[engine_key], roots)
+        served[name] = Served(name, index, engines[key], roots)
     return served
 
 

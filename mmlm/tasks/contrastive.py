@@ -28,7 +28,8 @@ from torch.utils.checkpoint import checkpoint
 from mmlm.eval.retrieval import retrieval_metrics
 from mmlm.eval.zeroshot import build_classifier, classification_metrics
 from mmlm.losses import ContrastiveLoss
-from mmlm.models import CLIP, clip_with_tower, resolve
+from mmlm.factory import resolve
+from mmlm.models import CLIP, clip_with_tower
 from mmlm.models.clip import CLIPOutput
 from mmlm.tasks.base import Task, adamw
 

@@ -30,7 +30,8 @@ from torch import nn
 
 from mmlm.data.collators import IGNORE
 from mmlm.data.text_datasets import Answers, extract_answers, merge_answers
-from mmlm.models import CLIP, resolve, text_with_heads, tower, vit_with_classes
+from mmlm.factory import resolve
+from mmlm.models import CLIP, text_with_heads, tower, vit_with_classes
 from mmlm.tasks.base import Task, adamw
 
 

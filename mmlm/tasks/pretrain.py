@@ -15,7 +15,8 @@ import torchmetrics
 from lightning.pytorch.cli import OptimizerCallable
 
 from mmlm.data.collators import IGNORE, document_attention_mask
-from mmlm.models import resolve, text_with_heads
+from mmlm.factory import resolve
+from mmlm.models import text_with_heads
 from mmlm.tasks.base import Task, adamw
 
 

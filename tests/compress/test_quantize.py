@@ -125,9 +125,9 @@ def test_quantize_mistakes_give_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_int8_switch_quantizes_on_the_fly(capsys):
-    from mmlm.eval.results import load_model
+    from mmlm.factory import load
 
-    assert is_int8(load_model("clip-tiny", int8=True)) and not is_int8(load_model("clip-tiny"))
+    assert is_int8(load("clip-tiny", int8=True).model) and not is_int8(load("clip-tiny").model)
     main(["zeroshot", "clip-tiny", "--dataset", "digits", "--int8"])
     out = capsys.readouterr().out
     result = json.loads(out[out.index("{") :])

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mmlm
-from mmlm.pretrained import convert
+from mmlm.export.convert import convert
 
 
 @pytest.fixture

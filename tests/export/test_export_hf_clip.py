@@ -27,7 +27,7 @@ from mmlm.data.tokenizers import Tokenizer, clip_tokenizer, train_tokenizer
 from mmlm.eval.zeroshot import build_classifier
 from mmlm.export import export
 from mmlm.paths import ASSETS
-from mmlm.pretrained import convert
+from mmlm.export.convert import convert
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "convert"))
 from _parity import assert_parity, randomize_

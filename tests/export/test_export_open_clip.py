@@ -22,7 +22,7 @@ from mmlm.data.tokenizers import clip_tokenizer, get_tokenizer
 from mmlm.data.transforms import image_transform
 from mmlm.export import export
 from mmlm.paths import ASSETS
-from mmlm.pretrained import convert
+from mmlm.export.convert import convert
 
 pytestmark = pytest.mark.slow
 

@@ -19,7 +19,7 @@ import mmlm
 from mmlm.cli import main
 from mmlm.data import image_transform
 from mmlm.data.digits import digits_image_text
-from mmlm.eval.results import load_model
+from mmlm.factory import load
 from mmlm.paths import ASSETS
 from mmlm.retrieval import Index
 
@@ -67,7 +67,7 @@ def _manifest_items() -> dict[str, list[str]]:
 
 def test_bundled_photos_are_their_own_nearest_image(assets_index):
     items = _manifest_items()
-    model = load_model("clip-tiny", seed=0)
+    model = load("clip-tiny", seed=0).model
     transform = image_transform(model.cfg.vision, train=False)
     with torch.no_grad():
         own = model.encode_image(torch.stack([transform(Image.open(ASSETS / p).convert("RGB")) for p in items]))
@@ -260,7 +260,7 @@ def test_add_continues_the_ids_and_refuses_another_model(bad_manifest, tmp_path,
 def test_int8_build_embeds_with_the_int8_copy_and_add_keeps_it(assets_index, bad_manifest, tmp_path, capsys):
     from mmlm.compress import quantize_int8
 
-    model = load_model("clip-tiny", seed=0)
+    model = load("clip-tiny", seed=0).model
     main(["index", "build", "clip-tiny", "assets", "--out", str(tmp_path / "ix"), "--int8"])
     assert "embedded in int8" in capsys.readouterr().out
     int8 = Index.open(tmp_path / "ix")

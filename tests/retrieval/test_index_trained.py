@@ -10,7 +10,7 @@ import torch
 
 from mmlm.cli import lightning_cli
 from mmlm.data.digits import DIGIT_CLASSNAMES
-from mmlm.eval.results import load_model, model_tokenizer
+from mmlm.factory import load
 from mmlm.retrieval import Index
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,10 +32,11 @@ def test_text_to_image_search_over_held_out_digits(tmp_path, monkeypatch):
     index = Index.build(str(checkpoint), "digits", tmp_path / "ix", split="test", accelerator="cpu")
     assert len(index) == 360  # scikit-learn's held-out fifth: never trained on
 
-    model = load_model(str(checkpoint))
+    loaded = load(checkpoint)
+    model = loaded.model
     queries = [f"a photo of the number {name}." for name in DIGIT_CLASSNAMES] + \
         [f"a photo of the number {digit}." for digit in range(10)]  # fmt: skip
-    tokens = model_tokenizer(model)(queries)
+    tokens = loaded.require_tokenizer()(queries)
     with torch.no_grad():
         embeddings = model.encode_text(tokens["input_ids"], tokens["attention_mask"])
     ids, _ = index.search(embeddings, k=1)

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmlm.eval.results import load_model, model_tokenizer
+from mmlm.factory import load
 from mmlm.paths import ASSETS
 from mmlm.retrieval import Index
 
@@ -157,7 +157,7 @@ class Reference:
     items: dict[str, list[str]]  # captions.csv: file path -> its captions, in manifest order
 
     def text(self, texts: list[str]) -> np.ndarray:
-        tokens = model_tokenizer(self.model)(texts)
+        tokens = load(self.model).require_tokenizer()(texts)
         with torch.no_grad():
             return self.model.encode_text(tokens["input_ids"], tokens["attention_mask"]).numpy()
 
@@ -168,4 +168,4 @@ def reference() -> Reference:
         items: dict[str, list[str]] = {}
         for row in csv.DictReader(f):
             items.setdefault(row["filepath"], []).append(row["title"])
-    return Reference(load_model("clip-tiny", seed=0), items)
+    return Reference(load("clip-tiny", seed=0).model, items)

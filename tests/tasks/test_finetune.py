@@ -18,7 +18,7 @@ from mmlm.data import (
 )
 from mmlm.data.text_datasets import extract_answers, read_conll
 from mmlm.paths import ASSETS
-from mmlm.pretrained import convert
+from mmlm.export.convert import convert
 from mmlm.tasks import ImageClassification, QuestionAnswering, TextClassification, TokenClassification
 
 DATA = ASSETS / "finetune"

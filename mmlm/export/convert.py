@@ -1,0 +1,53 @@
+"""``mmlm convert``: anything ``mmlm.load_pretrained`` reads -> any ``mmlm.export`` target, tokenizer included.
+
+It sits above the readers and the models: the model and its tokenizer come from ``mmlm.factory`` (the one
+rule for which tokenizer goes with a checkpoint), the files from ``mmlm.export``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mmlm import outputs
+from mmlm.convert.common import ConversionError
+from mmlm.export import TARGETS, export
+from mmlm.factory import resolve, tokenizer_for
+from mmlm.models import CLIP
+
+
+def export_hf_clip(model: CLIP, folder: str | Path, overwrite: bool = False) -> Path:
+    """Write ``model`` as a complete transformers ``CLIPModel`` folder (see ``mmlm.export.hf``)."""
+    if not isinstance(model, CLIP):
+        raise ConversionError(f"export_hf_clip exports mmlm CLIP models, not {type(model).__name__}")
+    return export(model, folder, "hf", overwrite=overwrite)
+
+
+def convert(
+    src: str | Path,
+    dst: str | Path,
+    to: str = "mmlm",
+    overwrite: bool = False,
+    tokenizer: str | Path | None = None,
+    **kwargs: Any,
+) -> Path:
+    """Convert a checkpoint: anything ``load_pretrained`` reads -> any ``mmlm.export`` target.
+
+    ``dst`` must be new or empty; ``overwrite=True`` replaces a folder mmlm wrote for the same target
+    (``mmlm.outputs``). ``tokenizer`` (a folder or ``clip``) overrides the one that came with ``src``
+    (``mmlm.factory.tokenizer_for``). ``kwargs`` go to ``load_pretrained`` (``act``, ``with_heads``,
+    config overrides).
+    """
+    if to != "mmlm" and to not in TARGETS:
+        raise ValueError(f"to must be one of {['mmlm', *TARGETS]}, not {to!r}")
+    outputs.check(dst, to, overwrite)  # before the slow part
+    if set(kwargs) - {"act", "with_heads"}:
+        from mmlm.pretrained import load_pretrained
+
+        model = load_pretrained(src, **kwargs)  # config overrides: a checkpoint read with other fields
+    else:
+        model = resolve(src, **kwargs)
+    tok, source = tokenizer_for(src, model, tokenizer)
+    # each exporter writes the CLIP BPE in its own ecosystem's format when given none
+    tok = tok if source in ("given", "checkpoint") and (to != "mmlm" or source == "given") else None
+    return export(model, dst, to, tokenizer=tok, overwrite=overwrite)  # type: ignore[arg-type]
