@@ -425,26 +425,26 @@ def underscore_options(args: list[str]) -> list[str]:
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean a mistake in what was typed or pointed at, not a bug in mmlm.
 
-    ValueError covers ConversionError and json.JSONDecodeError; OSError covers FileNotFoundError
-    and FileExistsError; KeyError is what an unknown name in a table raises.
+    ValueError covers ConversionError, UsageError and json.JSONDecodeError; OSError covers
+    FileNotFoundError and FileExistsError. A TypeError or KeyError is a bug in mmlm and keeps its
+    traceback: code that refuses what a user named raises ValueError (``mmlm.errors.UsageError``).
     """
     from argparse import ArgumentError
 
     from safetensors import SafetensorError
 
-    errors: tuple[type[BaseException], ...] = (ValueError, TypeError, KeyError, OSError, ArgumentError, SafetensorError)
+    errors: tuple[type[BaseException], ...] = (ValueError, OSError, ArgumentError, SafetensorError)
     lightning = sys.modules.get("lightning.fabric.utilities.exceptions")  # imported only when a Lightning command ran
     return errors + ((lightning.MisconfigurationException,) if lightning else ())
 
 
 def one_line(error: BaseException) -> str:
-    """The error's message on one line (a KeyError's str() would add quotes around it)."""
+    """The error's message on one line."""
     from argparse import ArgumentError
 
     if isinstance(error, ArgumentError):
         return parse_error(str(error))
-    message = error.args[0] if isinstance(error, KeyError) and error.args else str(error)
-    return " ".join(str(message).split()) or type(error).__name__
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def parse_error(message: str) -> str:

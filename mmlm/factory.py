@@ -14,10 +14,10 @@ tokenizer alone (what ``mmlm convert`` writes beside an export). Every command, 
 take their models from here, so they all accept the same specs (``SPEC_DOC``), fail on a bad one with
 the same message and pick the same tokenizer.
 
-The tokenizer of a checkpoint, in this order: the one given; ``tokenizer.json`` in the checkpoint's
-folder (an mmlm, transformers, OpenCLIP or sentence-transformers folder, or the folder of a weights
-file); the one a ``mmlm fit`` .ckpt carries (the tasks store their datamodule's tokenizer in it); the
-CLIP BPE for a text tower with CLIP's 49,408 tokens; else none (a command that needs one says so).
+The tokenizer of a checkpoint, in this order: the one given; the one a ``mmlm fit`` .ckpt carries (the
+tasks store their data module's tokenizer in it); ``tokenizer.json`` in the checkpoint's folder (an
+mmlm, transformers, OpenCLIP or sentence-transformers folder) or beside its weights file; the CLIP BPE
+for a text tower with CLIP's 49,408 tokens; else none (a command that needs one says so).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from mmlm.config import PRESETS, Activation, to_dict, unknown_model
-from mmlm.data.tokenizers import CLIP_VOCAB_SIZE, Tokenizer, get_tokenizer
+from mmlm.data.tokenizers import CLIP_VOCAB_SIZE, Tokenizer, get_tokenizer, is_clip_name
 from mmlm.data.transforms import image_transform
 from mmlm.models import create_model, tower
 from mmlm.paths import resolve as resolve_path
@@ -44,8 +44,9 @@ from mmlm.pretrained import detect_format, load_pretrained, torch_load
 # What every task's and command's ``model`` argument may be, worded once for their docstrings.
 SPEC_DOC = "a preset name, an mmlm folder, a ``mmlm fit`` .ckpt, or any checkpoint ``mmlm.load_pretrained`` reads"
 
-# where a ``mmlm fit`` checkpoint keeps its tokenizer's files (``store_tokenizer``)
+# where a ``mmlm fit`` checkpoint keeps its tokenizer's files (``tokenizer_files``), and which files those are
 CKPT_TOKENIZER = "mmlm_tokenizer"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 TokenizerSource = Literal["given", "checkpoint", "clip"]
 
@@ -185,50 +186,41 @@ def tokenizer_for(
     context = getattr(text, "max_seq_length", None) or text.context_length
     if given is not None:
         return get_tokenizer(given, context_length=context), "given"
-    files = None if isinstance(spec, nn.Module) or str(spec) in PRESETS else _checkpoint_tokenizer(spec)
-    if files is not None:
-        return get_tokenizer(files, context_length=context), "checkpoint"
+    found = None if isinstance(spec, nn.Module) or str(spec) in PRESETS else _checkpoint_tokenizer(spec, context)
+    if found is not None:
+        return found, "checkpoint"
     if text.vocab_size == CLIP_VOCAB_SIZE:
         return get_tokenizer("clip", context_length=context), "clip"
     return None, None
 
 
-def _checkpoint_tokenizer(spec: str | Path) -> Path | None:
-    """A folder (or tokenizer.json) holding the tokenizer that came with the checkpoint ``spec``."""
+def _checkpoint_tokenizer(spec: str | Path, context: int) -> Tokenizer | None:
+    """The tokenizer that came with the checkpoint ``spec``: the one a ``mmlm fit`` .ckpt stores (or, in one
+    written before tokenizers were stored, the one its data module named), else ``tokenizer.json`` in the
+    checkpoint folder or beside the weights file."""
     path = resolve_path(spec)
-    folder = path if path.is_dir() else path.parent
-    if (folder / "tokenizer.json").is_file():
-        return folder
-    if not (path.is_file() and detect_format(path) == "lightning"):
+    if path.is_file() and detect_format(path) == "lightning":
+        ckpt = torch_load(path)
+        stored = ckpt.get(CKPT_TOKENIZER)
+        if isinstance(stored, dict) and "tokenizer.json" in stored:
+            with tempfile.TemporaryDirectory() as tmp:  # get_tokenizer reads the files at once
+                for name, text in stored.items():
+                    if name in TOKENIZER_FILES:
+                        (Path(tmp) / name).write_text(text, encoding="utf-8")
+                return get_tokenizer(tmp, context_length=context)
+        name = (ckpt.get("datamodule_hyper_parameters") or {}).get("tokenizer")
+        if name and not is_clip_name(str(name)) and resolve_path(name).exists():  # the CLIP BPE: the default
+            return get_tokenizer(name, context_length=context)
         return None
-    ckpt = torch_load(path)
-    stored = ckpt.get(CKPT_TOKENIZER)
-    if isinstance(stored, dict) and "tokenizer.json" in stored:
-        return _unpack(stored)
-    # checkpoints written before tokenizers were stored in them: the name the datamodule was given
-    name = (ckpt.get("datamodule_hyper_parameters") or {}).get("tokenizer")
-    return resolve_path(name) if name and resolve_path(name).exists() else None
-
-
-def _unpack(files: dict[str, str]) -> Path:
-    """The tokenizer files a checkpoint carries, written to a private temporary folder for ``get_tokenizer``
-    (it reads the files at once; the folder is removed when the process ends)."""
-    folder = Path(tempfile.mkdtemp(prefix="mmlm-tokenizer-"))
-    import atexit
-    import shutil
-
-    atexit.register(shutil.rmtree, folder, True)
-    for name, text in files.items():
-        if name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            (folder / name).write_text(text, encoding="utf-8")
-    return folder / "tokenizer.json" if not (folder / "tokenizer_config.json").is_file() else folder
+    folder = path if path.is_dir() else path.parent
+    return get_tokenizer(folder, context_length=context) if (folder / "tokenizer.json").is_file() else None
 
 
 def tokenizer_files(tok: Tokenizer) -> dict[str, str]:
     """The files ``Tokenizer.save`` writes, as text: what a ``mmlm fit`` checkpoint stores (``CKPT_TOKENIZER``)."""
     with tempfile.TemporaryDirectory() as tmp:
         tok.save(tmp)
-        return {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.suffix == ".json"}
+        return {p.name: p.read_text(encoding="utf-8") for p in Path(tmp).iterdir() if p.name in TOKENIZER_FILES}
 
 
 def _text_config(model: nn.Module) -> Any:

@@ -167,11 +167,25 @@ def test_broken_safetensors_through_the_real_command(tmp_path, clip_folder):
 def test_debug_raises_the_error_itself(tmp_path, monkeypatch):
     """--debug (anywhere on the line) or MMLM_DEBUG=1: the exception propagates, so Python prints its traceback."""
     missing = str(tmp_path / "missing.pt")
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(ValueError, match="missing.pt"):
         main(["convert", missing, str(tmp_path / "out"), "--debug"])
     monkeypatch.setenv("MMLM_DEBUG", "1")
-    with pytest.raises(FileNotFoundError, match="missing.pt"):
+    with pytest.raises(ValueError, match="missing.pt"):
         main(["convert", missing, str(tmp_path / "out")])
+
+
+@pytest.mark.parametrize("bug", [TypeError("unsupported operand"), KeyError("vision")])
+def test_a_bug_inside_a_command_keeps_its_traceback(bug, tmp_path, monkeypatch):
+    """A TypeError or KeyError raised inside mmlm is a bug, not the user's mistake: it propagates (Python prints
+    the traceback, exit 1) instead of becoming one line and exit 2, which would hide it."""
+    import mmlm.export.convert
+
+    def broken(*args, **kwargs):
+        raise bug
+
+    monkeypatch.setattr(mmlm.export.convert, "convert", broken)
+    with pytest.raises(type(bug)):
+        main(["convert", "clip-tiny", str(tmp_path / "out")])
 
 
 def test_missing_checkpoint_is_named(tmp_path, capsys):

@@ -267,7 +267,7 @@ def get_tokenizer(name_or_path: str | Path, context_length: int | None = None) -
             CLIP, else ``model_max_length`` from ``tokenizer_config.json`` (if any).
     """
     name = str(name_or_path)
-    if name.lower() in CLIP_NAMES or _is_clip_preset(name):
+    if is_clip_name(name):
         return clip_tokenizer(context_length or 77)
     path = resolve(name)  # also "assets/tokenizer", the bundled one, from any working directory
     if path.is_file() and path.suffix == ".json":
@@ -306,6 +306,11 @@ def _guess_specials(backend: Backend) -> dict[str, str]:
     vocab = backend.get_vocab()
     guesses = {**WORDPIECE_SPECIALS, **BPE_SPECIALS, "bos": None}
     return {r: t for r, t in guesses.items() if t and t in vocab}
+
+
+def is_clip_name(name: str) -> bool:
+    """True for the names ``get_tokenizer`` reads as the CLIP BPE: ``clip`` and its aliases, CLIP preset names."""
+    return name.lower() in CLIP_NAMES or _is_clip_preset(name)
 
 
 def _is_clip_preset(name: str) -> bool:

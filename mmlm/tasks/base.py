@@ -1,4 +1,5 @@
-"""What every mmlm LightningModule shares: the optimizer and the LR schedule (models: ``mmlm.models.resolve``).
+"""What every mmlm LightningModule shares: the optimizer, the LR schedule and what a checkpoint carries (models:
+``mmlm.factory.resolve``).
 
 The schedule is linear warmup then cosine decay sized from ``trainer.max_steps``.
 Reading ``trainer.estimated_stepping_batches`` in ``configure_optimizers`` would drop
@@ -16,6 +17,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from mmlm.config import to_dict
+from mmlm.data.tokenizers import is_clip_name
 
 
 def adamw(params: Iterable[Any], lr: float = 5e-4, weight_decay: float = 0.1, betas=(0.9, 0.98), eps: float = 1e-6):
@@ -72,10 +74,19 @@ class Task(L.LightningModule):
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Store the model's config so ``mmlm.load_pretrained(ckpt)`` rebuilds it without the task."""
+        """Store the model's config, so ``mmlm.load_pretrained(ckpt)`` rebuilds it without the task, and the
+        tokenizer the data module tokenized with, so every command that takes the .ckpt (``mmlm.factory``)
+        uses that vocabulary wherever the checkpoint is moved. The CLIP BPE is not stored: it is the
+        default for its vocabulary size."""
         model = getattr(self, "model", None)
         if model is not None and hasattr(model, "cfg"):
             checkpoint["mmlm_config"] = to_dict(model.cfg)
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        name = getattr(datamodule, "tokenizer_name", None)
+        if name is not None and not is_clip_name(str(name)):
+            from mmlm.factory import CKPT_TOKENIZER, tokenizer_files
+
+            checkpoint[CKPT_TOKENIZER] = tokenizer_files(datamodule.tokenizer)
 
     def on_train_start(self) -> None:
         """Training mode for the whole task: a model read from a checkpoint comes in eval mode, and
