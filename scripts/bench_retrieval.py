@@ -41,15 +41,15 @@ from typing import Any
 import faiss
 import numpy as np
 import torch
-from bench import Bench, Row, compare, log, ms, skipped
+from bench_harness import Bench, Row, compare, log, ms, skipped
 from PIL import Image
 
+from mmlm import factory
 from mmlm.compress import quantize_int8
-from mmlm.data import image_transform
-from mmlm.eval.results import load_model, model_tokenizer
+from mmlm.data.tokenizers import Tokenizer
 from mmlm.paths import ASSETS
 from mmlm.retrieval import Client, Index
-from mmlm.retrieval.build import Job, Options, weights_hash, write_index
+from mmlm.retrieval.build import Job, Options, write_index
 from mmlm.retrieval.client import Load, load
 from mmlm.retrieval.index import is_lossy
 from mmlm.retrieval.server import compute_settings, default_threads
@@ -108,8 +108,8 @@ def index_build(b: Bench) -> list[Row]:
     half.mkdir()
     for p in files[: s.images // 2]:
         shutil.copy(p, half / p.name)
-    model = b.infer(load_model(s.model, seed=0))  # the weights Index.build makes from the same spec and seed
-    transform = image_transform(model.cfg.vision, train=False)
+    loaded = factory.load(s.model, seed=0)  # the weights and transform Index.build takes from the same spec and seed
+    model, transform = b.infer(loaded.model), loaded.transform
     pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in files]).to(b.device, b.dtype)
     batches = pixels.split(s.batch)
     accelerator = "gpu" if b.device.type == "cuda" else "cpu"
@@ -207,9 +207,8 @@ def start_server(folder: Path, threads: int, int8: bool, device: torch.device) -
 class Direct:
     """What the server does for text queries, called in this process: tokenize, encode, search, metadata."""
 
-    def __init__(self, index: Index, model: torch.nn.Module, device: torch.device) -> None:
-        self.index, self.model, self.device = index, model, device
-        self.tokenizer = model_tokenizer(model)
+    def __init__(self, index: Index, model: torch.nn.Module, tokenizer: Tokenizer, device: torch.device) -> None:
+        self.index, self.model, self.tokenizer, self.device = index, model, tokenizer, device
 
     @torch.inference_mode()
     def __call__(self, queries: list[str]) -> np.ndarray:
@@ -324,8 +323,9 @@ def query(b: Bench) -> list[Row]:
     s = TIERS[b.sizes.tiny]
     root = b.tmp / "query"
     root.mkdir()
-    net = load_model(s.model, seed=0)  # `mmlm serve` makes the same weights from the spec and seed
-    job = Job("build", s.model, weights_hash(net), "synthetic", "test", "filepath", None, None, None, 0, 64)
+    loaded = factory.load(s.model, seed=0)  # `mmlm serve` loads the same weights and tokenizer from the spec and seed
+    net, tokenizer = loaded.model, loaded.require_tokenizer()
+    job = Job("build", s.model, loaded.weights_hash, "synthetic", "test", "filepath", None, None, None, 0, 64)
     encoders = {"fp32": net.to(b.device)}
     if b.device.type == "cpu":
         encoders["int8"] = quantize_int8(net)
@@ -356,7 +356,7 @@ def query(b: Bench) -> list[Row]:
                                      reason)]  # fmt: skip
                     continue
                 log(f"query: {label} ...")
-                direct = Direct(index, encoders[precision], b.device)
+                direct = Direct(index, encoders[precision], tokenizer, b.device)
                 rows += served_rows(b, folder, direct, label, precision == "int8", threads)
     finally:
         torch.set_num_threads(saved[0])

@@ -29,11 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a source checkout without installing
 
-from mmlm.data.tokenizers import get_tokenizer
 from mmlm.explain.text import class_probabilities, token_attributions
-from mmlm.factory import resolve
+from mmlm.factory import resolve, tokenizer_for
 from mmlm.paths import resolve as resolve_path
-from mmlm.pretrained import source_tokenizer
 
 
 def probability_without(model, ids: list[int], types: list[int] | None, drop: set[int], target: int) -> float:
@@ -59,8 +57,9 @@ def main() -> None:
     args = parser.parse_args()
 
     model = resolve(args.checkpoint).eval()
-    context = model.cfg.text.context_length
-    tokenizer = get_tokenizer(args.tokenizer, context_length=context) if args.tokenizer else source_tokenizer(args.checkpoint, model)
+    tokenizer, _ = tokenizer_for(args.checkpoint, model, args.tokenizer)
+    if tokenizer is None:
+        parser.error(f"no tokenizer is known for {args.checkpoint}: give --tokenizer (a tokenizer folder)")
     with open(resolve_path(args.data), newline="") as f:
         texts = [row["text"] for row in csv.DictReader(f)]
     rng = random.Random(args.seed)

@@ -32,8 +32,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a source checkout without installing
 
-from mmlm.data import DIGIT_CLASSNAMES, digits_image_text, image_transform
-from mmlm.eval.results import load_model, model_tokenizer
+from mmlm import factory
+from mmlm.data import DIGIT_CLASSNAMES, digits_image_text
 from mmlm.explain.heatmaps import METHODS, heatmaps
 from mmlm.models import create_model
 
@@ -111,12 +111,12 @@ def main() -> None:
     parser.add_argument("--figure", type=Path, default=None, help="draw the trained model's maps of the first pairs (PNG)")
     args = parser.parse_args()
 
-    trained = load_model(args.checkpoint)
-    tokenizer = model_tokenizer(trained, checkpoint=args.checkpoint)
+    loaded = factory.load(args.checkpoint, image_text="the pointing game")
+    trained, tokenizer = loaded.model, loaded.require_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         randomised = create_model(trained.cfg).eval()
-    data = digits_image_text("test", transform=image_transform(trained.cfg.vision, train=False))
+    data = digits_image_text("test", transform=loaded.transform)
     pairs = digit_pairs([int(y) for y in data.labels], args.pairs, args.seed)
     if args.figure is not None:
         args.figure.write_bytes(figure(trained, tokenizer, data, digit_pairs([int(y) for y in data.labels], 3, args.seed), args.methods))

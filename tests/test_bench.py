@@ -6,7 +6,7 @@ No timing is asserted: speed is measured by the benchmark, never by a test. The 
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import json
 import math
 import os
@@ -59,12 +59,22 @@ def test_quick_bench_prints_every_workload_with_matching_outputs(tmp_path):
     assert {row["agreement"] for row in rows if "int8" in row["workload"]} == {"min_cos"}
 
 
-def test_rows_that_cannot_run_on_a_gpu_are_printed_with_their_reason(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench", bench)  # the script registers itself under this name
-    monkeypatch.setattr(sys, "path", sys.path.copy())  # and puts the checkout first
-    spec.loader.exec_module(bench)
+@pytest.fixture
+def bench(monkeypatch):
+    """scripts/bench.py imported as ``python scripts/bench.py`` finds its neighbours (scripts/ first on the
+    path); sys.path and the scripts' entries in sys.modules are as they were afterwards."""
+    scripts = ROOT / "scripts"
+    names = {p.stem for p in scripts.glob("*.py")}
+    before = names & set(sys.modules)
+    monkeypatch.syspath_prepend(str(scripts))  # restores sys.path, which bench.py also extends, on teardown
+    try:
+        yield importlib.import_module("bench")
+    finally:
+        for name in names & set(sys.modules) - before:
+            del sys.modules[name]
+
+
+def test_rows_that_cannot_run_on_a_gpu_are_printed_with_their_reason(tmp_path, bench):
     b = bench.Bench(bench.TIERS["quick"], torch.device("cuda"), torch.bfloat16, tmp_path)
     rows = bench.clip_int8(b)  # decides from the device alone, before any model or CUDA call
 

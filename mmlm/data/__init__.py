@@ -24,28 +24,28 @@ _EXPORTS = {
     "DigitsImageText": "mmlm.data.digits",
     "IGNORE": "mmlm.data.collators",
     "ImageClassificationCollator": "mmlm.data.collators",
-    "ImageClassificationDataModule": "mmlm.data.datamodules",
+    "ImageClassificationDataModule": "mmlm.data.image_datamodules",
     "ImageClassificationDataset": "mmlm.data.image_datasets",
     "ImageTextCollator": "mmlm.data.collators",
-    "ImageTextDataModule": "mmlm.data.datamodules",
+    "ImageTextDataModule": "mmlm.data.image_datamodules",
     "ImageTextDataset": "mmlm.data.image_datasets",
     "ImageTextShards": "mmlm.data.webdataset",
-    "LanguageModelingDataModule": "mmlm.data.datamodules",
+    "LanguageModelingDataModule": "mmlm.data.text_datamodules",
     "MLMCollator": "mmlm.data.collators",
     "MLMDataset": "mmlm.data.text_datasets",
     "NSPDataset": "mmlm.data.text_datasets",
     "QACollator": "mmlm.data.collators",
-    "QuestionAnsweringDataModule": "mmlm.data.datamodules",
+    "QuestionAnsweringDataModule": "mmlm.data.text_datamodules",
     "ReplaceBad": "mmlm.data.skips",
     "Skip": "mmlm.data.skips",
     "SkipStats": "mmlm.data.skips",
     "SkippingDataLoader": "mmlm.data.skips",
     "SquadDataset": "mmlm.data.text_datasets",
     "TextClassificationCollator": "mmlm.data.collators",
-    "TextClassificationDataModule": "mmlm.data.datamodules",
+    "TextClassificationDataModule": "mmlm.data.text_datamodules",
     "TextClassificationDataset": "mmlm.data.text_datasets",
     "TokenClassificationCollator": "mmlm.data.collators",
-    "TokenClassificationDataModule": "mmlm.data.datamodules",
+    "TokenClassificationDataModule": "mmlm.data.text_datamodules",
     "TokenClassificationDataset": "mmlm.data.text_datasets",
     "Tokenizer": "mmlm.data.tokenizers",
     "clip_tokenizer": "mmlm.data.tokenizers",
@@ -83,14 +83,6 @@ if TYPE_CHECKING:
         mask_tokens,
         pad_sequences,
     )
-    from mmlm.data.datamodules import (
-        ImageClassificationDataModule,
-        ImageTextDataModule,
-        LanguageModelingDataModule,
-        QuestionAnsweringDataModule,
-        TextClassificationDataModule,
-        TokenClassificationDataModule,
-    )
     from mmlm.data.digits import (
         DIGIT_CLASSNAMES,
         DIGIT_TEMPLATES,
@@ -98,6 +90,7 @@ if TYPE_CHECKING:
         digits_image_text,
         write_clip_benchmark_wds,
     )
+    from mmlm.data.image_datamodules import ImageClassificationDataModule, ImageTextDataModule
     from mmlm.data.image_datasets import ImageClassificationDataset, ImageTextDataset
     from mmlm.data.manifest import read_manifest
     from mmlm.data.skips import ReplaceBad, Skip, SkippingDataLoader, SkipStats, load_image
@@ -112,6 +105,12 @@ if TYPE_CHECKING:
         read_conll,
         read_documents,
         split_sentences,
+    )
+    from mmlm.data.text_datamodules import (
+        LanguageModelingDataModule,
+        QuestionAnsweringDataModule,
+        TextClassificationDataModule,
+        TokenClassificationDataModule,
     )
     from mmlm.data.tokenizers import Tokenizer, clip_tokenizer, get_tokenizer, train_tokenizer
     from mmlm.data.transforms import image_transform, text_config, vision_config
