@@ -39,7 +39,8 @@ from mmlm.data.tokenizers import CLIP_VOCAB_SIZE, Tokenizer, get_tokenizer, is_c
 from mmlm.data.transforms import image_transform
 from mmlm.models import create_model, tower
 from mmlm.paths import resolve as resolve_path
-from mmlm.pretrained import detect_format, load_pretrained, torch_load
+from mmlm.checkpoint import detect_format, torch_load
+from mmlm.pretrained import load_pretrained
 
 # What every task's and command's ``model`` argument may be, worded once for their docstrings.
 SPEC_DOC = "a preset name, an mmlm folder, a ``mmlm fit`` .ckpt, or any checkpoint ``mmlm.load_pretrained`` reads"

@@ -18,17 +18,13 @@ OpenAI / OpenCLIP state dict file      ``visual.conv1.weight``                  
 timm ViT state dict file               ``patch_embed.proj.weight``                 VisionTransformer
 =====================================  ==========================================  =========================
 
-Reading is safe: safetensors first; pickled files only through
-``torch.load(weights_only=True)``; TorchScript archives (OpenAI's original ``.pt``
-files are ones) are refused, since loading them runs code from the file.
-The heavy work is in ``mmlm.convert``; this module only finds files and dispatches.
+Reading and detection are ``mmlm.checkpoint``'s (safe: no pickle beyond ``weights_only``, no
+TorchScript); the heavy work is in ``mmlm.convert``; this module dispatches and builds the model.
 """
 
 from __future__ import annotations
 
-import re
 import warnings
-import zipfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -42,141 +38,6 @@ from mmlm.convert import hf_bert, hf_clip, hf_gpt2, hf_vit, openclip, timm_vit
 from mmlm.convert.common import ConversionError, StateDict
 from mmlm.models import create_model
 from mmlm.paths import resolve
-
-SAFE_WEIGHTS = ("model.safetensors", "open_clip_model.safetensors")
-PICKLED_WEIGHTS = ("pytorch_model.bin", "open_clip_pytorch_model.bin")
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-
-# ------------------------------------------------------------------------------ reading
-
-
-def is_torchscript(path: str | Path) -> bool:
-    """TorchScript archives are zip files with a ``code/`` folder and ``constants.pkl``; ``torch.save`` ones have neither."""
-    if not zipfile.is_zipfile(path):
-        return False
-    with zipfile.ZipFile(path) as z:
-        return any("/code/" in n or n.endswith("/constants.pkl") for n in z.namelist())
-
-
-def read_state_dict(path: str | Path) -> StateDict:
-    """Tensors of one weights file: ``.safetensors``, or a ``torch.save`` pickle read with ``weights_only=True``.
-
-    Training checkpoints that wrap the weights (``{"state_dict": ...}``, ``{"model": ...}``)
-    and DDP's ``module.`` prefix are unwrapped. fp16/bf16 tensors are returned as stored;
-    ``load_state_dict`` casts them into the fp32 model.
-    """
-    path = Path(path)
-    if path.suffix == ".safetensors":
-        return checkpoint.read_safetensors(path)
-    if path.suffix not in PICKLE_SUFFIXES:
-        raise ConversionError(
-            f"{path}: unknown weights file type {path.suffix!r} (expected .safetensors, .bin, .pt, .pth)"
-        )
-    if is_torchscript(path):
-        raise ConversionError(
-            f"{path} is a TorchScript archive (e.g. an original OpenAI CLIP .pt). mmlm refuses to load those because "
-            "loading one runs code stored in the file. If you trust it, extract the weights yourself, e.g. "
-            "`safetensors.torch.save_file(torch.jit.load(path, map_location='cpu').state_dict(), 'weights.safetensors')`, "
-            "and load that file."
-        )
-    obj = torch_load(path)
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict):
-        raise ConversionError(f"{path} holds a {type(obj).__name__}, not a state dict")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ConversionError(f"{path}: entries that are not tensors: {bad[:10]}")
-    if all(k.startswith("module.") for k in obj):  # saved from a DistributedDataParallel wrapper
-        obj = {k[len("module.") :]: v for k, v in obj.items()}
-    return dict(obj)
-
-
-def torch_load(path: Path) -> Any:
-    """``torch.load(weights_only=True)``; a ConversionError naming the file when it cannot be read that way.
-
-    An empty, cut-short or non-pickle file fails inside torch's pure-Python unpickler with whatever
-    it trips over (``EOFError``, ``RuntimeError``, ``KeyError: 101``, ``IndexError``, ``UnpicklingError``)
-    and a message that names neither the file nor the problem.
-    """
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 -- any failure here means the file is not a readable checkpoint
-        # weights_only failures bury the reason in a paragraph of advice
-        reason = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", str(e))
-        first_line = str(e).splitlines()[0] if str(e) else "the file ends early"
-        detail = reason.group(1) if reason else f"{type(e).__name__}: {first_line}"
-        raise ConversionError(f"{path} is not a valid or complete PyTorch checkpoint ({detail})") from e
-
-
-def read_folder_weights(folder: Path, names: tuple[str, ...] = SAFE_WEIGHTS + PICKLED_WEIGHTS) -> StateDict:
-    """The weights of a model folder: single or sharded (``*.index.json``), safetensors preferred."""
-    for name in names:
-        index = folder / f"{name}.index.json"
-        if index.is_file():
-            shards = sorted(set(checkpoint.read_json(index)["weight_map"].values()))
-            sd: StateDict = {}
-            for shard in shards:
-                sd |= read_state_dict(folder / shard)
-            return sd
-        if (folder / name).is_file():
-            return read_state_dict(folder / name)
-    raise ConversionError(f"{folder}: no weights file (looked for {', '.join(names)} and their sharded indexes)")
-
-
-def _json(path: Path) -> dict[str, Any] | None:
-    return checkpoint.read_json(path) if path.is_file() else None
-
-
-# ------------------------------------------------------------------------------ detection
-
-
-def detect_format(path: str | Path) -> str:
-    """One of ``mmlm``, ``lightning``, ``sentence-transformers``, ``hf-<model_type>``, ``timm``, ``openclip``."""
-    path = Path(path)
-    if path.is_dir():
-        if checkpoint.is_mmlm_checkpoint(path):
-            return "mmlm"
-        if (path / "modules.json").is_file():
-            return "sentence-transformers"
-        if (path / "open_clip_config.json").is_file():
-            return "openclip"
-        config = _json(path / "config.json")
-        if config is not None and "architecture" in config:
-            return "timm"
-        if config is not None and "model_type" in config:
-            return f"hf-{config['model_type']}"
-        raise ConversionError(
-            f"{path}: not a checkpoint folder mmlm knows (no usable config.json, modules.json or open_clip_config.json)"
-        )
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint file or folder {str(path)!r}")
-    if path.suffix == ".ckpt":
-        return "lightning"
-    keys = _keys(path)
-    if "visual.conv1.weight" in keys:
-        return "openclip"
-    if "patch_embed.proj.weight" in keys and "blocks.0.attn.qkv.weight" in keys:
-        return "timm"
-    if any(
-        k.startswith(("text_model.", "vision_model.", "bert.", "embeddings.", "transformer.h.", "wte.", "vit."))
-        for k in keys
-    ):
-        raise ConversionError(
-            f"{path} looks like a transformers checkpoint: pass the folder holding it and its config.json"
-        )
-    raise ConversionError(f"{path}: unrecognised state dict (first keys: {sorted(keys)[:8]})")
-
-
-def _keys(path: Path) -> set[str]:
-    if path.suffix == ".safetensors":
-        keys, metadata = checkpoint.safetensors_header(path)
-        if metadata.get("format") == checkpoint.FORMAT:
-            raise ConversionError(f"{path} is an mmlm weights file: pass its folder (with config.json)")
-        return keys
-    return set(read_state_dict(path))
-
 
 # ------------------------------------------------------------------------------ loading
 
@@ -207,9 +68,9 @@ def load_pretrained(
             (e.g. ``heads=16`` for a timm ViT with 80-wide heads, ``**{"vision.heads": 16}``).
     """
     path = resolve(path)
-    if path.is_file() and path.name in SAFE_WEIGHTS + PICKLED_WEIGHTS and (path.parent / "config.json").is_file():
+    if path.is_file() and path.name in checkpoint.SAFE_WEIGHTS + checkpoint.PICKLED_WEIGHTS and (path.parent / "config.json").is_file():
         path = path.parent
-    fmt = detect_format(path)
+    fmt = checkpoint.detect_format(path)
 
     def finish(cfg: ModelConfig) -> ModelConfig:
         if act is not None:
@@ -282,7 +143,7 @@ def _load_int8(
 def _lightning(path: Path, with_heads: bool, **_: Any) -> Loaded:
     """A checkpoint written by ``mmlm fit``: every task stores its one model's config beside the
     weights (the task's ``model.*`` entries), fine-tuned heads included."""
-    ckpt = torch_load(path)
+    ckpt = checkpoint.torch_load(path)
     if "mmlm_config" not in ckpt:
         raise ConversionError(f"{path}: a Lightning checkpoint without an mmlm model config (not from mmlm fit?)")
     cfg = from_dict(ckpt["mmlm_config"])
@@ -309,9 +170,9 @@ def _build(cfg: ModelConfig, sd: Mapping[str, torch.Tensor]) -> nn.Module:
 
 
 def _hf_clip(folder: Path, with_heads: bool, act: Activation | None) -> Loaded:
-    hf = _json(folder / "config.json") or {}
-    sd = read_folder_weights(folder)
-    pre = _json(folder / "preprocessor_config.json")
+    hf = checkpoint.json_or_none(folder / "config.json") or {}
+    sd = checkpoint.read_folder_weights(folder)
+    pre = checkpoint.json_or_none(folder / "preprocessor_config.json")
     kind = hf["model_type"]
     if kind == "clip":
         return hf_clip.config_from_hf(hf, pre), lambda cfg: hf_clip.hf_clip_to_mmlm(sd, cfg)
@@ -325,7 +186,7 @@ def _special_ids(folder: Path) -> dict[str, int] | None:
     vocab = folder / "vocab.txt"
     if vocab.is_file():
         ids = {tok: i for i, tok in enumerate(vocab.read_text(encoding="utf-8").splitlines())}
-    elif (tok := _json(folder / "tokenizer.json")) is not None and isinstance(tok.get("model", {}).get("vocab"), dict):
+    elif (tok := checkpoint.json_or_none(folder / "tokenizer.json")) is not None and isinstance(tok.get("model", {}).get("vocab"), dict):
         ids = tok["model"]["vocab"]
     else:
         return None
@@ -333,8 +194,8 @@ def _special_ids(folder: Path) -> dict[str, int] | None:
 
 
 def _hf_bert(folder: Path, with_heads: bool, act: Activation | None, pool: Literal["cls", "mean"] = "cls") -> Loaded:
-    sd = read_folder_weights(folder)
-    hf = _json(folder / "config.json") or {}
+    sd = checkpoint.read_folder_weights(folder)
+    hf = checkpoint.json_or_none(folder / "config.json") or {}
     text = hf_bert.config_from_hf(hf, _special_ids(folder), pool=pool)
     heads = hf_bert.heads_in(hf_bert.canonical(sd), hf.get("architectures") or ()) if with_heads else ()
     if not heads:
@@ -345,8 +206,8 @@ def _hf_bert(folder: Path, with_heads: bool, act: Activation | None, pool: Liter
 
 
 def _hf_gpt2(folder: Path, with_heads: bool, act: Activation | None) -> Loaded:
-    sd = read_folder_weights(folder)
-    hf = _json(folder / "config.json") or {}
+    sd = checkpoint.read_folder_weights(folder)
+    hf = checkpoint.json_or_none(folder / "config.json") or {}
     text = hf_gpt2.config_from_hf(hf)
     if not (with_heads and hf_gpt2.has_lm_head(sd, hf)):
         return text, lambda cfg: hf_gpt2.hf_gpt2_to_mmlm(sd, cfg)
@@ -354,11 +215,11 @@ def _hf_gpt2(folder: Path, with_heads: bool, act: Activation | None) -> Loaded:
 
 
 def _hf_vit(folder: Path, with_heads: bool, act: Activation | None) -> Loaded:
-    sd = read_folder_weights(folder)
+    sd = checkpoint.read_folder_weights(folder)
     head = sd.get("classifier.weight")
     classes = head.shape[0] if head is not None and with_heads else 0
     cfg = hf_vit.config_from_hf(
-        _json(folder / "config.json") or {}, _json(folder / "preprocessor_config.json"), classes
+        checkpoint.json_or_none(folder / "config.json") or {}, checkpoint.json_or_none(folder / "preprocessor_config.json"), classes
     )
     return cfg, lambda cfg: hf_vit.hf_vit_to_mmlm(sd, cfg)
 
@@ -386,7 +247,7 @@ def _sentence_transformers(folder: Path, with_heads: bool, act: Activation | Non
             f"{folder}: sentence-transformers modules {kinds}; mmlm reads Transformer -> Pooling (-> Normalize)"
         )
     inner = folder / modules[0].get("path", "")
-    model_type = (_json(inner / "config.json") or {}).get("model_type")
+    model_type = (checkpoint.json_or_none(inner / "config.json") or {}).get("model_type")
     if model_type != "bert":
         raise ConversionError(
             f"{folder}: a sentence-transformers model on {model_type!r}; only BERT models are supported"
@@ -395,11 +256,11 @@ def _sentence_transformers(folder: Path, with_heads: bool, act: Activation | Non
     text, convert = _hf_bert(inner, with_heads=False, act=act)
     # where sentence-transformers takes its token limit from: the Transformer module's tokenizer arguments or
     # max_seq_length, else the tokenizer's model_max_length capped at the position embeddings
-    sbert = _json(inner / "sentence_bert_config.json") or {}
+    sbert = checkpoint.json_or_none(inner / "sentence_bert_config.json") or {}
     kwargs = sbert.get("processor_kwargs") or sbert.get("tokenizer_args") or {}
     length = kwargs.get("model_max_length", sbert.get("max_seq_length"))
     if length is None:
-        length = (_json(inner / "tokenizer_config.json") or {}).get("model_max_length", text.context_length)
+        length = (checkpoint.json_or_none(inner / "tokenizer_config.json") or {}).get("model_max_length", text.context_length)
     length = min(int(length), text.context_length)
     text = update(
         text,
@@ -413,7 +274,7 @@ def _sentence_transformers(folder: Path, with_heads: bool, act: Activation | Non
 
 def _st_pooling(folder: Path, pooling: Path) -> str:
     """The one pooling mode of ``1_Pooling/config.json``, new (``pooling_mode``) or legacy (flags) layout."""
-    config = _json(pooling / "config.json") or {}
+    config = checkpoint.json_or_none(pooling / "config.json") or {}
     flags = [mode for key, mode in ST_POOLING_FLAGS.items() if config.get(key)]
     modes = config.get("pooling_mode") or flags or "mean"  # sentence-transformers' default
     modes = [modes] if isinstance(modes, str) else list(modes)
@@ -428,20 +289,20 @@ def _timm(path: Path, with_heads: bool, act: Activation | None) -> Loaded:
     import timm
 
     if path.is_file():
-        sd = read_state_dict(path)
+        sd = checkpoint.read_state_dict(path)
         cfg = timm_vit.config_from_state_dict(sd)
         if not with_heads:
             cfg = update(cfg, num_classes=0)
         return cfg, lambda cfg: timm_vit.timm_vit_to_mmlm(sd, cfg)
     folder = path
-    hf = _json(folder / "config.json") or {}
+    hf = checkpoint.json_or_none(folder / "config.json") or {}
     args = dict(hf.get("model_args", {}))
     args["num_classes"] = hf.get("num_classes", args.get("num_classes", 1000)) if with_heads else 0
     with torch.device("meta"):
         model = timm.create_model(hf["architecture"], pretrained=False, **args)
     if not isinstance(model, timm.models.VisionTransformer):
         raise ConversionError(f"{folder}: timm architecture {hf['architecture']!r} is not a VisionTransformer")
-    sd = read_folder_weights(folder)
+    sd = checkpoint.read_folder_weights(folder)
     return timm_vit.config_from_timm(model, hf.get("pretrained_cfg")), lambda cfg: timm_vit.timm_vit_to_mmlm(sd, cfg)
 
 
@@ -449,11 +310,11 @@ def _openclip(path: Path, with_heads: bool, act: Activation | None) -> Loaded:
     """An OpenCLIP hub / local-dir folder (or a weights file, with open_clip_config.json beside it when there
     is one): the config reads back from that json; a bare file's from its shapes."""
     if path.is_dir():
-        sd = read_folder_weights(path, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
-        oc_config = _json(path / "open_clip_config.json")
+        sd = checkpoint.read_folder_weights(path, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+        oc_config = checkpoint.json_or_none(path / "open_clip_config.json")
     else:
-        sd = read_state_dict(path)
-        oc_config = _json(path.parent / "open_clip_config.json")
+        sd = checkpoint.read_state_dict(path)
+        oc_config = checkpoint.json_or_none(path.parent / "open_clip_config.json")
     act = act or _openclip_act(path, sd, oc_config)
     if oc_config is None:
         cfg = openclip.config_from_state_dict(sd, act)

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 import mmlm
 from mmlm.convert import ConversionError, timm_vit
-from mmlm.pretrained import detect_format, read_state_dict
+from mmlm.checkpoint import detect_format, read_state_dict
 
 
 @pytest.fixture(scope="module")

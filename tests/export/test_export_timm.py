@@ -23,7 +23,7 @@ from mmlm.data.transforms import image_transform
 from mmlm.export import export
 from mmlm.paths import ASSETS
 from mmlm.export.convert import convert
-from mmlm.pretrained import read_state_dict
+from mmlm.checkpoint import read_state_dict
 from mmlm.tasks import ImageClassification
 
 PHOTO = ASSETS / "images" / "chelsea.jpg"  # 385 x 256: the short side is resized, the long one cropped
