@@ -13,6 +13,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Union, get_args
 
+from mmlm.errors import UsageKeyError, UsageTypeError
+
 Activation = Literal["gelu", "gelu_tanh", "quick_gelu"]
 Share = Literal["none", "attention", "attention_mlp", "all"]
 # Whose initialisation a model starts from (see mmlm.models.init): HF BERT, HF GPT-2, timm ViT, OpenCLIP.
@@ -235,7 +237,7 @@ def update(cfg: ModelConfig, **overrides: Any) -> ModelConfig:
     unknown = (set(flat) | set(nested)) - names
     if unknown:
         fields = ", ".join(sorted(names))
-        raise TypeError(f"{type(cfg).__name__} has no field(s) {sorted(unknown)}; its fields: {fields}")
+        raise UsageTypeError(f"{type(cfg).__name__} has no field(s) {sorted(unknown)}; its fields: {fields}")
     for key, sub in nested.items():
         flat[key] = update(getattr(cfg, key), **sub)
     return dataclasses.replace(cfg, **flat)
@@ -260,7 +262,7 @@ def register(name: str, doc: str | None = None):
 def from_name(name: str, **overrides: Any) -> ModelConfig:
     """The preset called ``name``, with ``overrides`` applied (see ``update``)."""
     if name not in PRESETS:
-        raise KeyError(unknown_preset(name))
+        raise UsageKeyError(unknown_preset(name))
     cfg = PRESETS[name]()
     return update(cfg, **overrides) if overrides else cfg
 

@@ -11,6 +11,18 @@ class UsageError(ValueError):
     """A value the user typed or pointed at is wrong; the message names it and says what would do."""
 
 
+class UsageTypeError(UsageError, TypeError):
+    """The user named something of the wrong kind (a ViT where a CLIP is needed, a config field a config does not
+    have): a TypeError to Python code, a one-line mistake to the CLI, which reports other TypeErrors as bugs."""
+
+
+class UsageKeyError(UsageError, KeyError):
+    """The user named what no table holds (a preset): a KeyError to Python code, a one-line mistake to the CLI."""
+
+    def __str__(self) -> str:  # KeyError's own would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
 def check_device(device: str) -> None:
     """Refuse, before a model is loaded, a ``--device`` this machine does not have (``cuda`` without a GPU,
     ``cuda:3`` on a machine with 2, ``mps`` off a Mac)."""

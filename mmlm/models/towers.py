@@ -24,6 +24,7 @@ from mmlm.config import TextWithHeadsConfig, update
 from mmlm.layers import MODALITIES
 from mmlm.models.clip import CLIP
 from mmlm.models.heads import TextWithHeads
+from mmlm.errors import UsageTypeError
 from mmlm.models.text import TextEncoder
 from mmlm.models.vision import VisionTransformer
 
@@ -67,7 +68,7 @@ def tower(model: nn.Module, modality: str) -> Tower:
         model = model.encoder
     kind = VisionTransformer if modality == "image" else TextEncoder
     if not isinstance(model, kind):
-        raise TypeError(f"a {type(model).__name__} has no {modality} tower (a {kind.__name__} or a CLIP has)")
+        raise UsageTypeError(f"a {type(model).__name__} has no {modality} tower (a {kind.__name__} or a CLIP has)")
     return model
 
 

@@ -30,6 +30,7 @@ from mmlm.eval.zeroshot import build_classifier, classification_metrics
 from mmlm.losses import ContrastiveLoss
 from mmlm.factory import resolve
 from mmlm.models import CLIP, clip_with_tower
+from mmlm.errors import UsageTypeError
 from mmlm.models.clip import CLIPOutput
 from mmlm.tasks.base import Task, adamw
 
@@ -83,7 +84,7 @@ class ContrastiveAlignment(Task):
         self.save_hyperparameters(ignore=["optimizer"])
         self.model: CLIP = resolve(model, overrides=model_overrides)
         if not isinstance(self.model, CLIP):
-            raise TypeError(f"{model!r} is not a CLIP model")
+            raise UsageTypeError(f"{model!r} is not a CLIP model")
         for path, modality in ((text_tower, "text"), (image_tower, "image")):
             if path is not None:
                 self._replace_tower(modality, path)
@@ -105,8 +106,8 @@ class ContrastiveAlignment(Task):
         with heads, or a CLIP) into the CLIP; the result shares nothing and owns every weight."""
         try:
             new = resolve(spec, part=modality)
-        except TypeError as e:
-            raise TypeError(f"{modality}_tower {spec}: {e}") from None
+        except UsageTypeError as e:
+            raise UsageTypeError(f"{modality}_tower {spec}: {e}") from None
         self.model = clip_with_tower(self.model, modality, new)
 
     def train(self, mode: bool = True):

@@ -20,6 +20,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from mmlm.losses import distill_clip_loss, feature_distill_loss
 from mmlm.factory import resolve
 from mmlm.models import CLIP
+from mmlm.errors import UsageTypeError
 from mmlm.tasks.base import adamw
 from mmlm.tasks.contrastive import ContrastiveAlignment
 
@@ -60,7 +61,7 @@ class ClipDistillation(ContrastiveAlignment):
             raise ValueError("contrastive_weight, distill_weight and feature_weight must be 0 or more")
         self.teacher: CLIP = resolve(teacher)
         if not isinstance(self.teacher, CLIP):
-            raise TypeError(f"teacher {teacher!r} is not a CLIP model")
+            raise UsageTypeError(f"teacher {teacher!r} is not a CLIP model")
         self.teacher.eval().requires_grad_(False)
         student, taught = self.model.cfg, self.teacher.cfg
         if student.text.vocab_size != taught.text.vocab_size:
