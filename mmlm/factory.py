@@ -34,12 +34,12 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from mmlm.checkpoint import detect_format, torch_load
 from mmlm.config import PRESETS, Activation, to_dict, unknown_model
 from mmlm.data.tokenizers import CLIP_VOCAB_SIZE, Tokenizer, get_tokenizer, is_clip_name
 from mmlm.data.transforms import image_transform
 from mmlm.models import create_model, tower
 from mmlm.paths import resolve as resolve_path
-from mmlm.checkpoint import detect_format, torch_load
 from mmlm.pretrained import load_pretrained
 
 # What every task's and command's ``model`` argument may be, worded once for their docstrings.

@@ -207,50 +207,51 @@ def test_no_module_of_mmlm_is_over_600_lines(mmlm_modules):
 
 
 # ------------------------------------------------------------------------------ the graph reader itself
+# (on a small package in tmp_path, named mmlm so that the dependency check reads its imports as first-party)
 
 
 def write(root: Path, files: dict[str, str]) -> dict[str, Path]:
     for name, text in files.items():
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text, encoding="utf-8")
-    return module_names(root / "pkg")
+    return module_names(root / "mmlm")
 
 
 def test_the_reader_resolves_relative_lazy_and_from_imports(tmp_path):
     modules = write(tmp_path, {
-        "pkg/__init__.py": "from pkg.low import thing\n",
-        "pkg/low.py": "thing = 1\n",
-        "pkg/sub/__init__.py": "from .. import low\n",  # pkg.low, a module: the edge goes there
-        "pkg/sub/a.py": "from . import b\nfrom .b import name\n\ndef f():\n    import pkg.sub.c\n",
-        "pkg/sub/b.py": "from pkg import thing\nfrom typing import TYPE_CHECKING\n"
-                        "if TYPE_CHECKING:\n    from pkg.sub import a\nelse:\n    import pkg.low\n",
-        "pkg/sub/c.py": "import os\nimport pkg.sub.b as alias\n",
+        "mmlm/__init__.py": "from mmlm.low import thing\n",
+        "mmlm/low.py": "thing = 1\n",
+        "mmlm/sub/__init__.py": "from .. import low\n",  # mmlm.low, a module: the edge goes there
+        "mmlm/sub/a.py": "from . import b\nfrom .b import name\n\ndef f():\n    import mmlm.sub.c\n",
+        "mmlm/sub/b.py": "from mmlm import thing\nfrom typing import TYPE_CHECKING\n"
+                        "if TYPE_CHECKING:\n    from mmlm.sub import a\nelse:\n    import mmlm.low\n",
+        "mmlm/sub/c.py": "import os\nimport mmlm.sub.b as alias\n",
     })  # fmt: skip
     assert import_graph(modules) == {
-        "pkg": {"pkg.low": 1},
-        "pkg.low": {},
-        "pkg.sub": {"pkg.low": 1},
-        "pkg.sub.a": {"pkg.sub.b": 1, "pkg.sub.c": 5},  # no edge to pkg.sub or pkg for the submodules
-        "pkg.sub.b": {"pkg": 1, "pkg.low": 6},  # `thing` is no module: the edge goes to pkg; TYPE_CHECKING's left out
-        "pkg.sub.c": {"pkg.sub.b": 2},
+        "mmlm": {"mmlm.low": 1},
+        "mmlm.low": {},
+        "mmlm.sub": {"mmlm.low": 1},
+        "mmlm.sub.a": {"mmlm.sub.b": 1, "mmlm.sub.c": 5},  # no edge to mmlm.sub or mmlm for the submodules
+        "mmlm.sub.b": {"mmlm": 1, "mmlm.low": 6},  # `thing` is no module: the edge goes to mmlm; TYPE_CHECKING's left out
+        "mmlm.sub.c": {"mmlm.sub.b": 2},
     }
     assert cycles(import_graph(modules)) == []
 
 
 def test_a_cycle_is_reported_as_a_chain_with_its_import_lines(tmp_path):
     modules = write(tmp_path, {
-        "pkg/__init__.py": "",
-        "pkg/a.py": "import pkg.b\n",
-        "pkg/b.py": "import os\n\n\ndef late():\n    from pkg import c\n",  # lazy: still a circle
-        "pkg/c.py": "from pkg.a import x\n",
-        "pkg/d.py": "import pkg.e\n",
-        "pkg/e.py": "import pkg.d\n",
-        "pkg/f.py": "import pkg.a\n",  # reaches the circle, is not in it
+        "mmlm/__init__.py": "",
+        "mmlm/a.py": "import mmlm.b\n",
+        "mmlm/b.py": "import os\n\n\ndef late():\n    from mmlm import c\n",  # lazy: still a circle
+        "mmlm/c.py": "from mmlm.a import x\n",
+        "mmlm/d.py": "import mmlm.e\n",
+        "mmlm/e.py": "import mmlm.d\n",
+        "mmlm/f.py": "import mmlm.a\n",  # reaches the circle, is not in it
     })  # fmt: skip
     graph = import_graph(modules)
-    assert cycles(graph) == [["pkg.a", "pkg.b", "pkg.c", "pkg.a"], ["pkg.d", "pkg.e", "pkg.d"]]
+    assert cycles(graph) == [["mmlm.a", "mmlm.b", "mmlm.c", "mmlm.a"], ["mmlm.d", "mmlm.e", "mmlm.d"]]
     assert report(graph, modules, tmp_path).splitlines() == [
         "2 import cycle(s):",
-        "  pkg.a (pkg/a.py:1) -> pkg.b (pkg/b.py:5) -> pkg.c (pkg/c.py:1) -> pkg.a",
-        "  pkg.d (pkg/d.py:1) -> pkg.e (pkg/e.py:1) -> pkg.d",
+        "  mmlm.a (mmlm/a.py:1) -> mmlm.b (mmlm/b.py:5) -> mmlm.c (mmlm/c.py:1) -> mmlm.a",
+        "  mmlm.d (mmlm/d.py:1) -> mmlm.e (mmlm/e.py:1) -> mmlm.d",
     ]

@@ -1,13 +1,12 @@
 import pytest
 import timm
 import torch
+from _text import random_text
 
 import mmlm
 from mmlm.config import from_name
 from mmlm.convert import timm_vit
 from mmlm.layers import Transformer
-
-from _text import random_text
 
 EOT = from_name("clip-tiny").text.eot_token_id
 

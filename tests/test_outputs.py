@@ -11,12 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from _checks import error_line, hashes
 
 import mmlm
 from mmlm import outputs
 from mmlm.cli import main
 from mmlm.paths import ASSETS
-from _checks import error_line, hashes
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -125,11 +125,14 @@ def config_to_hf(cfg: CLIPConfig) -> dict[str, Any]:
     if problems:
         raise ConversionError("cannot export this CLIP to transformers.CLIPModel:\n  " + "\n  ".join(problems))
     hf_act = {"gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh", "quick_gelu": "quick_gelu"}
-    common = lambda c: {
-        "hidden_size": c.width, "intermediate_size": c.mlp_dim, "num_hidden_layers": c.depth,
-        "num_attention_heads": c.heads, "hidden_act": hf_act[c.act], "layer_norm_eps": c.norm_eps,
-        "attention_dropout": c.attn_dropout,
-    }  # fmt: skip
+
+    def common(c: Any) -> dict[str, Any]:
+        return {
+            "hidden_size": c.width, "intermediate_size": c.mlp_dim, "num_hidden_layers": c.depth,
+            "num_attention_heads": c.heads, "hidden_act": hf_act[c.act], "layer_norm_eps": c.norm_eps,
+            "attention_dropout": c.attn_dropout,
+        }  # fmt: skip
+
     text = dict(
         common(t), vocab_size=t.vocab_size, max_position_embeddings=t.context_length,
         eos_token_id=t.eot_token_id, pad_token_id=t.pad_token_id, projection_dim=cfg.embed_dim,

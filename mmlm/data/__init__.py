@@ -94,6 +94,12 @@ if TYPE_CHECKING:
     from mmlm.data.image_datasets import ImageClassificationDataset, ImageTextDataset
     from mmlm.data.manifest import read_manifest
     from mmlm.data.skips import ReplaceBad, Skip, SkippingDataLoader, SkipStats, load_image
+    from mmlm.data.text_datamodules import (
+        LanguageModelingDataModule,
+        QuestionAnsweringDataModule,
+        TextClassificationDataModule,
+        TokenClassificationDataModule,
+    )
     from mmlm.data.text_datasets import (
         CLMDataset,
         MLMDataset,
@@ -105,12 +111,6 @@ if TYPE_CHECKING:
         read_conll,
         read_documents,
         split_sentences,
-    )
-    from mmlm.data.text_datamodules import (
-        LanguageModelingDataModule,
-        QuestionAnsweringDataModule,
-        TextClassificationDataModule,
-        TokenClassificationDataModule,
     )
     from mmlm.data.tokenizers import Tokenizer, clip_tokenizer, get_tokenizer, train_tokenizer
     from mmlm.data.transforms import image_transform, text_config, vision_config

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from mmlm.data.tokenizers import Tokenizer
-from mmlm.data.transforms import image_transform
 from mmlm.errors import UsageError
 from mmlm.eval.results import describe_model
 from mmlm.factory import load

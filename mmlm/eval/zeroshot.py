@@ -12,7 +12,6 @@ prediction is the class whose column is most similar to its normalised embedding
 from __future__ import annotations
 
 import io
-
 import json
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path

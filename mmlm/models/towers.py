@@ -21,10 +21,10 @@ import torch
 from torch import nn
 
 from mmlm.config import TextWithHeadsConfig, update
+from mmlm.errors import UsageTypeError
 from mmlm.layers import MODALITIES
 from mmlm.models.clip import CLIP
 from mmlm.models.heads import TextWithHeads
-from mmlm.errors import UsageTypeError
 from mmlm.models.text import TextEncoder
 from mmlm.models.vision import VisionTransformer
 

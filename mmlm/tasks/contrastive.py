@@ -25,12 +25,12 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch.utils.checkpoint import checkpoint
 
+from mmlm.errors import UsageTypeError
 from mmlm.eval.retrieval import retrieval_metrics
 from mmlm.eval.zeroshot import build_classifier, classification_metrics
-from mmlm.losses import ContrastiveLoss
 from mmlm.factory import resolve
+from mmlm.losses import ContrastiveLoss
 from mmlm.models import CLIP, clip_with_tower
-from mmlm.errors import UsageTypeError
 from mmlm.models.clip import CLIPOutput
 from mmlm.tasks.base import Task, adamw
 

@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
-from mmlm.losses import distill_clip_loss, feature_distill_loss
-from mmlm.factory import resolve
-from mmlm.models import CLIP
 from mmlm.errors import UsageTypeError
+from mmlm.factory import resolve
+from mmlm.losses import distill_clip_loss, feature_distill_loss
+from mmlm.models import CLIP
 from mmlm.tasks.base import adamw
 from mmlm.tasks.contrastive import ContrastiveAlignment
 

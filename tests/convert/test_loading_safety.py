@@ -11,8 +11,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import mmlm
-from mmlm.convert import ConversionError, timm_vit
 from mmlm.checkpoint import detect_format, read_state_dict
+from mmlm.convert import ConversionError, timm_vit
 
 
 @pytest.fixture(scope="module")

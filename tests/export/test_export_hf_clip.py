@@ -26,8 +26,8 @@ from mmlm.data.eval_datasets import classification_data
 from mmlm.data.tokenizers import Tokenizer, clip_tokenizer, train_tokenizer
 from mmlm.eval.zeroshot import build_classifier
 from mmlm.export import export
-from mmlm.paths import ASSETS
 from mmlm.export.convert import convert
+from mmlm.paths import ASSETS
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "convert"))
 from _parity import assert_parity, randomize_

@@ -13,9 +13,9 @@ from _client import run_client
 import mmlm
 from mmlm.convert import ConversionError
 from mmlm.export import export
+from mmlm.export.convert import convert
 from mmlm.models import clip_tower, text_with_heads
 from mmlm.paths import ASSETS
-from mmlm.export.convert import convert
 from mmlm.tasks import TextClassification
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "convert"))

@@ -21,8 +21,8 @@ from mmlm.convert.common import ConversionError
 from mmlm.data.tokenizers import clip_tokenizer, get_tokenizer
 from mmlm.data.transforms import image_transform
 from mmlm.export import export
-from mmlm.paths import ASSETS
 from mmlm.export.convert import convert
+from mmlm.paths import ASSETS
 
 pytestmark = pytest.mark.slow
 

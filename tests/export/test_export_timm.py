@@ -15,15 +15,15 @@ from _client import run_client
 from PIL import Image
 
 import mmlm
+from mmlm.checkpoint import read_state_dict
 from mmlm.config import IMAGENET_MEAN, IMAGENET_STD, VisionConfig, from_name, update
 from mmlm.convert.common import ConversionError
 from mmlm.convert.timm_vit import TIMM_NAMES, config_from_timm, hub_config
 from mmlm.data import ImageClassificationDataModule
 from mmlm.data.transforms import image_transform
 from mmlm.export import export
-from mmlm.paths import ASSETS
 from mmlm.export.convert import convert
-from mmlm.checkpoint import read_state_dict
+from mmlm.paths import ASSETS
 from mmlm.tasks import ImageClassification
 
 PHOTO = ASSETS / "images" / "chelsea.jpg"  # 385 x 256: the short side is resized, the long one cropped

@@ -10,13 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
+from _checks import error_line, hashes
+from test_index_processes import mmlm_index
 
 from mmlm import outputs
 from mmlm.cli import main
 from mmlm.paths import ASSETS
 from mmlm.retrieval import Index
-from _checks import error_line, hashes
-from test_index_processes import mmlm_index
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 OPTIONS = ["--batch_size", "4", "--chunk_size", "8", "--accelerator", "cpu"]

@@ -17,8 +17,8 @@ from mmlm.data import (
     TokenClassificationDataModule,
 )
 from mmlm.data.text_datasets import extract_answers, read_conll
-from mmlm.paths import ASSETS
 from mmlm.export.convert import convert
+from mmlm.paths import ASSETS
 from mmlm.tasks import ImageClassification, QuestionAnswering, TextClassification, TokenClassification
 
 DATA = ASSETS / "finetune"

@@ -11,10 +11,10 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 import mmlm
-from mmlm.eval.clip_benchmark import BenchmarkModel, BenchmarkTokenizer, load_clip_benchmark, register_clip_benchmark
 from mmlm.cli import main, zeroshot
 from mmlm.config import from_name, update
 from mmlm.data import DIGIT_CLASSNAMES, DIGIT_TEMPLATES, get_tokenizer, write_clip_benchmark_wds
+from mmlm.eval.clip_benchmark import BenchmarkModel, BenchmarkTokenizer, load_clip_benchmark, register_clip_benchmark
 from mmlm.eval.zeroshot import build_classifier
 
 zsc = pytest.importorskip("clip_benchmark.metrics.zeroshot_classification")
@@ -76,8 +76,8 @@ def _assert_same_metrics(ours: dict, ref: dict) -> None:
 @pytest.mark.slow
 def test_classifier_and_logits_equal_clip_benchmark(reference, tiny_checkpoint, digits_folder):
     """Per image, not just per metric: CLIP_benchmark's logits through the loader equal mmlm's own path."""
-    from mmlm.data.eval_datasets import classification_data
     from mmlm.data import image_transform
+    from mmlm.data.eval_datasets import classification_data
     from mmlm.eval.zeroshot import zero_shot_classify
 
     model = mmlm.load(tiny_checkpoint).eval()

@@ -10,8 +10,8 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from mmlm.data.eval_datasets import ImageCaptions, classification_data, retrieval_data
 from mmlm.data import DIGIT_CLASSNAMES
+from mmlm.data.eval_datasets import ImageCaptions, classification_data, retrieval_data
 from mmlm.eval.zeroshot import OPENAI_IMAGENET_TEMPLATES, load_classnames, load_templates, save_confusion_matrix
 
 
