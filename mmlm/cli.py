@@ -127,8 +127,7 @@ def convert(
     """
     from mmlm.export.convert import convert as run
 
-    kwargs = {"act": act} if act else {}
-    print(f"wrote {run(src, dst, to, overwrite=overwrite, tokenizer=tokenizer, **kwargs)}")
+    print(f"wrote {run(src, dst, to, overwrite=overwrite, tokenizer=tokenizer, act=act)}")
 
 
 def train_tokenizer(

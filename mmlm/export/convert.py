@@ -7,9 +7,9 @@ rule for which tokenizer goes with a checkpoint), the files from ``mmlm.export``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from mmlm import outputs
+from mmlm.config import Activation
 from mmlm.convert.common import ConversionError
 from mmlm.export import TARGETS, export
 from mmlm.factory import resolve, tokenizer_for
@@ -29,24 +29,20 @@ def convert(
     to: str = "mmlm",
     overwrite: bool = False,
     tokenizer: str | Path | None = None,
-    **kwargs: Any,
+    act: Activation | None = None,
+    with_heads: bool = True,
 ) -> Path:
     """Convert a checkpoint: anything ``load_pretrained`` reads -> any ``mmlm.export`` target.
 
     ``dst`` must be new or empty; ``overwrite=True`` replaces a folder mmlm wrote for the same target
     (``mmlm.outputs``). ``tokenizer`` (a folder or ``clip``) overrides the one that came with ``src``
-    (``mmlm.factory.tokenizer_for``). ``kwargs`` go to ``load_pretrained`` (``act``, ``with_heads``,
-    config overrides).
+    (``mmlm.factory.tokenizer_for``). ``act``: the MLP activation of an OpenAI / OpenCLIP file that does
+    not record it; ``with_heads=False``: the bare encoder (``load_pretrained``'s).
     """
     if to != "mmlm" and to not in TARGETS:
         raise ValueError(f"to must be one of {['mmlm', *TARGETS]}, not {to!r}")
     outputs.check(dst, to, overwrite)  # before the slow part
-    if set(kwargs) - {"act", "with_heads"}:
-        from mmlm.pretrained import load_pretrained
-
-        model = load_pretrained(src, **kwargs)  # config overrides: a checkpoint read with other fields
-    else:
-        model = resolve(src, **kwargs)
+    model = resolve(src, act=act, with_heads=with_heads)
     tok, source = tokenizer_for(src, model, tokenizer)
     # each exporter writes the CLIP BPE in its own ecosystem's format when given none
     tok = tok if source in ("given", "checkpoint") and (to != "mmlm" or source == "given") else None
