@@ -91,10 +91,10 @@ class Batcher:
 
     def trouble(self) -> str | None:
         """None while the worker can answer, else why not (``/healthz`` says it with a 503)."""
+        if self.died is not None:  # set before the thread ends: true from its last moments on
+            return f"the model worker stopped ({self.died}); restart the server"
         if self.alive:
             return None
-        if self.died is not None:
-            return f"the model worker stopped ({self.died}); restart the server"
         return "the model worker is not running (the server is starting or shutting down)"
 
     async def start(self) -> None:
@@ -137,8 +137,8 @@ class Batcher:
         finally:
             if self.died is None and not self.stopping.is_set():
                 self.died = "it returned"
-            why = self.trouble() or "the model worker stopped"
-            self._fail([*self.batch, *self._take_queued()], 503, why)
+            why = self.trouble() if self.died is not None else "the server is shutting down"
+            self._fail([*self.batch, *self._take_queued()], 503, why)  # type: ignore[arg-type]
 
     def _serve(self) -> None:
         busy = False
