@@ -1,4 +1,4 @@
-"""``mmlm search``: the typed signature of the command that queries a running ``mmlm serve`` (jsonargparse reads it).
+"""``mmlm search``: the typed signature (jsonargparse reads it) of the command that queries a running ``mmlm serve``.
 
 Only the standard library is imported here, so ``mmlm --help`` stays fast; the client is in
 ``mmlm.retrieval.client``. ``mmlm serve`` itself is ``mmlm.serve.command``: the server sits above the retrieval

@@ -78,10 +78,10 @@ def serve(
     check_at_least(1, threads=threads, max_pixels=max_pixels, max_text=max_text, max_k=max_k, max_batch=max_batch,
                    max_queue=max_queue)  # fmt: skip
     check_at_least(0, max_wait_ms=max_wait_ms)
-    for name, value in (("max_body_mb", max_body_mb), ("query_timeout_s", query_timeout_s),
-                        ("explain_timeout_s", explain_timeout_s)):  # fmt: skip
+    for name, value, unit in (("max_body_mb", max_body_mb, "a size in MiB"), ("query_timeout_s", query_timeout_s,
+                              "seconds"), ("explain_timeout_s", explain_timeout_s, "seconds")):  # fmt: skip
         if not value > 0:
-            raise UsageError(f"--{name} {value}: give {'a size in MiB' if name == 'max_body_mb' else 'seconds'} above 0")
+            raise UsageError(f"--{name} {value}: give {unit} above 0")
     import logging
 
     import uvicorn

@@ -46,7 +46,8 @@ def read_image(data: bytes, max_pixels: int) -> Image.Image:
         with Image.open(BytesIO(data), formats=IMAGE_FORMATS) as probe:
             width, height = probe.size
     except UnidentifiedImageError:
-        raise HTTPException(415, f"image: not a file in a format this server reads ({', '.join(IMAGE_FORMATS)})") from None
+        formats = ", ".join(IMAGE_FORMATS)
+        raise HTTPException(415, f"image: not a file in a format this server reads ({formats})") from None
     except Image.DecompressionBombError as e:  # Pillow refuses to open past twice its own pixel limit
         raise HTTPException(413, f"image: {e}") from None
     except Exception as e:  # noqa: BLE001 -- any parser failure on a header is the upload's fault

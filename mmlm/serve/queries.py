@@ -61,7 +61,8 @@ async def search_ids(
     assert ids is not None and scores is not None  # a query with a modality is searched
     if dedup and len(ids):
         vectors = s.index.embeddings("image")
-        keep = unique(vectors[ids]) if len(ids) <= INLINE_ROWS else await run_in_threadpool(lambda: unique(vectors[ids]))
+        small = len(ids) <= INLINE_ROWS
+        keep = unique(vectors[ids]) if small else await run_in_threadpool(lambda: unique(vectors[ids]))
         ids, scores = ids[keep], scores[keep]
     return ids, scores
 

@@ -129,7 +129,8 @@ def test_deduplicate_drops_the_copy(api, indexes):
     files = {h["id"]: h["metadata"]["filepath"] for h in plain["hits"]}
     assert sorted(files.values()) == ["a.jpg", "b.jpg", "c.jpg", "link.jpg"]
     assert [h["score"] for h in plain["hits"]][:2] == pytest.approx([1.0, 1.0], abs=ATOL)  # the two copies
-    kept = [h["id"] for h in api.json("/search", {"image": image, "index": "dups", "k": 4, "deduplicate": True})["hits"]]
+    unique = api.json("/search", {"image": image, "index": "dups", "k": 4, "deduplicate": True})
+    kept = [h["id"] for h in unique["hits"]]
     vectors = indexes.dups.embeddings("image")
     ranked = [h["id"] for h in plain["hits"]]
     for pos, item in enumerate(ranked):  # kept unless within cosine 0.94 of a better one kept
@@ -203,8 +204,8 @@ def test_explain_returns_the_heatmap_png(api, reference, method):
     path = ASSETS / "images" / "rocket.jpg"
     ours = Image.open(io.BytesIO(heatmap_png(reference.model, None, path, "a rocket", **chosen)))
     for source in ({"item": item_of("rocket.jpg")}, {"image": b64(path)}):  # a stored item or an upload
-        status, headers, data = api.request("POST", "/explain", json.dumps({"text": "a rocket", **source, **chosen}).encode(),
-                                            Content_Type="application/json")  # fmt: skip
+        body = json.dumps({"text": "a rocket", **source, **chosen}).encode()
+        status, headers, data = api.request("POST", "/explain", body, Content_Type="application/json")
         assert status == 200 and headers["content-type"] == "image/png"
         picture = Image.open(io.BytesIO(data))
         assert picture.format == "PNG" and picture.size == ours.size == Image.open(path).size
@@ -240,14 +241,16 @@ def test_knn_service_and_metadata_as_clip_retrieval_sends_them(api, indexes, ref
     vector = np.random.default_rng(1).standard_normal(32)
     by_vector = api.json("/knn-service", {"embedding_input": vector.tolist(), "num_images": 5})
     assert [r["id"] for r in by_vector] == brute_force(images, vector, 5)[0].tolist()
-    captions = api.json("/knn-service", {"image": b64(ASSETS / "images" / "rocket.jpg"), "modality": "text", "num_images": 5})
+    rocket_b64 = b64(ASSETS / "images" / "rocket.jpg")
+    captions = api.json("/knn-service", {"image": rocket_b64, "modality": "text", "num_images": 5})
     assert [r["id"] for r in captions] == by_item(indexes.assets, images[rocket])[0][:5].tolist()
     status, rows = api.post("/metadata", json.dumps({"ids": [4, 0, 999], "indice_name": "assets"}).encode(),
                             content_type=None, **plain)  # fmt: skip
     assert status == 200 and [m["id"] for m in rows] == [4, 0, 999]
     assert rows[0]["metadata"]["caption"] == reference.items[paths[4]][0] and rows[2]["metadata"] == {}
     astronaut = b64(ASSETS / "images" / "astronaut.jpg")
-    deduped = api.json("/knn-service", {"image": astronaut, "indice_name": "dups", "deduplicate": True, "num_images": 4})
+    deduped = api.json("/knn-service", {"image": astronaut, "indice_name": "dups", "deduplicate": True,
+                                        "num_images": 4})  # fmt: skip
     searched = api.json("/search", {"image": astronaut, "index": "dups", "deduplicate": True, "k": 4})["hits"]
     assert [r["id"] for r in deduped] == [h["id"] for h in searched] and len(deduped) < 4  # a copy dropped
 
@@ -336,7 +339,8 @@ def test_hostile_requests_get_their_4xx(api, keyed, indexes):
     ({"text": "a", "k": 10_000, "offset": 1}, "k=10000, offset=1: need k >= 1 and k + offset <= 10000"),
     ({"text": "a", "index": "nope"}, "no index 'nope'; this server has assets, dups"),
     ({"image": "!!not base64!!"}, "image: not valid base64"),
-    ({"image": b64(ASSETS / "captions.csv")}, "image: not a file in a format this server reads (JPEG, PNG, WEBP, GIF, BMP)"),
+    ({"image": b64(ASSETS / "captions.csv")},
+     "image: not a file in a format this server reads (JPEG, PNG, WEBP, GIF, BMP)"),
     ({"text": "a", "embedding": [0.1] * 32}, "give exactly one of text, image, embedding, item (got text, embedding)"),
     ({}, "give exactly one of text, image, embedding, item (got none)"),
     ({"embedding": [0.1] * 31}, "embedding of length 31; index 'assets' holds 32-d vectors"),

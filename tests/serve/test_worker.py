@@ -41,7 +41,8 @@ def test_a_failing_batch_fails_its_queries_and_the_worker_goes_on(folders, index
         assert status == 500 and answer["detail"] == "the model failed on this query's batch (RuntimeError: boom)"
         engine.encode_text = real
         hits = api.json("/search", {"text": "a rocket", "k": 3})["hits"]
-        assert [h["id"] for h in hits] == brute_force(indexes.assets.embeddings("image"), reference.text(["a rocket"])[0], 3)[0].tolist()
+        expected = brute_force(indexes.assets.embeddings("image"), reference.text(["a rocket"])[0], 3)[0]
+        assert [h["id"] for h in hits] == expected.tolist()
         assert api.json("/healthz")["status"] == "ok"
         assert "mmlm_worker_failures_total 1.0" in api.get("/metrics")[1].decode()
 
@@ -101,7 +102,8 @@ def test_a_query_past_its_deadline_gets_504_and_the_worker_survives(folders, ind
         engine.encode_text = real
         release.set()
         stored = indexes.assets.embeddings("image")
-        assert [h["id"] for h in api.json("/search", {"item": 2, "k": 3})["hits"]] == brute_force(stored, stored[2], 3)[0].tolist()
+        hits = api.json("/search", {"item": 2, "k": 3})["hits"]
+        assert [h["id"] for h in hits] == brute_force(stored, stored[2], 3)[0].tolist()
 
         done = threading.Event()
         api.app.state.served["assets"].engine._explainer = None
@@ -139,7 +141,8 @@ def test_searches_keep_their_latency_while_a_slow_explain_runs(folders, monkeypa
         idle = [t for r in range(5) for t in search_round(api, [f"photo {r} {i}" for i in range(8)])]
 
         def explain():
-            status, _, _ = api.request("POST", "/explain", b'{"text": "a rocket", "item": 1}', Content_Type="application/json")
+            body = b'{"text": "a rocket", "item": 1}'
+            status, _, _ = api.request("POST", "/explain", body, Content_Type="application/json")
             finished.set()
             return status
 

@@ -61,5 +61,5 @@ async def clip_metadata(
     s = pick(served, body.indice_name)
     check_k(settings, len(body.ids) or 1, what="len(ids)")
     rows = await metadata(s, metrics, np.asarray(body.ids, dtype=np.int64))
-    return JSONResponse([{"id": i, "metadata": clip_fields(request, s, i, row) if row else {}}  # type: ignore[return-value]
-                         for i, row in zip(body.ids, rows)])  # fmt: skip
+    answer = [{"id": i, "metadata": clip_fields(request, s, i, row) if row else {}} for i, row in zip(body.ids, rows)]
+    return JSONResponse(answer)  # type: ignore[return-value]
