@@ -12,7 +12,6 @@ worker and always closes what the app holds.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -54,7 +53,8 @@ async def warm_up(batcher: Batcher, served: dict[str, Served]) -> None:
     firsts = {id(s.engine): s for s in served.values()}.values()
     for s in firsts:
         size = s.engine.model.cfg.vision.image_size
-        await asyncio.gather(batcher(Query(s, text="warm up")), batcher(Query(s, pixels=torch.zeros(3, size, size))))
+        await batcher(Query(s, text="warm up"))  # one at a time: a queue of one place must take them too
+        await batcher(Query(s, pixels=torch.zeros(3, size, size)))
 
 
 def create_app(settings: Settings, served: dict[str, Served]) -> FastAPI:

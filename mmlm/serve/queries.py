@@ -21,7 +21,6 @@ from mmlm.serve.settings import Settings
 
 DEDUP_THRESHOLD = 0.94  # clip-retrieval's: two results this close (cosine of image embeddings) are one picture
 DEDUP_LIMIT = 1000  # results compared for duplicates: n^2 similarities
-INLINE_ROWS = 64  # metadata rows read on the event loop (by primary key, well under a millisecond)
 
 
 async def decode(s: Served, data: bytes, settings: Settings, metrics: Metrics) -> torch.Tensor:
@@ -61,21 +60,14 @@ async def search_ids(
     assert ids is not None and scores is not None  # a query with a modality is searched
     if dedup and len(ids):
         vectors = s.index.embeddings("image")
-        small = len(ids) <= INLINE_ROWS
-        keep = unique(vectors[ids]) if small else await run_in_threadpool(lambda: unique(vectors[ids]))
+        keep = await run_in_threadpool(lambda: unique(vectors[ids]))  # memmap rows: a page fault reads the disk
         ids, scores = ids[keep], scores[keep]
     return ids, scores
 
 
 async def metadata(s: Served, metrics: Metrics, ids: np.ndarray) -> list[dict[str, Any]]:
     start = time.perf_counter()
-    if len(ids) <= INLINE_ROWS and s.lock.acquire(blocking=False):  # cheaper than a hop to a thread
-        try:
-            rows = s.index.metadata(ids)
-        finally:
-            s.lock.release()
-    else:
-        rows = await run_in_threadpool(s.metadata, ids.tolist())
+    rows = await run_in_threadpool(s.metadata, ids.tolist())  # SQLite pages: may read the disk
     metrics.stage("metadata", time.perf_counter() - start)
     return [row or {} for row in rows]
 

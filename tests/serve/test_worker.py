@@ -5,10 +5,12 @@ their latency while a slow explanation runs; and whatever the server opened is c
 
 from __future__ import annotations
 
+import json
 import statistics
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import pytest
 from _inprocess import serving
@@ -106,10 +108,14 @@ def test_a_query_past_its_deadline_gets_504_and_the_worker_survives(folders, ind
         assert [h["id"] for h in hits] == brute_force(stored, stored[2], 3)[0].tolist()
 
         done = threading.Event()
-        api.app.state.served["assets"].engine._explainer = None
         original = mmlm.explain.heatmap_png
+
+        def slow(*args, **kwargs):
+            done.wait(10)
+            return original(*args, **kwargs)
+
         try:
-            mmlm.explain.heatmap_png = lambda *a, **k: done.wait(10) or original(*a, **k)
+            mmlm.explain.heatmap_png = slow
             (status, answer), took = timed(api.post, "/explain", {"text": "a rocket", "item": item_of("rocket.jpg")})
             print(f"(b) /explain past its 0.3 s deadline: {status} in {took * 1000:.0f} ms")
             assert status == 504 and answer["detail"] == "no explanation within 0.3 s (explain_timeout_s)"
@@ -176,3 +182,48 @@ def test_what_was_opened_is_closed_however_the_server_ends(folders, indexes, mon
     with pytest.raises(Exception), serving(folders):  # the warm-up fails: the server never starts ...
         pass
     assert closed == ["assets", "assets", "assets"]  # ... and still closes what it opened
+
+
+def test_full_queues_refuse_with_429_at_once(folders, monkeypatch):
+    with serving(folders, max_queue=1, max_batch=1) as api:
+        engine = api.app.state.served["assets"].engine
+        real, entered, release = engine.encode_text, threading.Event(), threading.Event()
+
+        def stuck(texts):
+            entered.set()
+            release.wait(10)
+            return real(texts)
+
+        engine.encode_text = stuck
+        with ThreadPoolExecutor(2) as pool:
+            held = pool.submit(api.post, "/search", {"text": "held by the worker"})
+            assert entered.wait(10)
+            queued = pool.submit(api.post, "/search", {"text": "waits in the queue"})
+            while api.app.state.batcher.queue.qsize() < 1:
+                time.sleep(0.005)
+            (status, answer), took = timed(api.post, "/search", {"text": "one too many"})
+            release.set()
+            assert [held.result()[0], queued.result()[0]] == [200, 200]
+        assert status == 429 and answer["detail"] == "busy: 1 queries waiting; retry shortly" and took < DEAD
+
+        started, done = threading.Event(), threading.Event()
+        original = mmlm.explain.heatmap_png
+
+        def slow(*args, **kwargs):
+            started.set()
+            done.wait(10)
+            return original(*args, **kwargs)
+
+        monkeypatch.setattr(mmlm.explain, "heatmap_png", slow)
+        body = {"text": "a rocket", "item": 1}
+        explain = partial(api.request, "POST", "/explain", json.dumps(body).encode(), Content_Type="application/json")
+        with ThreadPoolExecutor(4) as pool:  # one running, three waiting: the explainer's four places
+            jobs = [pool.submit(explain)]
+            assert started.wait(10)
+            jobs += [pool.submit(explain) for _ in range(3)]
+            while api.app.state.explainer.slots._value > 0:
+                time.sleep(0.005)
+            (status, answer), took = timed(api.post, "/explain", body)
+            done.set()
+            assert all(job.result()[0] == 200 for job in jobs)
+        assert status == 429 and answer["detail"] == "busy: 4 explanations waiting; retry shortly" and took < DEAD
