@@ -66,6 +66,7 @@ def create_app(settings: Settings, served: dict[str, Served]) -> FastAPI:
     batcher = Batcher(metrics, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
                       settings.worker_threads, settings.query_timeout_s)  # fmt: skip
     explainer = Explainer(settings.explain_timeout_s)
+    metrics.worker_up.set_function(lambda: float(batcher.trouble() is None))  # read at each scrape
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

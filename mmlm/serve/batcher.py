@@ -33,6 +33,7 @@ from mmlm.serve.metrics import Metrics
 from mmlm.serve.served import Served
 
 POLL = 0.25  # seconds an idle worker waits on the queue before it looks at the stop flag again
+STOP_WAIT = 5.0  # seconds a shutdown waits for the batch in hand; a stuck one is left to the (daemon) thread
 
 log = logging.getLogger("mmlm.serve")
 
@@ -104,7 +105,7 @@ class Batcher:
     async def stop(self) -> None:
         self.stopping.set()
         if self.thread.is_alive():
-            await asyncio.to_thread(self.thread.join, 10 * POLL + self.timeout)  # a batch in hand may finish first
+            await asyncio.to_thread(self.thread.join, STOP_WAIT)
 
     async def __call__(self, query: Query) -> Answer:
         """The query's answer, or an HTTPException: 503 without a worker, 429 when the queue is full, 504 past

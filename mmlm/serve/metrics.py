@@ -31,6 +31,8 @@ class Metrics:
         self.batch = Histogram("mmlm_batch_size", "Queries per model and FAISS batch",
                                buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=self.registry)  # fmt: skip
         self.queue = Gauge("mmlm_queue_depth", "Queries waiting for the model thread", registry=self.registry)
+        self.worker_up = Gauge("mmlm_worker_up", "1 while the model worker can answer queries (what /healthz says)",
+                               registry=self.registry)  # fmt: skip
         self.failures = Counter("mmlm_worker_failures", "Batches the model worker failed (their queries got a 5xx)",
                                 registry=self.registry)  # fmt: skip
 

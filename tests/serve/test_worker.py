@@ -46,7 +46,8 @@ def test_a_failing_batch_fails_its_queries_and_the_worker_goes_on(folders, index
         expected = brute_force(indexes.assets.embeddings("image"), reference.text(["a rocket"])[0], 3)[0]
         assert [h["id"] for h in hits] == expected.tolist()
         assert api.json("/healthz")["status"] == "ok"
-        assert "mmlm_worker_failures_total 1.0" in api.get("/metrics")[1].decode()
+        scraped = api.get("/metrics")[1].decode()
+        assert "mmlm_worker_failures_total 1.0" in scraped and "mmlm_worker_up 1.0" in scraped
 
 
 def test_a_worker_ended_inside_a_batch_answers_503_at_once(folders):
@@ -63,6 +64,7 @@ def test_a_worker_ended_inside_a_batch_answers_503_at_once(folders):
         print(f"(a) /healthz: {status} in {took * 1000:.1f} ms")
         assert status == 503 and took < DEAD and b'"status":"unavailable"' in health and b"SystemExit: 3" in health
         assert api.json("/items/assets/1")["filepath"]  # what needs no model still answers
+        assert "mmlm_worker_up 0.0" in api.get("/metrics")[1].decode()
 
 
 def test_a_worker_ended_outside_the_batch_guard_shows_within_a_second(folders):
