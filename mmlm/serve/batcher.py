@@ -119,7 +119,7 @@ class Batcher:
             raise HTTPException(429, f"busy: {self.max_queue} queries waiting; retry shortly",
                                 headers={"Retry-After": "1"}) from None  # fmt: skip
         if not self.thread.is_alive():  # it ended after the check above: nobody will take what is queued
-            self._fail(self._take_queued(), 503, self.trouble() or "the model worker stopped")
+            self._fail_queued(self.trouble() or "the model worker stopped")
         try:
             return await asyncio.wait_for(query.future, self.timeout)
         except asyncio.TimeoutError:  # the future is cancelled with it: the worker skips it
@@ -139,7 +139,8 @@ class Batcher:
             if self.died is None and not self.stopping.is_set():
                 self.died = "it returned"
             why = self.trouble() if self.died is not None else "the server is shutting down"
-            self._fail([*self.batch, *self._take_queued()], 503, why)  # type: ignore[arg-type]
+            self._fail(self.batch, 503, why)  # type: ignore[arg-type]
+            self._fail_queued(why)  # type: ignore[arg-type]
 
     def _serve(self) -> None:
         busy = False
@@ -176,13 +177,17 @@ class Batcher:
             except queue.Empty:
                 return
 
-    def _take_queued(self) -> list[Query]:
+    def _fail_queued(self, why: str) -> None:
+        """Fails every query still queued with a 503 (from either thread: the queue is thread-safe)."""
         taken = []
-        while True:
-            try:
+        try:
+            while True:
                 taken.append(self.queue.get_nowait())
-            except queue.Empty:
-                return taken
+        except queue.Empty:
+            pass
+        except Exception:  # a broken queue: what it still holds gets its 504 at the deadline
+            log.exception("could not empty the queue of a stopped model worker")
+        self._fail(taken, 503, why)
 
     def _fail(self, queries: list[Query], status: int, detail: str) -> None:
         """Fails ``queries`` with an HTTPException each (one instance per request: each gets its own traceback)."""

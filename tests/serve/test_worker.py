@@ -51,11 +51,27 @@ def test_a_failing_batch_fails_its_queries_and_the_worker_goes_on(folders, index
 
 
 def test_a_worker_ended_inside_a_batch_answers_503_at_once(folders):
-    with serving(folders) as api:
-        api.app.state.served["assets"].engine.encode_text = lambda texts: exec("raise SystemExit(3)")
-        (status, answer), took = timed(api.post, "/search", {"text": "a rocket"})  # the query in the dying batch
-        print(f"\n(a) query in the batch that ended the worker: {status} in {took * 1000:.1f} ms")
-        assert status == 503 and "SystemExit: 3" in answer["detail"] and took < DEAD
+    with serving(folders, max_batch=1) as api:
+        entered, release = threading.Event(), threading.Event()
+
+        def fatal(texts):
+            entered.set()
+            release.wait(10)
+            raise SystemExit(3)
+
+        api.app.state.served["assets"].engine.encode_text = fatal
+        with ThreadPoolExecutor(2) as pool:
+            dying = pool.submit(timed, api.post, "/search", {"text": "a rocket"})  # the query in the dying batch
+            assert entered.wait(10)
+            behind = pool.submit(timed, api.post, "/search", {"embedding": [0.1] * 32})  # queued behind it
+            while api.app.state.batcher.queue.qsize() < 1:
+                time.sleep(0.005)
+            release.set()
+            (status, answer), took = dying.result()
+            (queued_status, queued_answer), _ = behind.result()
+        print(f"\n(a) query in the batch that ended the worker: {status}, {took * 1000:.1f} ms after it was sent")
+        assert status == 503 and "SystemExit: 3" in answer["detail"]
+        assert queued_status == 503 and "SystemExit: 3" in queued_answer["detail"]  # failed, not left to hang
         (status, answer), took = timed(api.post, "/search", {"embedding": [0.1] * 32})  # the next: refused at once
         print(f"(a) next query: {status} in {took * 1000:.1f} ms")
         assert status == 503 and answer["detail"] == "the model worker stopped (SystemExit: 3); restart the server"
