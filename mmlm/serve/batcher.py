@@ -138,9 +138,9 @@ class Batcher:
         finally:
             if self.died is None and not self.stopping.is_set():
                 self.died = "it returned"
-            why = self.trouble() if self.died is not None else "the server is shutting down"
-            self._fail(self.batch, 503, why)  # type: ignore[arg-type]
-            self._fail_queued(why)  # type: ignore[arg-type]
+            why = self.trouble() or "the server is shutting down"
+            self._fail(self.batch, 503, why)
+            self._fail_queued(why)
 
     def _serve(self) -> None:
         busy = False
