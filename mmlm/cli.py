@@ -38,7 +38,8 @@ from mmlm.compress.commands import prune, quantize
 from mmlm.explain.command import explain
 from mmlm.paths import ASSETS, resolve
 from mmlm.retrieval.commands import index_add, index_build, index_info
-from mmlm.retrieval.serve import search, serve
+from mmlm.retrieval.serve import search
+from mmlm.serve.command import serve
 
 DEBUG_FLAG = "--debug"
 

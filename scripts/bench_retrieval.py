@@ -52,7 +52,8 @@ from mmlm.retrieval import Client, Index
 from mmlm.retrieval.build import Job, Options, write_index
 from mmlm.retrieval.client import Load, load
 from mmlm.retrieval.index import is_lossy
-from mmlm.retrieval.server import compute_settings, default_threads
+from mmlm.serve.engine import compute_settings
+from mmlm.serve.settings import default_threads
 
 
 @dataclass(frozen=True)

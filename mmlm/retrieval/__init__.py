@@ -4,7 +4,7 @@
 - ``mmlm.retrieval.build``: embedding on one process or many, chunks that survive a kill, the atomic write.
 - ``mmlm.retrieval.index``: the folder's layout and ``Index`` (build / open / search / metadata / add).
 - ``mmlm.retrieval.commands``: the command-line entry points of ``mmlm index``.
-- ``mmlm.retrieval.server`` / ``client``: the HTTP API over index folders and its Python client.
+- ``mmlm.retrieval.client``: the Python client of the HTTP API (``mmlm.serve``) and ``mmlm search``.
 
 Names are imported on first use, so the command line's ``--help`` does not load torch or FAISS.
 """

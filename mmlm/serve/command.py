@@ -1,0 +1,108 @@
+"""``mmlm serve``: the command's typed signature (jsonargparse reads it), which fills ``Settings``.
+
+Only the standard library is imported at the top, so ``mmlm --help`` stays fast; the app is in
+``mmlm.serve.app``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+API_KEY_ENV = "MMLM_API_KEY"
+
+
+def serve(
+    indexes: list[Path],
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    model: str | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
+    int8: bool = False,
+    api_key: str | None = None,
+    cors_origins: str = "",
+    image_url_allow: str = "",
+    max_body_mb: float = 10.0,
+    max_pixels: int = 25_000_000,
+    max_text: int = 1000,
+    max_k: int = 10_000,
+    max_batch: int = 64,
+    max_wait_ms: float = 2.0,
+    max_queue: int = 1024,
+    query_timeout_s: float = 30.0,
+    explain_timeout_s: float = 120.0,
+    root_path: str = "",
+    forwarded_allow_ips: str = "127.0.0.1",
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
+) -> None:
+    """Serve indexes over HTTP: search API, clip-retrieval's routes, /metrics and a web page at /.
+
+    Args:
+        indexes: index folders (``mmlm index build --out``), each named by its folder or ``NAME=DIR``;
+            requests that name no index get the first.
+        host: address to listen on; ``0.0.0.0`` for every interface (put a reverse proxy in front).
+        port: port to listen on (0: any free one, printed at start).
+        model: the indexes' model where it is now, if not at the spec they were built from; refused
+            unless its weights hash is the indexes'.
+        device: where the model runs: ``cpu``, ``cuda``, ``cuda:1``, ...
+        threads: threads of torch and FAISS per forward pass / search; default: one core fewer than the
+            machine has (at least 1), leaving a core to the HTTP side.
+        int8: encode queries with an int8 copy of the model (dynamic int8 Linear layers, CPU): text
+            queries of a ViT-B/32 ~4x faster on a CPU with VNNI, embeddings within cosine 0.999 of
+            float32 (scripts/bench.py --only query); the index and its embeddings stay as built.
+        api_key: key every route but /healthz and the page needs (header ``X-API-Key`` or
+            ``Authorization: Bearer``, or ``?api_key=``); default: the ``MMLM_API_KEY`` environment
+            variable, which, unlike this option, other users cannot read in the process list.
+        cors_origins: origins whose web pages may call the API, comma-separated (``*``: any); default: none.
+        image_url_allow: URL prefixes clip-retrieval's ``image_url`` may fetch from, comma-separated;
+            default: none, and ``image_url`` is refused (the server would fetch any address a client names).
+        max_body_mb: largest request body, in MiB (an image travels as base64: 4/3 of its file).
+        max_pixels: largest uploaded image (width x height), checked before decoding.
+        max_text: longest text query, in characters.
+        max_k: most results of one query (k + offset, or ``num_result_ids``).
+        max_batch: most queries in one forward pass.
+        max_wait_ms: how long a batch waits for more queries at most, when the server is busy.
+        max_queue: most queries waiting for the model; more are refused with 429.
+        query_timeout_s: a query the model has not answered in this many seconds gets a 504.
+        explain_timeout_s: the same for /explain, which runs on a thread of its own.
+        root_path: the path prefix a reverse proxy serves the API under (``/search-api``).
+        forwarded_allow_ips: proxies whose X-Forwarded-* headers are trusted (comma-separated, ``*``: any).
+        log_level: uvicorn's log level.
+    """
+    from mmlm.errors import UsageError, check_at_least, check_device, check_port
+
+    check_port(port)  # before the indexes and the model load, not when uvicorn binds
+    check_device(device)
+    check_at_least(1, threads=threads, max_pixels=max_pixels, max_text=max_text, max_k=max_k, max_batch=max_batch,
+                   max_queue=max_queue)  # fmt: skip
+    check_at_least(0, max_wait_ms=max_wait_ms)
+    for name, value, unit in (("max_body_mb", max_body_mb, "a size in MiB"), ("query_timeout_s", query_timeout_s,
+                              "seconds"), ("explain_timeout_s", explain_timeout_s, "seconds")):  # fmt: skip
+        if not value > 0:
+            raise UsageError(f"--{name} {value}: give {unit} above 0")
+    import logging
+
+    import uvicorn
+
+    from mmlm.serve.app import create_app
+    from mmlm.serve.security import RedactApiKey
+    from mmlm.serve.served import open_indexes
+    from mmlm.serve.settings import Settings
+
+    settings = Settings(
+        model=model, device=device, int8=int8, api_key=api_key or os.environ.get(API_KEY_ENV),
+        cors_origins=tuple(_split(cors_origins)), image_url_allow=tuple(_split(image_url_allow)),
+        max_body=int(max_body_mb * 2**20), max_pixels=max_pixels, max_text=max_text, max_k=max_k,
+        max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, threads=threads,
+        query_timeout_s=query_timeout_s, explain_timeout_s=explain_timeout_s,
+    )  # fmt: skip
+    app = create_app(settings, open_indexes([str(i) for i in indexes], model, device, int8))
+    logging.getLogger("uvicorn.access").addFilter(RedactApiKey())
+    uvicorn.run(app, host=host, port=port, root_path=root_path, proxy_headers=True,
+                forwarded_allow_ips=forwarded_allow_ips, log_level=log_level)  # fmt: skip
+
+
+def _split(values: str) -> list[str]:
+    return [v.strip() for v in values.split(",") if v.strip()]

@@ -1,0 +1,88 @@
+"""Images a client sends: base64 decoded, the header checked (format, pixels) before a pixel is decoded, and
+``image_url`` fetched only from the addresses the server allows. Each step is a plain function that raises
+``HTTPException``; the routes run the heavy ones on a pool thread, off the event loop."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from io import BytesIO
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from fastapi import HTTPException
+from fastapi.concurrency import run_in_threadpool
+from PIL import Image, UnidentifiedImageError
+
+import mmlm
+from mmlm.data.skips import DECOMPRESSION_BOMB, Skip, load_image
+
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # decoders exposed to uploads (no TIFF, PSD, ...)
+INLINE_BASE64 = 64 * 1024  # characters decoded on the event loop (tens of microseconds); more go to a thread
+
+
+def b64decode(text: str) -> bytes:
+    if text.startswith("data:"):  # a data URL, as browsers' FileReader makes them
+        text = text.partition(",")[2]
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)
+    except (binascii.Error, ValueError):
+        raise HTTPException(400, "image: not valid base64") from None
+
+
+async def b64decode_async(text: str) -> bytes:
+    """``b64decode``; a large upload (up to the body limit, 10 MiB) on a pool thread, so the event loop
+    keeps answering other requests meanwhile."""
+    return b64decode(text) if len(text) <= INLINE_BASE64 else await run_in_threadpool(b64decode, text)
+
+
+def read_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The uploaded image, its format and pixel count checked from the header before a pixel is decoded."""
+    try:
+        with Image.open(BytesIO(data), formats=IMAGE_FORMATS) as probe:
+            width, height = probe.size
+    except UnidentifiedImageError:
+        formats = ", ".join(IMAGE_FORMATS)
+        raise HTTPException(415, f"image: not a file in a format this server reads ({formats})") from None
+    except Image.DecompressionBombError as e:  # Pillow refuses to open past twice its own pixel limit
+        raise HTTPException(413, f"image: {e}") from None
+    except Exception as e:  # noqa: BLE001 -- any parser failure on a header is the upload's fault
+        raise HTTPException(400, f"image: unreadable header ({type(e).__name__}: {e})") from None
+    if width * height > max_pixels:
+        raise HTTPException(413, f"image of {width}x{height} = {width * height:,} pixels; "
+                                 f"the limit is {max_pixels:,}")  # fmt: skip
+    image = load_image(data, "upload")
+    if isinstance(image, Skip):
+        status = 413 if image.reason == DECOMPRESSION_BOMB else 400
+        raise HTTPException(status, f"image: {image.reason.replace('_', ' ')} ({image.detail[:200]})")
+    return image
+
+
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:  # a redirect could leave the allowed addresses
+        return None
+
+
+def fetch_image(url: str, allow: Sequence[str], max_bytes: int) -> bytes:
+    """``image_url``'s bytes, only from an address that starts with an allowed one (same scheme, host and
+    port, path prefix), without redirects: the server must not become a proxy into its own network."""
+    parts = urlsplit(url)
+    inside = any(parts.scheme == a.scheme and parts.netloc == a.netloc and parts.path.startswith(a.path)
+                 for a in map(urlsplit, allow))  # fmt: skip
+    climbs = any(segment in (".", "..") for segment in unquote(parts.path).split("/"))  # back out of the prefix
+    if not inside or climbs or parts.scheme not in ("http", "https"):
+        why = "is off on this server" if not allow else f"may only name addresses under {', '.join(allow)}"
+        raise HTTPException(403, f"image_url {why}; send the image itself (base64 in 'image')")
+    try:
+        request = urllib.request.Request(url, headers={"User-Agent": f"mmlm-serve/{mmlm.__version__}"})
+        with urllib.request.build_opener(NoRedirect).open(request, timeout=10) as response:
+            data = response.read(max_bytes + 1)
+    except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as e:  # InvalidURL: a space, \r\n
+        raise HTTPException(400, f"image_url: could not fetch it ({e})") from None
+    if len(data) > max_bytes:
+        raise HTTPException(413, f"image_url: larger than {max_bytes:,} bytes")
+    return data

@@ -1,0 +1,89 @@
+"""The bodies the routes read and the answers they write (pydantic): what ``/openapi.json`` publishes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_ID = 2**63  # SQLite integers: a larger id is refused before it reaches the database
+
+
+class SearchRequest(BaseModel):
+    """Exactly one of ``text``, ``image``, ``embedding``, ``item``."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = Field(None, description="a text query")
+    image: str | None = Field(None, description="an image file, base64 (a data: URL too)")
+    embedding: list[float] | None = Field(None, description="a query vector of the index's dimension")
+    item: int | None = Field(None, ge=0, lt=MAX_ID, description="search by this item's stored image embedding")
+    modality: Literal["image", "text"] = Field("image", description="which side to search: images or captions")
+    k: int = Field(10, ge=1, description="results wanted")
+    offset: int = Field(0, ge=0, description="results to skip (paging)")
+    index: str | None = Field(None, description="index name; default: the first served")
+    deduplicate: bool = Field(False, description="drop results whose image is a near copy of a better one")
+
+
+class EmbedRequest(BaseModel):
+    """Exactly one of ``text``, ``image``."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str | None = None
+    image: str | None = Field(None, description="an image file, base64 (a data: URL too)")
+    index: str | None = Field(None, description="whose model embeds it; default: the first index")
+
+
+class ExplainRequest(BaseModel):
+    """Where ``text`` matches an image: ``image`` (base64) or a stored ``item``."""
+
+    model_config = ConfigDict(extra="forbid")
+    text: str
+    image: str | None = None
+    item: int | None = Field(None, ge=0, lt=MAX_ID)
+    index: str | None = None
+    method: str | None = Field(None, description="one of mmlm.explain.METHODS; default: heatmap_png's")
+
+
+class KnnRequest(BaseModel):
+    """clip-retrieval's ``/knn-service`` body, as its ``ClipClient`` and front end send it."""
+
+    model_config = ConfigDict(extra="ignore")
+    text: str | None = None
+    image: str | None = Field(None, description="base64 of an image file")
+    image_url: str | None = Field(None, description="fetched only from addresses the server allows")
+    embedding_input: list[float] | None = None
+    modality: Literal["image", "text"] = "image"
+    num_images: int = Field(40, ge=1, description="results with their metadata")
+    num_result_ids: int | None = Field(None, ge=1, description="results in all (ids and similarities)")
+    indice_name: str | None = None
+    deduplicate: bool = False
+    use_safety_model: bool = Field(False, description="accepted and ignored")
+    use_violence_detector: bool = Field(False, description="accepted and ignored")
+    use_mclip: bool = Field(False, description="accepted and ignored")
+    aesthetic_score: int | float | str | None = Field(None, description="accepted and ignored")
+    aesthetic_weight: int | float | str | None = Field(None, description="accepted and ignored")
+
+
+class MetadataRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    indice_name: str | None = None
+    ids: list[Annotated[int, Field(ge=0, lt=MAX_ID)]]
+
+
+class Hit(BaseModel):
+    id: int
+    score: float
+    metadata: dict[str, Any]
+    image: str | None = Field(None, description="URL of the item's image file, when the server has it")
+
+
+class SearchResponse(BaseModel):
+    index: str
+    modality: str
+    hits: list[Hit]
+
+
+class EmbedResponse(BaseModel):
+    index: str
+    dim: int
+    embedding: list[float]

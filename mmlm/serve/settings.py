@@ -1,0 +1,54 @@
+"""Everything ``mmlm serve`` can be told, in one object: the command's options fill it, the app and its parts
+read it (``request.app.state.settings`` through ``deps.SettingsDep``), so no option is threaded through
+function after function."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+def default_threads() -> int:
+    """One core fewer than the machine has, at least one: the HTTP side keeps a core, and OpenMP threads
+    beyond the free cores spin-wait and starve it (a 2-core text query: ~130 ms with 2 threads, ~3 ms with 1)."""
+    return max(1, (os.cpu_count() or 1) - 1)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How one server runs. A request over a limit is refused with a 4xx and a message."""
+
+    # the model (``mmlm.retrieval.model.built_with`` checks it against each index)
+    model: str | None = None  # the indexes' model where it is now, if not at the spec they name
+    device: str = "cpu"
+    int8: bool = False  # encode queries with an int8 copy of the model (as they are anyway for an int8 index)
+    # who may call
+    api_key: str | None = None  # every route but /healthz and the page needs it, when set
+    cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API from a browser (``*``: any)
+    image_url_allow: tuple[str, ...] = ()  # address prefixes ``image_url`` may name; none: refused
+    # what one request may ask
+    max_body: int = 10 * 2**20  # bytes of a request body (base64 makes an image file 4/3 larger)
+    max_pixels: int = 25_000_000  # width x height of an uploaded image, read from its header before decoding
+    max_text: int = 1000  # characters of a text query (a CLIP reads its first 77 tokens anyway)
+    max_k: int = 10_000  # results of one query: k + offset, clip-retrieval's num_result_ids
+    # the model worker
+    max_batch: int = 64  # queries per forward pass at most
+    max_wait_ms: float = 2.0  # when busy, how long a batch waits for more queries at most
+    max_queue: int = 1024  # queries waiting at most; more are refused with 429
+    threads: int | None = None  # torch and FAISS threads of the model worker; None: ``default_threads()``
+    query_timeout_s: float = 30.0  # a query unanswered this long gets a 504, never a hang
+    explain_timeout_s: float = 120.0  # the same for /explain (an occlusion map takes seconds on a CPU)
+
+    def __post_init__(self) -> None:
+        for name in ("max_body", "max_pixels", "max_text", "max_k", "max_batch", "max_queue"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)}: give a number >= 1")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads={self.threads}: give a number >= 1")
+        for name in ("query_timeout_s", "explain_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}={getattr(self, name)}: give a number of seconds above 0")
+
+    @property
+    def worker_threads(self) -> int:
+        return self.threads or default_threads()
