@@ -1,4 +1,5 @@
-"""A tokenizer trained with ``mmlm tokenizer train`` goes with the checkpoint trained on it, into every command.
+"""A tokenizer trained with ``mmlm tokenizer train`` goes with the checkpoint trained on it, into every command:
+``index build``, ``serve``, ``zeroshot`` and ``convert --to hf``.
 
 The run's checkpoint carries the tokenizer (``mmlm.factory.CKPT_TOKENIZER``): the tokenizer folder is deleted
 before the commands run, so any command that used another tokenizer (the CLIP BPE, the default for a CLIP)
@@ -12,6 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer
@@ -64,15 +66,38 @@ def test_index_build_embeds_captions_with_it(trained, tmp_path):
     ckpt, _ = trained
     main(["index", "build", str(ckpt), "digits", "--split", "test", "--out", str(tmp_path / "ix")])
     loaded = load(ckpt)
-    index = Index.open(tmp_path / "ix")
-    item = int(index.text_ids[0])
-    captions = index.metadata([item])[0]["captions"]
-    rows = index.embeddings("text")[: len(captions)]
-    index.close()
+    with Index.open(tmp_path / "ix") as index:
+        item = int(index.text_ids[0])
+        captions = index.metadata([item])[0]["captions"]
+        rows = np.array(index.embeddings("text")[: len(captions)])
     tokens = loaded.tokenizer(captions)
     with torch.no_grad():
         expected = loaded.model.encode_text(tokens["input_ids"], tokens["attention_mask"])
     torch.testing.assert_close(torch.as_tensor(rows, dtype=torch.float32), expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_serve_answers_queries_with_it(trained, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from mmlm.serve.app import create_app
+    from mmlm.serve.served import open_indexes
+    from mmlm.serve.settings import Settings
+
+    ckpt, _ = trained
+    main(["index", "build", str(ckpt), "digits", "--split", "test", "--out", str(tmp_path / "ix")])
+    loaded = load(ckpt)
+    tokens = loaded.tokenizer(TEXTS[:3])
+    with torch.no_grad():
+        expected = loaded.model.encode_text(tokens["input_ids"], tokens["attention_mask"])
+    app = create_app(Settings(threads=1), open_indexes({"digits": str(tmp_path / "ix")}))
+    with TestClient(app) as client:
+        for text, vector in zip(TEXTS[:3], expected):
+            answer = client.post("/embed", json={"text": text})
+            assert answer.status_code == 200, answer.text
+            torch.testing.assert_close(torch.tensor(answer.json()["embedding"]), vector, atol=1e-5, rtol=0)
+        hits = client.post("/search", json={"text": TEXTS[0], "k": 3}).json()["hits"]
+    assert len(hits) == 3 and hits[0]["score"] >= hits[-1]["score"]
 
 
 @pytest.mark.slow
