@@ -66,7 +66,7 @@ def _swap(staged: Path, out: Path, staging: Path) -> str:
     previous = current_version(out)  # None: the flat layout
     name = version_name(max(versions(out), default=0) + 1)
     fsync_tree(staged)
-    outputs.mark(out, "index", adding=[f"{name}/{rel}" for rel in _files(staged)])
+    outputs.mark(out, "index", adding=[CURRENT, *(f"{name}/{rel}" for rel in _files(staged))])  # a flat index had none
     os.rename(staged, out / name)
     fsync_dir(out)
     _point(out, name, staging)
@@ -78,16 +78,17 @@ def _swap(staged: Path, out: Path, staging: Path) -> str:
 
 def tidy(out: Path) -> None:
     """Remove what a writer killed after step 1 left in ``out``: a version folder CURRENT never named,
-    versions older than the previous one, the flat files of an index whose first swap was cut short."""
+    versions older than the previous one, the flat files of an index whose first swap was cut short, the
+    files a marker still lists after they were removed."""
     current = current_version(out)
     keep = set()
     if current is not None:
         number = int(current[1:])
         older = [n for n in versions(out) if n < number]
         keep = {current, *([version_name(max(older))] if older else [])}
-    if _remove_old(out, keep):
-        outputs.mark(out, "index")
-        fsync_dir(out)
+    _remove_old(out, keep)
+    outputs.mark(out, "index")  # the marker again lists exactly what is there (and its temporary is gone)
+    fsync_dir(out)
 
 
 def _point(folder: Path, name: str, staging: Path) -> None:
@@ -102,19 +103,15 @@ def _point(folder: Path, name: str, staging: Path) -> None:
     fsync_dir(folder)
 
 
-def _remove_old(out: Path, keep: set[str | None]) -> bool:
-    """Remove the version folders not in ``keep``, and the flat files once CURRENT exists; whether any was."""
-    removed = False
+def _remove_old(out: Path, keep: set[str | None]) -> None:
+    """Remove the version folders not in ``keep``, and the flat files once CURRENT exists."""
     for path in sorted(versions(out).values()):
         if path.name not in keep:
             _remove_tree(path)
-            removed = True
     if current_version(out) is not None:
         for name in FLAT_FILES:
             if (out / name).is_file():
                 (out / name).unlink()
-                removed = True
-    return removed
 
 
 def _remove_tree(folder: Path) -> None:
