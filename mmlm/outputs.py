@@ -11,6 +11,8 @@ The rule, the same for every command and function that writes (``index build`` /
   config, says so, and it holds no file the marker does not list); it is replaced as a whole, and the
   old one is removed only once the new one is in place. Anything else is refused in one line: a folder
   holding files mmlm did not write, or an mmlm output of another kind. Nothing a user owns is deleted.
+  An index already in place is not renamed but gets a new version swapped in inside it
+  (``mmlm.retrieval.versions``), under the same checks; its marker lists the files of every version.
 - **A file** is refused if it exists, unless ``overwrite``; it is written under a temporary name and
   renamed, so nobody sees half a file (and without ``overwrite`` a file that appears meanwhile is kept).
 - **The lock** is an OS lock (``fcntl.flock``) on ``.NAME.partial/.lock``: a second writer of ``NAME`` is

@@ -130,7 +130,7 @@ def current_version(folder: Path) -> str | None:
     """The name CURRENT holds, or None for an index in the flat layout (no CURRENT)."""
     try:
         name = (folder / CURRENT).read_text().strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no pointer, or no folder: the caller says what is missing
         return None
     if not VERSION.fullmatch(name):
         raise ValueError(f"{folder / CURRENT} holds {name[:40]!r}, not a version folder's name: not an mmlm index")
