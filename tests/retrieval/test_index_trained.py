@@ -11,7 +11,7 @@ import torch
 from mmlm.cli import lightning_cli
 from mmlm.data.digits import DIGIT_CLASSNAMES
 from mmlm.eval.results import load_model, model_tokenizer
-from mmlm.retrieval import Index, build_index
+from mmlm.retrieval import build_index
 
 ROOT = Path(__file__).resolve().parents[2]
 QUIET = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
