@@ -72,6 +72,6 @@ def check_int8(int8: bool, options: Options) -> None:
         return
     if options.accelerator not in ("auto", "cpu"):
         raise ValueError(f"--accelerator {options.accelerator}: int8 embeds on the CPU; drop --int8 or the accelerator")
-    if options.precision != "32-true":
+    if options.precision != Options.precision:  # the default, full precision
         raise ValueError(f"--precision {options.precision}: an int8 model computes in its own precision; drop one")
     options.accelerator = "cpu"
