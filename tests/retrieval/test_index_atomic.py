@@ -225,7 +225,9 @@ def base_index(assets_index, folder: Path, flat: bool) -> Path:
 def reference(assets_index, photos, tmp_path_factory) -> tuple[int, tuple[np.ndarray, np.ndarray]]:
     """An uninterrupted add: its length and answers."""
     ix = base_index(assets_index, tmp_path_factory.mktemp("reference"), flat=False)
-    with add_to_index(ix, str(photos), batch_size=4, chunk_size=2, accelerator="cpu") as index:  # type: ignore[union-attr]
+    index = add_to_index(ix, str(photos), batch_size=4, chunk_size=2, accelerator="cpu")
+    assert index is not None and len(index) == 24 and len(index.text_ids) == 49 + 3
+    with index:
         return len(index), answers(index)
 
 
