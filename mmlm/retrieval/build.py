@@ -188,31 +188,41 @@ def add_to_index(
     new version holding the old items and the new, ids continuing; opened (the caller closes it), None on
     the ranks other than 0."""
     index = Path(index)
-    with Index.open(index) as base:
+    base = Index.open(index)
+    try:
         work = Work(index)
         if resume and _published(work, base):
             return _tidy(index, work)
-        outputs.check(index, "index", overwrite=True)  # a new version is written into it: only if all mmlm's
-        built = base.manifest["model"]
-        spec = model or built["spec"]
-        net = load_model(spec, built["act"], "cpu", built["seed"])
-        weights = weights_hash(net)
-        if weights != built["weights_hash"]:
-            raise ValueError(
-                f"{spec} is not the model {index} was built with (weights hash {weights[:12]}, the index has "
-                f"{built['weights_hash'][:12]} from {built['spec']}): embeddings of two models cannot share an index"
-            )
-        opts = Options(**options, dtype=base.manifest["embedding"]["dtype"])
-        int8 = bool(built.get("int8", False))  # embedded as the index was
-        check_sizes(batch_size, opts)
-        check_int8(int8, opts)
-        tok = model_tokenizer(net, built["tokenizer"], spec)
-        items = collection(data, image_transform(net.cfg.vision, train=False), split, image_key, caption_key)
-        manifest_hash = hashlib.sha256((base.files / MANIFEST).read_bytes()).hexdigest()
-        job = Job("add", built["spec"], weights, items.spec, split, image_key, caption_key, built["tokenizer"],
-                  built["act"], built["seed"], batch_size, manifest_hash, int8)  # fmt: skip
-        folder = run_job(job, opts, index, _encoder(net, int8), items, CollateItems(tok), resume, base, overwrite=True)
+        folder = _add(base, index, data, model, split, image_key, caption_key, batch_size, resume, options)
+    finally:
+        base.close()
     return Index.open(folder) if folder is not None else None
+
+
+def _add(
+    base: Index, index: Path, data: str, model: str | None, split: str, image_key: str, caption_key: str | None,
+    batch_size: int, resume: bool, options: dict[str, Any],
+) -> Path | None:  # fmt: skip
+    outputs.check(index, "index", overwrite=True)  # a new version is written into it: only if all mmlm's
+    built = base.manifest["model"]
+    spec = model or built["spec"]
+    net = load_model(spec, built["act"], "cpu", built["seed"])
+    weights = weights_hash(net)
+    if weights != built["weights_hash"]:
+        raise ValueError(
+            f"{spec} is not the model {index} was built with (weights hash {weights[:12]}, the index has "
+            f"{built['weights_hash'][:12]} from {built['spec']}): embeddings of two models cannot share an index"
+        )
+    opts = Options(**options, dtype=base.manifest["embedding"]["dtype"])
+    int8 = bool(built.get("int8", False))  # embedded as the index was
+    check_sizes(batch_size, opts)
+    check_int8(int8, opts)
+    tok = model_tokenizer(net, built["tokenizer"], spec)
+    items = collection(data, image_transform(net.cfg.vision, train=False), split, image_key, caption_key)
+    manifest_hash = hashlib.sha256((base.files / MANIFEST).read_bytes()).hexdigest()
+    job = Job("add", built["spec"], weights, items.spec, split, image_key, caption_key, built["tokenizer"],
+              built["act"], built["seed"], batch_size, manifest_hash, int8)  # fmt: skip
+    return run_job(job, opts, index, _encoder(net, int8), items, CollateItems(tok), resume, base, overwrite=True)
 
 
 def _published(work: Work, base: Index) -> bool:
