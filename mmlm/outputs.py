@@ -11,6 +11,8 @@ The rule, the same for every command and function that writes (``index build`` /
   config, says so, and it holds no file the marker does not list); it is replaced as a whole, and the
   old one is removed only once the new one is in place. Anything else is refused in one line: a folder
   holding files mmlm did not write, or an mmlm output of another kind. Nothing a user owns is deleted.
+  An index already in place is not renamed but gets a new version swapped in inside it
+  (``mmlm.retrieval.versions``), under the same checks; its marker lists the files of every version.
 - **A file** is refused if it exists, unless ``overwrite``; it is written under a temporary name and
   renamed, so nobody sees half a file (and without ``overwrite`` a file that appears meanwhile is kept).
 - **The lock** is an OS lock (``fcntl.flock``) on ``.NAME.partial/.lock``: a second writer of ``NAME`` is
@@ -27,12 +29,13 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
 
 MARKER = ".mmlm-output.json"  # {"kind": ..., "files": [...]}: what mmlm wrote into a folder
+MARKER_TMP = ".mmlm-output.json.tmp"  # the next marker, before it is renamed over MARKER (mmlm's own too)
 LOCK = ".lock"  # inside .NAME.partial
 KINDS = {  # kind -> what the messages call it
     "index": "an mmlm index",
@@ -68,7 +71,7 @@ def foreign_file(folder: Path) -> str | None:
     """The first file in ``folder`` (an mmlm output) that mmlm did not write there, or None."""
     marker = _read_json(folder / MARKER)
     if isinstance(marker, dict) and isinstance(marker.get("files"), list):
-        listed = {*marker["files"], MARKER}
+        listed = {*marker["files"], MARKER, MARKER_TMP}
         ours = listed.__contains__
     else:
         patterns = next((p for name, fmt, _, p in LEGACY if _format(folder / name) == fmt), ())
@@ -161,10 +164,19 @@ def clear(root: Path) -> None:
 # ------------------------------------------------------------------------------ publish
 
 
-def mark(folder: Path, kind: str) -> None:
-    """Write the marker: ``folder`` is an mmlm output of ``kind`` holding exactly the files it holds now."""
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir() and p.name != MARKER)
-    (folder / MARKER).write_text(json.dumps({"kind": kind, "files": files}, indent=2) + "\n")
+def mark(folder: Path, kind: str, adding: Iterable[str] = ()) -> None:
+    """Write the marker: ``folder`` is an mmlm output of ``kind`` holding exactly the files it holds now,
+    and the files ``adding`` names (relative paths about to be moved in: listed first, so that a writer
+    killed in between leaves no file the marker does not list). Renamed over the old marker, synced:
+    a reader finds one marker or the other, whole."""
+    ours = (MARKER, MARKER_TMP)
+    files = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if not p.is_dir() and p.name not in ours}
+    tmp = folder / MARKER_TMP
+    with open(tmp, "w") as f:
+        f.write(json.dumps({"kind": kind, "files": sorted(files | set(adding))}, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / MARKER)
 
 
 def publish(src: Path, out: Path, kind: str, overwrite: bool = False) -> None:

@@ -6,7 +6,7 @@
 ===========  ===========================================================  ===========================================
 name         mmlm                                                         reference
 ===========  ===========================================================  ===========================================
-index_build  ``Index.build`` (``mmlm index build``) over a folder of         the same model's ``encode_image`` +
+index_build  ``build_index`` (``mmlm index build``) over a folder of         the same model's ``encode_image`` +
              JPEGs: decode, DataLoader worker, Lightning predict,          ``faiss.IndexFlatIP.add`` on the same
              chunks, FAISS, SQLite; per image, end to end and marginal     decoded batches, per image
 query        text queries through a real ``mmlm serve`` on 127.0.0.1:      the same model + ``Index.search`` +
@@ -48,10 +48,11 @@ from mmlm import factory
 from mmlm.compress import quantize_int8
 from mmlm.data.tokenizers import Tokenizer
 from mmlm.paths import ASSETS
-from mmlm.retrieval import Client, Index
-from mmlm.retrieval.build import Job, Options, write_index
+from mmlm.retrieval import Client, Index, build_index
 from mmlm.retrieval.client import Load, load
 from mmlm.retrieval.index import is_lossy
+from mmlm.retrieval.options import Job, Options
+from mmlm.retrieval.write import write_index
 from mmlm.serve.engine import compute_settings
 from mmlm.serve.settings import default_threads
 
@@ -101,7 +102,7 @@ def jpeg_folder(folder: Path, n: int, seed: int = 0) -> list[Path]:
 
 
 def index_build(b: Bench) -> list[Row]:
-    """``Index.build`` of N JPEGs against ``encode_image`` + ``IndexFlatIP.add`` on the decoded batches."""
+    """``build_index`` of N JPEGs against ``encode_image`` + ``IndexFlatIP.add`` on the decoded batches."""
     s = TIERS[b.sizes.tiny]
     root = b.tmp / "index_build"
     files = jpeg_folder(root / "all", s.images)
@@ -109,7 +110,7 @@ def index_build(b: Bench) -> list[Row]:
     half.mkdir()
     for p in files[: s.images // 2]:
         shutil.copy(p, half / p.name)
-    loaded = factory.load(s.model, seed=0)  # the weights and transform Index.build takes from the same spec and seed
+    loaded = factory.load(s.model, seed=0)  # the weights and transform build_index takes from the same spec and seed
     model, transform = b.infer(loaded.model), loaded.transform
     pixels = torch.stack([transform(Image.open(p).convert("RGB")) for p in files]).to(b.device, b.dtype)
     batches = pixels.split(s.batch)
@@ -121,7 +122,8 @@ def index_build(b: Bench) -> list[Row]:
     def build(data: Path) -> Callable[[], None]:
         def run() -> None:
             out = root / f"ix{next(builds)}"
-            Index.build(s.model, str(data), out, **options)
+            with build_index(s.model, str(data), out, **options):  # type: ignore[union-attr]
+                pass
             shutil.rmtree(out)
 
         return run
@@ -133,7 +135,7 @@ def index_build(b: Bench) -> list[Row]:
                 index.add(model.encode_image(x).float().cpu().numpy())
         return index
 
-    built = Index.build(s.model, str(root / "all"), root / "check", **options)
+    built = build_index(s.model, str(root / "all"), root / "check", **options)
     diff = float(np.abs(built.embeddings("image") - reference().reconstruct_n(0, s.images)).max())
     # the calls above were the warm-up: a build of a ViT-B/32 takes long enough to skip another
     t = compare({"mmlm": build(root / "all"), "half": build(half), "ref": reference}, 0, b.sizes.repeats, b.sync)
@@ -308,7 +310,7 @@ def search_rows(index: Index, vectors: np.ndarray, queries: np.ndarray, label: s
     def recall(found: np.ndarray) -> float:
         return float(np.mean([len(set(a) & set(t)) / 10 for a, t in zip(found.tolist(), truth.tolist())]))
 
-    size = (index.folder / index.manifest["indexes"]["image"]["file"]).stat().st_size
+    size = (index.files / index.manifest["indexes"]["image"]["file"]).stat().st_size
     exact_size = len(vectors) * (vectors.shape[1] * 4 + 8)  # an exact IndexIDMap: float32 vectors and int64 ids
     nprobe = index.manifest["indexes"]["image"]["nprobe"]
     note = (f"recall@10 vs exact: re-ranked {recall(ids):.3f} / FAISS's PQ order {recall(raw):.3f}; nprobe {nprobe}; "

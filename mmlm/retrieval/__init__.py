@@ -1,8 +1,11 @@
 """Retrieval over image-text collections: ``mmlm index build|add|info`` and the ``Index`` they write.
 
 - ``mmlm.retrieval.collection``: any DATA as keyed items (images, captions, metadata).
-- ``mmlm.retrieval.build``: embedding on one process or many, chunks that survive a kill, the atomic write.
-- ``mmlm.retrieval.index``: the folder's layout and ``Index`` (build / open / search / metadata / add).
+- ``mmlm.retrieval.options``: ``Job``, ``Options`` and the defaults every entry point takes.
+- ``mmlm.retrieval.work`` / ``embed`` / ``write`` / ``versions``: the work folder and its chunks, the
+  embedding pass (Lightning predict), writing one version of an index, swapping it in atomically.
+- ``mmlm.retrieval.build``: ``build_index`` / ``add_to_index`` (``mmlm index build|add``), over the above.
+- ``mmlm.retrieval.index``: the folder's layout and ``Index`` (open / search / metadata / close).
 - ``mmlm.retrieval.commands``: the command-line entry points of ``mmlm index``.
 - ``mmlm.retrieval.client``: the Python client of the HTTP API (``mmlm.serve``) and ``mmlm search``.
 
@@ -15,11 +18,17 @@ from typing import TYPE_CHECKING
 
 from mmlm._lazy import lazy_exports
 
-_EXPORTS = {"Index": "mmlm.retrieval.index", "Client": "mmlm.retrieval.client"}
+_EXPORTS = {
+    "Index": "mmlm.retrieval.index",
+    "Client": "mmlm.retrieval.client",
+    "build_index": "mmlm.retrieval.build",
+    "add_to_index": "mmlm.retrieval.build",
+}
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
+    from mmlm.retrieval.build import add_to_index, build_index
     from mmlm.retrieval.client import Client
     from mmlm.retrieval.index import Index
 

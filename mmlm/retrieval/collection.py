@@ -35,6 +35,7 @@ from mmlm.data.skips import SKIPPED, Skip, load_image, split_skips
 from mmlm.data.sources import find_shards, is_digits
 from mmlm.data.tokenizers import Tokenizer
 from mmlm.paths import ASSETS, resolve
+from mmlm.retrieval.options import IMAGE_KEY, SPLIT
 
 BUNDLED = "assets"  # DATA naming the bundled photographs: assets/captions.csv
 CAPTION_KEYS = ("caption", "title")  # a manifest's caption column, when not named: the first one it has
@@ -68,7 +69,7 @@ class Collection:
 
 
 def collection(
-    spec: str | Path, transform: Callable, split: str = "test", image_key: str = "filepath",
+    spec: str | Path, transform: Callable, split: str = SPLIT, image_key: str = IMAGE_KEY,
     caption_key: str | None = None,
 ) -> Collection:
     """The items of DATA (see the module docstring); FileNotFoundError when it names nothing."""

@@ -1,7 +1,7 @@
 """``mmlm index build|add|info``: typed signatures for the command line (jsonargparse reads them).
 
 Only the standard library is imported here, so ``mmlm --help`` stays fast; the work is in
-``mmlm.retrieval.build`` and ``mmlm.retrieval.index``.
+``mmlm.retrieval.build`` and ``mmlm.retrieval.index``, the defaults in ``mmlm.retrieval.options``.
 """
 
 from __future__ import annotations
@@ -11,23 +11,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
+from mmlm.retrieval.options import BATCH_SIZE, IMAGE_KEY, SPLIT, Options
+
 
 def index_build(
     model: str,
     data: str,
     out: Path | None = None,
-    index_type: str = "auto",
-    dtype: Literal["float32", "float16"] = "float32",
-    nprobe: int | None = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    chunk_size: int = 4096,
-    accelerator: str = "auto",
-    devices: int = 1,
-    num_nodes: int = 1,
-    precision: str = "32-true",
-    split: str = "test",
-    image_key: str = "filepath",
+    index_type: str = Options.index_type,
+    dtype: Literal["float32", "float16"] = Options.dtype,  # type: ignore[assignment]
+    nprobe: int | None = Options.nprobe,
+    batch_size: int = BATCH_SIZE,
+    num_workers: int = Options.num_workers,
+    chunk_size: int = Options.chunk_size,
+    accelerator: str = Options.accelerator,
+    devices: int = Options.devices,
+    num_nodes: int = Options.num_nodes,
+    precision: str = Options.precision,
+    split: str = SPLIT,
+    image_key: str = IMAGE_KEY,
     caption_key: str | None = None,
     tokenizer: str | None = None,
     act: Literal["gelu", "quick_gelu"] | None = None,
@@ -49,7 +51,8 @@ def index_build(
         index_type: ``auto`` (exact below 1M vectors, IVF-PQ above) or any FAISS index_factory string
             (``Flat``, ``HNSW32``, ``IVF4096,PQ64``, ...), trained on a sample of the embeddings.
         dtype: of the stored embeddings (``float16`` halves the disk).
-        nprobe: IVF clusters searched per query; default: 1/64 of them, at least 8.
+        nprobe: IVF clusters searched per query; default: 1/64 of them, at least 64 (all of them when
+            there are fewer), as ``mmlm.retrieval.index.default_nprobe`` sets it.
         batch_size: images per forward pass.
         num_workers: DataLoader workers reading and decoding images.
         chunk_size: items per chunk file; a killed build loses at most one chunk per process.
@@ -67,8 +70,8 @@ def index_build(
             keeps the float model's weights hash, and ``mmlm index add`` embeds the same way.
         resume: continue an interrupted build of the same job from the chunks it wrote (SIGTERM and SIGINT
             stop a build keeping them, exit status 143 and 130).
-        overwrite: replace the index in ``out`` (the old one stays until the new one is complete); a folder that
-            is not an mmlm index is never replaced.
+        overwrite: replace the index in ``out``: the new one becomes its current version in one atomic step,
+            the old one stays as the previous version; a folder that is not an mmlm index is never replaced.
     """
     from mmlm.errors import UsageError
 
@@ -76,31 +79,29 @@ def index_build(
         raise UsageError("give the folder to write the index into: --out DIR")
     if nprobe is not None and nprobe < 1:  # FAISS would take it only after the whole embedding pass
         raise UsageError(f"--nprobe {nprobe}: give the IVF clusters searched per query, 1 or more")
-    from mmlm.retrieval.build import build
+    from mmlm.retrieval.build import build_index
 
-    folder = _stoppable(
-        "index build", build, model, data, out, split=split, image_key=image_key, caption_key=caption_key, tokenizer=tokenizer, act=act,
-        seed=seed, batch_size=batch_size, resume=resume, overwrite=overwrite, int8=int8, index_type=index_type, dtype=dtype,
-        nprobe=nprobe, chunk_size=chunk_size, num_workers=num_workers, accelerator=accelerator, devices=devices,
-        num_nodes=num_nodes, precision=precision,
+    _stoppable(
+        "index build", build_index, model, data, out, split=split, image_key=image_key, caption_key=caption_key,
+        tokenizer=tokenizer, act=act, seed=seed, batch_size=batch_size, resume=resume, overwrite=overwrite, int8=int8,
+        index_type=index_type, dtype=dtype, nprobe=nprobe, chunk_size=chunk_size, num_workers=num_workers,
+        accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision,
     )  # fmt: skip
-    if folder is not None:
-        index_info(folder)
 
 
 def index_add(
     index: Path,
     data: str,
     model: str | None = None,
-    batch_size: int = 64,
-    num_workers: int = 0,
-    chunk_size: int = 4096,
-    accelerator: str = "auto",
-    devices: int = 1,
-    num_nodes: int = 1,
-    precision: str = "32-true",
-    split: str = "test",
-    image_key: str = "filepath",
+    batch_size: int = BATCH_SIZE,
+    num_workers: int = Options.num_workers,
+    chunk_size: int = Options.chunk_size,
+    accelerator: str = Options.accelerator,
+    devices: int = Options.devices,
+    num_nodes: int = Options.num_nodes,
+    precision: str = Options.precision,
+    split: str = SPLIT,
+    image_key: str = IMAGE_KEY,
     caption_key: str | None = None,
     resume: bool = False,
 ) -> None:
@@ -124,26 +125,29 @@ def index_add(
         resume: continue an interrupted add of the same data from the chunks it wrote (SIGTERM and SIGINT stop
             an add keeping them, exit status 143 and 130).
     """
-    from mmlm.retrieval.build import add
+    from mmlm.retrieval.build import add_to_index
 
-    folder = _stoppable(
-        "index add", add, index, data, model=model, split=split, image_key=image_key, caption_key=caption_key,
+    _stoppable(
+        "index add", add_to_index, index, data, model=model, split=split, image_key=image_key, caption_key=caption_key,
         batch_size=batch_size, resume=resume, chunk_size=chunk_size, num_workers=num_workers, accelerator=accelerator,
         devices=devices, num_nodes=num_nodes, precision=precision,
     )  # fmt: skip
-    if folder is not None:
-        index_info(folder)
 
 
-def _stoppable(command: str, run: Callable[..., Path | None], *args: Any, **kwargs: Any) -> Path | None:
-    """``run``; stopped by a signal (``Stopped``), one line and the shell's exit status for it (128 + signal)."""
+def _stoppable(command: str, run: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+    """``run``, then the index it wrote in words (rank 0; the others get None); stopped by a signal
+    (``Stopped``), one line and the shell's exit status for it (128 + signal)."""
     from mmlm.retrieval.build import Stopped
+    from mmlm.retrieval.index import describe
 
     try:
-        return run(*args, **kwargs)
+        index = run(*args, **kwargs)
     except Stopped as e:
         print(f"mmlm {command}: {e}", file=sys.stderr)
         raise SystemExit(128 + e.signum) from None
+    if index is not None:
+        with index:
+            print(describe(index.manifest, index.folder))
 
 
 def index_info(index: Path) -> None:

@@ -1,15 +1,24 @@
 """An index folder, as ``mmlm index build`` writes it and ``Index.open`` reads it::
 
     DIR/
-      manifest.json      model spec and weights hash, embedding dim / dtype / normalisation, counts, skip
-                         counts per reason, each build's data and options, library versions
-      image_embeds.npy   (items, dim) float32 or float16, L2-normalised; row = id (memory-mappable)
-      text_embeds.npy    (texts, dim) the captions' embeddings, grouped by item
-      text_ids.npy       (texts,) int64: the id of each caption's item
-      image.index        FAISS, inner product; FAISS ids = item ids (plain ``faiss.read_index`` loads it)
-      text.index         FAISS over the captions; FAISS ids = their items' ids
-      metadata.sqlite    ``items``: one row per id with every metadata column (the caption column holds
-                         the item's first caption); ``texts``: one row per caption (row, id, caption)
+      CURRENT            the name of the version folder that is the index (``v000002``), nothing else
+      .mmlm-output.json  the marker: DIR is an mmlm index, and the files mmlm wrote in it (``mmlm.outputs``)
+      v000002/           the current version: every file a reader needs, complete before CURRENT names it
+        manifest.json      model spec and weights hash, embedding dim / dtype / normalisation, counts, skip
+                           counts per reason, each build's data and options, library versions
+        image_embeds.npy   (items, dim) float32 or float16, L2-normalised; row = id (memory-mappable)
+        text_embeds.npy    (texts, dim) the captions' embeddings, grouped by item
+        text_ids.npy       (texts,) int64: the id of each caption's item
+        image.index        FAISS, inner product; FAISS ids = item ids (plain ``faiss.read_index`` loads it)
+        text.index         FAISS over the captions; FAISS ids = their items' ids
+        metadata.sqlite    ``items``: one row per id with every metadata column (the caption column holds
+                           the item's first caption); ``texts``: one row per caption (row, id, caption)
+      v000001/           the previous version, kept for a reader that opened it before the last swap
+
+``mmlm index add`` (and ``build --overwrite``) writes a new version folder beside the current one and
+then replaces CURRENT atomically (``mmlm.retrieval.versions``), so DIR always holds one complete index.
+Indexes written before versions existed hold the files of one version directly in DIR (the flat layout);
+``Index.open`` reads them as they are, and the first ``index add`` turns them into a version folder.
 
 An id is one image. Ids run 0, 1, ... in the order of the data (its manifest rows, sorted file
 names, shard order), whatever the number of processes, and ``mmlm index add`` continues them.
@@ -19,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -33,6 +43,8 @@ MODALITIES = ("image", "text")
 EMBEDDINGS = {"image": "image_embeds.npy", "text": "text_embeds.npy"}
 TEXT_IDS = "text_ids.npy"
 INDEXES = {"image": "image.index", "text": "text.index"}
+CURRENT = "CURRENT"  # DIR/CURRENT holds the name of the version folder that is the index
+VERSION = re.compile(r"v(\d{6})")  # the names of version folders: v000001, v000002, ...
 AUTO_EXACT_LIMIT = 1_000_000  # index_type auto: exact search below this many vectors, IVF-PQ from here
 TRAIN_PER_CLUSTER = 100  # training vectors per IVF cluster (autofaiss's choice; FAISS wants 39 to 256)
 MIN_TRAIN = 10_000  # and at least this many: 39 per centroid of an 8-bit PQ codebook
@@ -104,11 +116,40 @@ def is_lossy(index: faiss.Index) -> bool:
     return not isinstance(faiss.downcast_index(inner), (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexHNSWFlat))
 
 
+def version_name(number: int) -> str:
+    return f"v{number:06d}"
+
+
+def versions(folder: Path) -> dict[int, Path]:
+    """The version folders in ``folder`` by number (complete or not: CURRENT says which one is the index)."""
+    found = (VERSION.fullmatch(p.name) for p in folder.iterdir()) if folder.is_dir() else ()
+    return {int(m.group(1)): folder / m.group(0) for m in found if m is not None and (folder / m.group(0)).is_dir()}
+
+
+def current_version(folder: Path) -> str | None:
+    """The name CURRENT holds, or None for an index in the flat layout (no CURRENT)."""
+    try:
+        name = (folder / CURRENT).read_text().strip()
+    except (FileNotFoundError, NotADirectoryError):  # no pointer, or no folder: the caller says what is missing
+        return None
+    if not VERSION.fullmatch(name):
+        raise ValueError(f"{folder / CURRENT} holds {name[:40]!r}, not a version folder's name: not an mmlm index")
+    return name
+
+
+def files_of(folder: str | Path) -> Path:
+    """The folder holding the index's files: the one CURRENT names, or ``folder`` itself (flat layout)."""
+    folder = Path(folder)
+    name = current_version(folder)
+    return folder if name is None else folder / name
+
+
 MANIFEST_KEYS = ("model", "embedding", "counts", "indexes", "skipped", "builds", "versions")  # what every reader uses
 
 
 def read_manifest(folder: str | Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
+    """The manifest of the index in ``folder`` (its current version), checked to be one."""
+    path = files_of(folder) / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{folder} is not an mmlm index folder (no {MANIFEST}); `mmlm index build` writes one")
     try:
@@ -126,30 +167,54 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
 
 class Index:
     """An index folder opened read-only: embeddings memory-mapped, FAISS indexes memory-mapped where
-    FAISS can, metadata in SQLite. ``search`` takes query embeddings, ``metadata`` the ids it returned."""
+    FAISS can, metadata in SQLite. ``search`` takes query embeddings, ``metadata`` the ids it returned.
 
-    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
-        self.folder, self.manifest = folder, manifest
-        self.text_ids: np.ndarray = np.load(folder / TEXT_IDS, mmap_mode="r")
-        self._embeddings = {m: np.load(folder / EMBEDDINGS[m], mmap_mode="r") for m in MODALITIES}
-        self._indexes: dict[str, faiss.Index] = {}
-        uri = (folder / METADATA).resolve().as_uri() + "?mode=ro"
+    It holds the version that was current when it was opened (``files``), every file of it opened at
+    once, so it keeps answering from that version after an ``index add`` swaps in the next one and even
+    after the version's files are removed; ``Index.open`` again sees the new one. Close it (or use it in
+    a ``with`` block) to let the files go.
+    """
+
+    def __init__(self, folder: Path, manifest: dict[str, Any], files: Path | None = None) -> None:
+        self.folder, self.manifest = folder, manifest  # folder: DIR, as the user named it
+        self.files = files if files is not None else folder  # the version folder read
+        self.text_ids: np.ndarray = np.load(self.files / TEXT_IDS, mmap_mode="r")
+        self._embeddings = {m: np.load(self.files / EMBEDDINGS[m], mmap_mode="r") for m in MODALITIES}
+        uri = (self.files / METADATA).resolve().as_uri() + "?mode=ro"
         self._db = sqlite3.connect(uri, uri=True, check_same_thread=False)
         self._db.row_factory = sqlite3.Row
-
-    @classmethod
-    def build(cls, model: str, data: str, out: str | Path, **options: Any) -> Index | None:
-        """Embed ``data`` with ``model`` into a new index folder ``out`` (``mmlm index build``) and open it
-        (None on the ranks other than 0 of a multi-process build)."""
-        from mmlm.retrieval.build import build
-
-        folder = build(model, data, Path(out), **options)
-        return cls.open(folder) if folder is not None else None
+        self.closed = False
+        try:
+            self._db.execute("SELECT 1 FROM items LIMIT 1").fetchall()  # the file opened now, not at the first query
+            # read now as well: a version removed after a later swap stays readable through these maps
+            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
+            self._indexes: dict[str, faiss.Index] = {
+                modality: faiss.read_index(str(self.files / entry["file"]), flags)
+                for modality, entry in manifest["indexes"].items()
+            }
+        except BaseException:
+            self._db.close()
+            raise
 
     @classmethod
     def open(cls, folder: str | Path) -> Index:
+        """The index in ``folder``: its current version (or its files, in the flat layout)."""
         folder = Path(folder)
-        return cls(folder, read_manifest(folder))
+        for attempt in range(3):
+            files = files_of(folder)
+            try:
+                return cls(folder, read_manifest(files), files)
+            except FileNotFoundError:
+                # an add swapped CURRENT and removed what this open had started to read: read CURRENT again
+                if attempt == 2 or files_of(folder) == files:
+                    raise
+        raise AssertionError("unreachable")
+
+    def __enter__(self) -> Index:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def __len__(self) -> int:
         return int(self.manifest["counts"]["items"])
@@ -167,14 +232,10 @@ class Index:
         return self._embeddings[modality]
 
     def faiss(self, modality: str = "image") -> faiss.Index:
-        """The FAISS index of ``modality`` (read on first use, memory-mapped)."""
+        """The FAISS index of ``modality`` (memory-mapped)."""
         _check_modality(modality)
         if modality not in self._indexes:
-            entry = self.manifest["indexes"].get(modality)
-            if entry is None:
-                raise ValueError(f"{self.folder} has no {modality} index (its data had no {modality}s)")
-            path = str(self.folder / entry["file"])
-            self._indexes[modality] = faiss.read_index(path, faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+            raise ValueError(f"{self.folder} has no {modality} index (its data had no {modality}s)")
         return self._indexes[modality]
 
     def search(
@@ -235,15 +296,14 @@ class Index:
                 rows[i].setdefault("captions", []).append(caption)
         return [rows.get(i) for i in wanted]
 
-    def add(self, data: str, **options: Any) -> Index:
-        """Append ``data``, embedded with this index's model (``mmlm index add``); the updated index."""
-        from mmlm.retrieval.build import add
-
-        folder = add(self.folder, data, **options)
-        return Index.open(folder) if folder is not None else self
-
     def close(self) -> None:
+        """Let the files go (the SQLite connection, the memory maps); closing twice is harmless."""
+        if self.closed:
+            return
+        self.closed = True
         self._db.close()
+        self._indexes.clear()
+        self._embeddings.clear()
 
 
 def _first_per_id(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,7 @@ import faiss
 import pytest
 import torch
 
-from mmlm.retrieval import Index
+from mmlm.retrieval import Index, build_index
 
 
 @pytest.fixture
@@ -24,5 +24,5 @@ def one_thread():
 @pytest.fixture(scope="session")
 def assets_index(tmp_path_factory) -> Index:
     """clip-tiny (seed 0) over the 21 bundled photographs and their 49 captions; tests only read it."""
-    return Index.build("clip-tiny", "assets", tmp_path_factory.mktemp("ix") / "assets", batch_size=8,
+    return build_index("clip-tiny", "assets", tmp_path_factory.mktemp("ix") / "assets", batch_size=8,
                        accelerator="cpu")  # fmt: skip

@@ -21,7 +21,7 @@ from mmlm.data import image_transform
 from mmlm.data.digits import digits_image_text
 from mmlm.factory import load
 from mmlm.paths import ASSETS
-from mmlm.retrieval import Index
+from mmlm.retrieval import Index, add_to_index, build_index
 
 CPU = {"accelerator": "cpu"}
 
@@ -78,7 +78,7 @@ def test_bundled_photos_are_their_own_nearest_image(assets_index):
     assert ids[:, 0].tolist() == list(range(len(items)))
     np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
     assert (scores[:, 1] < scores[:, 0] - 1e-4).all()  # a different photo is never a tie
-    manifest = json.loads((assets_index.folder / "manifest.json").read_text())
+    manifest = json.loads((assets_index.files / "manifest.json").read_text())
     assert manifest["counts"] == {"items": 21, "texts": 49, "max_texts_per_item": 3}
     assert manifest["skipped"] == {} and manifest["embedding"]["normalized"] is True
     assert manifest["builds"][0]["data"] == "assets" and manifest["model"]["spec"] == "clip-tiny"
@@ -91,7 +91,7 @@ def test_metadata_holds_every_manifest_column_and_caption(assets_index):
     assert [r["captions"] for r in rows] == list(items.values())
     assert all(r["title"] == caps[0] for r, caps in zip(rows, items.values()))
     assert assets_index.metadata([-1, 999]) == [None, None]
-    with sqlite3.connect(assets_index.folder / "metadata.sqlite") as db:  # plain SQLite reads it too
+    with sqlite3.connect(assets_index.files / "metadata.sqlite") as db:  # plain SQLite reads it too
         assert db.execute("SELECT COUNT(*) FROM items").fetchone() == (21,)
         texts = db.execute("SELECT id, caption FROM texts ORDER BY row").fetchall()
     assert texts == [(i, c) for i, caps in enumerate(items.values()) for c in caps]
@@ -100,7 +100,7 @@ def test_metadata_holds_every_manifest_column_and_caption(assets_index):
 
 def test_plain_faiss_loads_the_files(assets_index, run_client, tmp_path):
     folder = tmp_path / "copy"
-    shutil.copytree(assets_index.folder, folder)
+    shutil.copytree(assets_index.files, folder)  # the current version's files: a plain folder FAISS reads
     out = run_client(PLAIN_FAISS, cwd=folder)
     assert out["image"]["ntotal"] == 21 and out["text"]["ntotal"] == 49
     assert out["image"]["type"] == out["text"]["type"] == "IndexIDMap"
@@ -163,7 +163,7 @@ def bad_manifest(tmp_path_factory) -> Path:
 
 
 def test_one_bad_sample_of_each_kind_indexes_exactly_the_good_ones(bad_manifest, tmp_path):
-    index = Index.build("clip-tiny", str(bad_manifest), tmp_path / "ix", batch_size=4, num_workers=2, **CPU)
+    index = build_index("clip-tiny", str(bad_manifest), tmp_path / "ix", batch_size=4, num_workers=2, **CPU)
     manifest = index.manifest
     assert manifest["skipped"] == EXPECTED and manifest["builds"][0]["skipped"] == EXPECTED
     assert manifest["counts"]["items"] == 3 and manifest["counts"]["texts"] == 4
@@ -183,7 +183,7 @@ def test_a_folder_of_photos_without_captions(tmp_path):
     shutil.copy(ASSETS / "images" / "chelsea.jpg", folder / "cats" / "chelsea.jpg")
     (folder / "notes.txt").write_text("not an image, not read")
     (folder / "cats" / "broken.png").write_bytes(b"\x89PNG not really")
-    index = Index.build("clip-tiny", str(folder), tmp_path / "ix", **CPU)
+    index = build_index("clip-tiny", str(folder), tmp_path / "ix", **CPU)
     assert [r["filepath"] for r in index.metadata(range(3))] == ["cats/chelsea.jpg", "coffee.jpg", "rocket.jpg"]
     assert index.manifest["skipped"] == {"corrupt_image": 1} and list(index.manifest["indexes"]) == ["image"]
     assert len(index.text_ids) == 0 and index.embeddings("text").shape == (0, 32)
@@ -202,7 +202,7 @@ def test_webdataset_shards_keep_their_keys_and_json_fields(tmp_path):
                 if i == 7:
                     del sample["png"]  # no image
                 sink.write(sample)
-    index = Index.build("clip-tiny", str(tmp_path / "{0..1}.tar"), tmp_path / "ix", batch_size=3, num_workers=2, **CPU)
+    index = build_index("clip-tiny", str(tmp_path / "{0..1}.tar"), tmp_path / "ix", batch_size=3, num_workers=2, **CPU)
     rows = index.metadata(range(9))
     assert [r["key"] for r in rows] == [f"d{i:03d}" for i in range(10) if i != 7]  # shard order, not worker order
     assert [r["label"] for r in rows] == [int(digits.labels[i]) for i in range(10) if i != 7]
@@ -212,7 +212,7 @@ def test_webdataset_shards_keep_their_keys_and_json_fields(tmp_path):
 
 @pytest.mark.parametrize("index_type", ["IVF8,Flat", "IVF4,PQ16"])
 def test_ivf_index_types_are_trained_and_searchable(index_type, tmp_path):
-    index = Index.build("clip-tiny", "digits", tmp_path / "ix", index_type=index_type, nprobe=8, **CPU)
+    index = build_index("clip-tiny", "digits", tmp_path / "ix", index_type=index_type, nprobe=8, **CPU)
     assert index.manifest["indexes"]["image"] == {"file": "image.index", "type": index_type, "ntotal": 360,
                                                   "nprobe": min(8, int(index_type[3]))}  # fmt: skip
     vectors = index.embeddings("image")
@@ -232,13 +232,13 @@ def test_ivf_index_types_are_trained_and_searchable(index_type, tmp_path):
 @pytest.mark.slow
 def test_add_continues_the_ids_and_refuses_another_model(bad_manifest, tmp_path, capsys):
     model = mmlm.save(mmlm.create_model("clip-tiny"), tmp_path / "model")
-    first = Index.build(str(model), "assets", tmp_path / "ix", **CPU)
+    first = build_index(str(model), "assets", tmp_path / "ix", **CPU)
     before = np.array(first.embeddings("image"))
     main(["index", "add", str(tmp_path / "ix"), str(bad_manifest), "--accelerator", "cpu"])
     grown = Index.open(tmp_path / "ix")
     assert len(grown) == 24 and len(grown.text_ids) == 49 + 4
     np.testing.assert_array_equal(grown.embeddings("image")[:21], before)  # old ids unchanged
-    alone = Index.build(str(model), str(bad_manifest), tmp_path / "alone", **CPU)
+    alone = build_index(str(model), str(bad_manifest), tmp_path / "alone", **CPU)
     np.testing.assert_allclose(grown.embeddings("image")[21:], alone.embeddings("image"), atol=1e-6)
     assert [r["filepath"] for r in grown.metadata([20, 21, 23])] == ["images/text.jpg", "img/coffee.jpg",
                                                                       "img/camera.jpg"]  # fmt: skip
@@ -276,8 +276,7 @@ def test_int8_build_embeds_with_the_int8_copy_and_add_keeps_it(assets_index, bad
     assert np.abs(stored - fp32).max() > 1e-4  # really the int8 copy, ...
     assert (np.sum(stored * fp32, axis=1) > 0.99).all()  # ... within int8's cosine of the float one
 
-    int8.add(str(bad_manifest), accelerator="cpu")  # embedded the way the index was
-    grown = Index.open(tmp_path / "ix")
+    grown = add_to_index(tmp_path / "ix", str(bad_manifest), accelerator="cpu")  # embedded the way the index was
     with torch.no_grad():
         added = quantized.encode_image(torch.stack([transform(Image.open(ASSETS / "images" / n).convert("RGB"))
                                                     for n in GOOD]))  # fmt: skip

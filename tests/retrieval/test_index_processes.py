@@ -17,7 +17,7 @@ import pytest
 
 from mmlm.cli import main
 from mmlm.paths import ASSETS
-from mmlm.retrieval import Index
+from mmlm.retrieval import Index, build_index
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -106,7 +106,7 @@ def test_two_processes_give_what_one_gives(photos_and_bad_rows, tmp_path):
     log, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, log[-3000:]
     assert "MEMBER: 2/2" in log  # Lightning started two gloo ranks
-    one = Index.build("clip-tiny", str(photos_and_bad_rows), tmp_path / "one", batch_size=4, accelerator="cpu")
+    one = build_index("clip-tiny", str(photos_and_bad_rows), tmp_path / "one", batch_size=4, accelerator="cpu")
     two = Index.open(tmp_path / "two")
     assert two.manifest["skipped"] == {"empty_file": 1, "empty_text": 1, "missing_file": 1}
     assert len(two) == 21 and len(two.text_ids) == 49

@@ -81,8 +81,12 @@ def test_overwrite_refuses_another_kind_of_mmlm_output_and_a_file_added_to_an_in
 def test_overwrite_replaces_an_index_and_an_empty_folder_is_written(assets_index, tmp_path, capsys):
     ix = tmp_path / "ix"
     shutil.copytree(assets_index.folder, ix)
-    main(["index", "build", "clip-tiny", str(ASSETS / "images"), "--out", str(ix), "--overwrite", *OPTIONS])
-    assert len(Index.open(ix)) == 21 and Index.open(ix).manifest["counts"]["texts"] == 0  # the folder's, no captions
+    with Index.open(ix) as server:  # a server on the index being replaced
+        main(["index", "build", "clip-tiny", str(ASSETS / "images"), "--out", str(ix), "--overwrite", *OPTIONS])
+        assert server.metadata([0]) == assets_index.metadata([0]) and len(server.text_ids) == 49  # still answers
+    with Index.open(ix) as index:
+        assert len(index) == 21 and index.manifest["counts"]["texts"] == 0  # the folder's, no captions
+        assert index.files == ix / "v000002" and (ix / "v000001" / "manifest.json").is_file()  # swapped in beside
     assert outputs.kind_of(ix) == "index" and outputs.foreign_file(ix) is None
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -11,7 +11,7 @@ import torch
 from mmlm.cli import lightning_cli
 from mmlm.data.digits import DIGIT_CLASSNAMES
 from mmlm.factory import load
-from mmlm.retrieval import Index
+from mmlm.retrieval import build_index
 
 ROOT = Path(__file__).resolve().parents[2]
 QUIET = ["--trainer.logger", "false", "--trainer.enable_checkpointing", "false", "--trainer.callbacks", "[]",
@@ -29,7 +29,7 @@ def test_text_to_image_search_over_held_out_digits(tmp_path, monkeypatch):
     run.trainer.fit(run.model, run.datamodule)
     checkpoint = tmp_path / "last.ckpt"
     run.trainer.save_checkpoint(checkpoint)  # a `mmlm fit` checkpoint is a MODEL spec like any other
-    index = Index.build(str(checkpoint), "digits", tmp_path / "ix", split="test", accelerator="cpu")
+    index = build_index(str(checkpoint), "digits", tmp_path / "ix", split="test", accelerator="cpu")
     assert len(index) == 360  # scikit-learn's held-out fifth: never trained on
 
     loaded = load(checkpoint)

@@ -28,7 +28,7 @@ import torch
 
 from mmlm.factory import load
 from mmlm.paths import ASSETS
-from mmlm.retrieval import Index
+from mmlm.retrieval import Index, build_index
 
 API_KEY = "s3cret-key"
 ALLOWED_ORIGIN = "http://allowed.example"
@@ -125,8 +125,8 @@ def indexes(tmp_path_factory) -> Indexes:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the tiny model gains nothing from two threads on a busy machine
     try:
-        assets = Index.build("clip-tiny", str(ASSETS / "captions.csv"), root / "assets", batch_size=32, accelerator="cpu")
-        dups = Index.build("clip-tiny", str(photos), root / "dups", batch_size=32, accelerator="cpu")
+        assets = build_index("clip-tiny", str(ASSETS / "captions.csv"), root / "assets", batch_size=32, accelerator="cpu")
+        dups = build_index("clip-tiny", str(photos), root / "dups", batch_size=32, accelerator="cpu")
     finally:
         torch.set_num_threads(threads)
     return Indexes(assets, dups, outside)  # type: ignore[arg-type]
