@@ -12,6 +12,7 @@ from mmlm import save
 from mmlm.cli import main
 from mmlm.factory import resolve
 from mmlm.paths import ASSETS
+from mmlm.retrieval import Index
 
 
 @pytest.fixture
@@ -52,4 +53,5 @@ def test_datasets_and_prompt_files_resolve_assets_from_another_folder(bundle, tm
     assert json.loads((tmp_path / "r.json").read_text())["samples"] == {"used": 21, "skipped": {}}
     main(["index", "build", "assets/clip", "assets/captions.csv", "--out", str(tmp_path / "ix"), "--accelerator",
           "cpu"])  # fmt: skip
-    assert json.loads((tmp_path / "ix" / "manifest.json").read_text())["counts"]["items"] == 21
+    with Index.open(tmp_path / "ix") as index:
+        assert index.manifest["counts"]["items"] == 21
