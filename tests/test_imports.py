@@ -255,3 +255,16 @@ def test_a_cycle_is_reported_as_a_chain_with_its_import_lines(tmp_path):
         "  mmlm.a (mmlm/a.py:1) -> mmlm.b (mmlm/b.py:5) -> mmlm.c (mmlm/c.py:1) -> mmlm.a",
         "  mmlm.d (mmlm/d.py:1) -> mmlm.e (mmlm/e.py:1) -> mmlm.d",
     ]
+
+
+def test_the_serving_process_does_not_import_lightning():
+    """`mmlm serve` loads its model through mmlm.factory and its indexes through mmlm.retrieval.index: neither
+    the training stack (Lightning) nor transformers comes into the serving process."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mmlm.serve.app, mmlm.serve.served, mmlm.factory, mmlm.retrieval.model\n"
+            "print(sorted(m for m in ('lightning', 'transformers') if m in sys.modules))")  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.strip() == "[]"
