@@ -5,6 +5,7 @@ query syntax of ``mmlm search``)."""
 from __future__ import annotations
 
 import csv
+import json
 import shutil
 
 import numpy as np
@@ -183,3 +184,28 @@ def test_parse_query_reads_rclips_syntax():
     for bad in ("apple -", "cat + + dog", "+", ""):
         with pytest.raises(ValueError, match="an empty term"):
             parse_query(bad, files)
+
+
+def test_search_command_sends_terms_where_and_min_score(api, monkeypatch, tmp_path, capsys):
+    """``mmlm search``'s body, answered by the app in this process (the client's HTTP call routed to it)."""
+    from mmlm.retrieval.client import Client
+    from mmlm.retrieval.serve import search
+
+    def call(self, method: str, path: str, body: dict | None = None, raw: bool = False):
+        response = api.client.request(method, "/" + path, json={k: v for k, v in (body or {}).items() if v is not None})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    monkeypatch.setattr(Client, "_call", call)
+    shutil.copy(ASSETS / "images" / "coffee.jpg", tmp_path / "cup.jpg")
+    monkeypatch.chdir(tmp_path)
+    hits = search("http://127.0.0.1:9", "2:a cup of coffee + ./cup.jpg - a rocket", k=5, index="years",
+                  where='{"year": {"gte": 2020, "lt": 2021}}', min_score=-1.0, output="json")  # fmt: skip
+    terms = [{"text": "a cup of coffee", "weight": 2}, {"image": b64(tmp_path / "cup.jpg")},
+             {"text": "a rocket", "weight": -1}]  # fmt: skip
+    expected = api.json("/search", {"terms": terms, "k": 5, "index": "years", "where": {"year": YEAR}})["hits"]
+    assert [h["id"] for h in hits] == [h["id"] for h in expected] and len(hits) == 5
+    assert all(h["metadata"]["year"] == YEAR for h in hits)
+    assert [h["id"] for h in json.loads(capsys.readouterr().out)] == [h["id"] for h in hits]
+    with pytest.raises(ValueError, match="--where '{year': not JSON"):
+        search("http://127.0.0.1:9", "a cat", where="{year")
