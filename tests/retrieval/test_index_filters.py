@@ -142,3 +142,28 @@ def test_fewer_matches_than_k_pad_and_min_score_drops_exactly_the_hits_below(bui
     kept_ids, kept_scores = index.search(query, 20, min_score=threshold)
     assert kept_ids[0, :7].tolist() == all_ids[0, :7].tolist() and (kept_ids[0, 7:] == -1).all()
     assert (kept_scores[0, :7] >= threshold).all()
+
+
+@pytest.mark.parametrize("kind", ["Flat", "IVF8,Flat", "HNSW8", "IVF8,PQ4"])
+def test_search_parameters_keep_the_selection_and_the_index_settings(kind):
+    """Every kind an index may be built as: hits only from the selection, and an IVF's nprobe / HNSW's
+    efSearch kept (parameters replace them, and FAISS's default nprobe is 1)."""
+    import faiss
+
+    from mmlm.retrieval.index import faiss_index, search_parameters
+
+    vectors = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
+    faiss.normalize_L2(vectors)
+    index, _ = faiss_index(vectors, kind, nprobe=8)
+    index.add_with_ids(vectors, np.arange(len(vectors)))
+    selected = np.arange(3, len(vectors), 5)
+    params = search_parameters(index, faiss.IDSelectorBatch(selected))
+    if "IVF" in kind:
+        assert params.nprobe == 8
+    if "HNSW" in kind:
+        assert params.efSearch == faiss.downcast_index(faiss.downcast_index(index).index).hnsw.efSearch
+    _, ids = index.search(vectors[:4], 10, params=params)
+    assert np.isin(ids, selected).all()
+    if kind == "IVF8,Flat":  # every list probed: exact over the selection
+        exact = np.argsort(-(vectors[selected] @ vectors[:4].T), axis=0, kind="stable")[:10].T
+        assert ids.tolist() == selected[exact].tolist()
