@@ -10,11 +10,13 @@ import math
 import time
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 from fastapi import HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
+from mmlm.retrieval.index import search_parameters
 from mmlm.serve.batcher import Batcher, Query
 from mmlm.serve.deps import check_item, check_text
 from mmlm.serve.images import b64decode_async, read_image
@@ -84,13 +86,15 @@ async def combined_query(s: Served, settings: Settings, metrics: Metrics, batche
     return Query(s, vector=(total / norm).astype(np.float32))
 
 
-async def select_ids(s: Served, where: dict[str, Any] | None) -> tuple[np.ndarray | None, str | None]:
+async def select_ids(s: Served, where: dict[str, Any] | None, modality: str) -> tuple[np.ndarray | None, str | None]:
     """The ids ``where`` selects (``Index.select``, on a pool thread: it reads SQLite) and its canonical JSON,
     which lets queries with the same filter share one FAISS search; (None, None) without a filter."""
     if not where:
         return None, None
 
     def select() -> np.ndarray:
+        # a kind of index a selection cannot go into is refused here, not in the worker (which fails its batch)
+        search_parameters(s.index.faiss(modality), faiss.IDSelectorBatch(np.zeros(1, dtype=np.int64)))
         with s.lock:  # one SQLite connection per index, one thread at a time
             return s.index.select(where)
 

@@ -59,7 +59,7 @@ async def search(
     check_modality(s, body.modality)
     if body.min_score is not None and not math.isfinite(body.min_score):
         raise HTTPException(422, f"min_score {body.min_score}: give a finite number")
-    selected, where = await select_ids(s, body.where)
+    selected, where = await select_ids(s, body.where, body.modality)
     if body.terms is not None:
         if any(v is not None for v in (body.text, body.image, body.embedding, body.item)):
             raise HTTPException(422, "give terms or one of text, image, embedding, item, not both")
