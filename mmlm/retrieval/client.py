@@ -16,13 +16,20 @@ import asyncio
 import base64
 import json
 import os
+import re
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
 from typing import Any, NamedTuple
+
+# rclip's query syntax (github.com/yurijmikhalevich/rclip): terms joined by a lone + or -, each with an optional
+# "W:" weight (a number without a sign, as rclip's multiplier); a lone sign, so "t-shirt" stays one term
+SIGN = re.compile(r"(?<!\S)([+-])(?!\S)")
+WEIGHT = re.compile(r"(\d+(?:\.\d*)?|\.\d+):(.+)", re.DOTALL)
 
 
 class ApiError(ValueError):
@@ -46,6 +53,34 @@ def encode_image(image: str | os.PathLike | bytes | Any) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
+def parse_query(query: str, is_file: Callable[[str], bool] = os.path.isfile) -> list[dict[str, Any]]:
+    """The terms of a query in rclip's syntax, as ``/search`` takes them: ``"2:golden retriever" + ./pool.jpg -
+    fruit`` -> ``[{"text": "golden retriever", "weight": 2.0}, {"image": "./pool.jpg", "weight": 1.0},
+    {"text": "fruit", "weight": -1.0}]``. A term that names an existing file (``is_file``) is an image, any other
+    is text; quotes around a term are dropped; a leading sign applies to the first term."""
+    parts = SIGN.split(query.strip())
+    if parts[0] == "" and len(parts) > 1:  # "- fruit": the first term has a sign
+        parts = parts[1:]
+    else:
+        parts = ["+", *parts]
+    terms = []
+    for sign, text in zip(parts[::2], parts[1::2]):
+        text, weight = _unquote(text), 1.0
+        if (found := WEIGHT.fullmatch(text)) is not None:  # "2:golden retriever" or 2:"golden retriever"
+            weight, text = float(found.group(1)), _unquote(found.group(2))
+        if not text:
+            raise ValueError(f"query {query!r}: an empty term (a + or - with nothing after it?)")
+        kind = "image" if is_file(os.path.expanduser(text)) else "text"
+        terms.append({kind: os.path.expanduser(text) if kind == "image" else text,
+                      "weight": -weight if sign == "-" else weight})  # fmt: skip
+    return terms
+
+
+def _unquote(text: str) -> str:
+    text = text.strip()
+    return text[1:-1].strip() if len(text) >= 2 and text[0] == text[-1] and text[0] in "\"'" else text
+
+
 class Client:
     """A running ``mmlm serve`` at ``url``.
 
@@ -67,13 +102,23 @@ class Client:
 
     def search(
         self, text: str | None = None, *, image: Any = None, embedding: Any = None, item: int | None = None,
-        modality: str = "image", k: int = 10, offset: int = 0, index: str | None = None, deduplicate: bool = False,
+        terms: list[dict[str, Any]] | None = None, where: dict[str, Any] | None = None,
+        min_score: float | None = None, modality: str = "image", k: int = 10, offset: int = 0,
+        index: str | None = None, deduplicate: bool = False,
     ) -> list[dict[str, Any]]:  # fmt: skip
-        """The ``k`` nearest items of one query (a text, an image path / bytes / PIL image, a vector, or a stored
-        ``item``) on the ``modality`` side, best first: ``[{"id", "score", "metadata", "image"}]``."""
+        """The ``k`` nearest items of one query (a text, an image path / bytes / PIL image, a vector, a stored
+        ``item``, or weighted ``terms`` of them: ``[{"text": "dog", "weight": 2}, {"image": "pool.jpg"}]``) on
+        the ``modality`` side, best first: ``[{"id", "score", "metadata", "image"}]``. ``where``: only items
+        whose metadata match (``{"year": {"gte": 2020}}``, see ``Index.select``); ``min_score``: none below it."""
         body: dict[str, Any] = {"modality": modality, "k": k, "offset": offset, "index": index or self.index,
-                                "deduplicate": deduplicate}  # fmt: skip
-        body.update(self._query(text, image, embedding, item))
+                                "deduplicate": deduplicate, "where": where, "min_score": min_score}  # fmt: skip
+        if terms is not None:
+            if any(v is not None for v in (text, image, embedding, item)):
+                raise ValueError("give terms or one of text, image, embedding, item, not both")
+            body["terms"] = [{**self._query(**{k: v for k, v in t.items() if k != "weight"}),
+                              "weight": float(t.get("weight", 1.0))} for t in terms]  # fmt: skip
+        else:
+            body.update(self._query(text, image, embedding, item))
         return self._call("POST", "search", body)["hits"]
 
     def embed(self, text: str | None = None, *, image: Any = None, index: str | None = None) -> list[float]:
@@ -101,7 +146,8 @@ class Client:
         return urllib.parse.quote(name, safe="")
 
     @staticmethod
-    def _query(text: str | None, image: Any, embedding: Any, item: int | None) -> dict[str, Any]:
+    def _query(text: str | None = None, image: Any = None, embedding: Any = None, item: int | None = None
+               ) -> dict[str, Any]:  # fmt: skip
         given = {"text": text, "image": image, "embedding": embedding, "item": item}
         given = {k: v for k, v in given.items() if v is not None}
         if len(given) != 1:

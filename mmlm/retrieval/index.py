@@ -238,9 +238,32 @@ class Index:
             raise ValueError(f"{self.folder} has no {modality} index (its data had no {modality}s)")
         return self._indexes[modality]
 
+    def select(self, where: dict[str, Any] | None) -> np.ndarray:
+        """The ids of the items whose metadata match ``where`` (sorted int64), for ``search(ids=...)``.
+
+        ``where`` maps a column of the ``items`` table to a condition; all of them must hold:
+
+        - a value: equality (``{"year": 2024}``, ``{"label": "cat"}``; ``None``: the column is empty),
+        - ``{"gt" | "gte" | "lt" | "lte": value, ...}``: a range (the bounds together),
+        - ``{"in": [values]}``: any of the values,
+        - ``{"prefix": "2024/"}``: text that starts with it (``{"filepath": {"prefix": "2024/"}}``).
+
+        A number compares with numbers and with text that reads as one: a CSV manifest's columns hold
+        text, so ``{"year": {"gte": 2020}}`` must match ``"2021"``. A ValueError names an unknown column
+        or a malformed condition. Values are bound as SQL parameters; column names are checked against
+        the table's, then quoted.
+        """
+        if not where:
+            return np.arange(len(self), dtype=np.int64)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(items)")}
+        clauses, params = where_sql(where, columns)
+        rows = self._db.execute(f"SELECT id FROM items WHERE {' AND '.join(clauses)} ORDER BY id", params)
+        return np.fromiter((r[0] for r in rows), dtype=np.int64)
+
     def search(
-        self, vectors: Any, k: int = 10, modality: str = "image", rerank: int = RERANK
-    ) -> tuple[np.ndarray, np.ndarray]:
+        self, vectors: Any, k: int = 10, modality: str = "image", rerank: int = RERANK, ids: Any = None,
+        min_score: float | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """The ``k`` items whose ``modality`` embedding is nearest each query: (ids, scores), both (Q, k).
 
         Queries ((Q, dim) or (dim,), numpy or torch) are L2-normalised, so scores are cosine
@@ -248,6 +271,11 @@ class Index:
         A lossy index (PQ, SQ) proposes ``rerank * k`` items, rescored with the stored embeddings
         (memory-mapped: only their rows are read). Where fewer than ``k`` items exist, rows end in
         id -1 and score -inf (FAISS's padding).
+
+        ``ids`` (``select(where)``): only these items are searched. The selection goes into FAISS
+        (an ``IDSelectorBatch`` in its search parameters), so the ``k`` best *matching* items come back
+        whenever ``k`` match, not what is left of the ``k`` best after a filter (an IVF index still
+        searches only its ``nprobe`` nearest lists). ``min_score``: hits below it become -1 / -inf.
         """
         if k < 1 or rerank < 1:
             raise ValueError(f"k={k}, rerank={rerank}: give numbers >= 1")
@@ -259,12 +287,27 @@ class Index:
         index = self.faiss(modality)
         factor = rerank if is_lossy(index) else 1
         per_item = 1 if modality == "image" else max(1, int(self.manifest["counts"]["max_texts_per_item"]))
-        scores, ids = index.search(queries, max(k, min(k * factor * per_item, index.ntotal)))
+        wanted = max(k, min(k * factor * per_item, index.ntotal))
+        if ids is None:
+            scores, found = index.search(queries, wanted)
+        else:
+            selected = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+            if not len(selected):
+                return np.full((len(queries), k), -1, np.int64), np.full((len(queries), k), -np.inf, np.float32)
+            # text: FAISS ids are the items' ids (one per caption), so the same item ids select captions
+            selector = faiss.IDSelectorBatch(selected)
+            params = search_parameters(index, selector)
+            scores, found = index.search(queries, wanted, params=params)
+            del params, selector  # (FAISS keeps raw pointers: both lived until the search ended)
         if factor > 1:
-            scores = self._exact_scores(queries, ids, modality)
+            scores = self._exact_scores(queries, found, modality)
             order = np.argsort(-scores, axis=1, kind="stable")
-            ids, scores = np.take_along_axis(ids, order, 1), np.take_along_axis(scores, order, 1)
-        return _first_per_id(ids, scores, k)
+            found, scores = np.take_along_axis(found, order, 1), np.take_along_axis(scores, order, 1)
+        out_ids, out_scores = _first_per_id(found, scores, k)
+        if min_score is not None:
+            below = out_scores < min_score  # scores are sorted: what is dropped is each row's tail
+            out_ids[below], out_scores[below] = -1, -np.inf
+        return out_ids, out_scores
 
     def _exact_scores(self, queries: np.ndarray, ids: np.ndarray, modality: str) -> np.ndarray:
         """Each candidate's cosine similarity from the stored embeddings (an item's best caption for text)."""
@@ -304,6 +347,90 @@ class Index:
         self._db.close()
         self._indexes.clear()
         self._embeddings.clear()
+
+
+RANGES = {"gt": ">", "gte": ">=", "lt": "<", "lte": "<="}  # a where condition's range operators in SQL
+MAX_VALUES = 1000  # values of one where (``in`` lists included): SQL parameters, bounded
+
+
+def where_sql(where: dict[str, Any], columns: set[str]) -> tuple[list[str], list[Any]]:
+    """``Index.select``'s ``where`` as SQL clauses (ANDed) and their parameters; ValueError if malformed."""
+    if not isinstance(where, dict):
+        raise ValueError(f"where: give an object of column: condition, not {type(where).__name__}")
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, condition in where.items():
+        if column not in columns:
+            raise ValueError(f"where: no column {str(column)[:100]!r}; the items have {', '.join(sorted(columns))}")
+        name = '"' + column.replace('"', '""') + '"'
+        if not isinstance(condition, dict):
+            condition = {"eq": condition}
+        if not condition:
+            raise ValueError(f"where: {column!r}: an empty condition")
+        for op, value in condition.items():
+            clause, values = _condition(name, column, op, value)
+            clauses.append(clause)
+            params += values
+    if len(params) > MAX_VALUES:
+        raise ValueError(f"where: {len(params)} values; the limit is {MAX_VALUES}")
+    return clauses, params
+
+
+def _condition(name: str, column: str, op: str, value: Any) -> tuple[str, list[Any]]:
+    """One condition on one column: (SQL, parameters)."""
+    # text that reads as a number compares as one (a CSV's columns are text); other text does not compare
+    number = (f"(CASE WHEN typeof({name}) IN ('integer', 'real') THEN {name} WHEN typeof({name}) = 'text' "
+              f"AND trim({name}) <> '' AND trim({name}) NOT GLOB '*[^0-9.eE+-]*' THEN CAST({name} AS REAL) END)")  # fmt: skip
+    if op == "eq":
+        if value is None:
+            return f"{name} IS NULL", []
+        value = _scalar(column, op, value)
+        return (f"{number} = ?" if not isinstance(value, str) else f"{name} = ?"), [value]
+    if op in RANGES:
+        value = _scalar(column, op, value)
+        if isinstance(value, str):  # text ranges (dates as ISO text) compare text only
+            return f"(typeof({name}) = 'text' AND {name} {RANGES[op]} ?)", [value]
+        return f"{number} {RANGES[op]} ?", [value]
+    if op == "in":
+        if not isinstance(value, list) or not value:
+            raise ValueError(f"where: {column!r}: 'in' takes a non-empty list of values")
+        values = [_scalar(column, op, v) for v in value]
+        texts, numbers = [v for v in values if isinstance(v, str)], [v for v in values if not isinstance(v, str)]
+        parts = [f"{name} IN ({','.join('?' * len(texts))})"] if texts else []
+        parts += [f"{number} IN ({','.join('?' * len(numbers))})"] if numbers else []
+        return "(" + " OR ".join(parts) + ")", texts + numbers
+    if op == "prefix":
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"where: {column!r}: 'prefix' takes a non-empty text")
+        # substr, not LIKE: a prefix holding % or _ means itself
+        return f"(typeof({name}) = 'text' AND substr({name}, 1, ?) = ?)", [len(value), value]
+    raise ValueError(f"where: {column!r}: unknown operator {str(op)[:40]!r}; use gt, gte, lt, lte, in, prefix "
+                     "or a value")  # fmt: skip
+
+
+def _scalar(column: str, op: str, value: Any) -> str | int | float:
+    if isinstance(value, bool):  # JSON true / false: stored as 1 / 0
+        return int(value)
+    if isinstance(value, str) or (isinstance(value, (int, float)) and math.isfinite(value)):
+        return value
+    raise ValueError(f"where: {column!r} {op}: give a text or a finite number, not {str(value)[:40]!r}")
+
+
+def search_parameters(index: faiss.Index, selector: faiss.IDSelector) -> faiss.SearchParameters:
+    """FAISS search parameters that restrict ``index``'s search to ``selector``, the index's own settings kept
+    (an IVF index's ``nprobe``, HNSW's ``efSearch``: parameters replace them, defaults included)."""
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexIDMap):  # it translates the selector into its inner index's row numbers
+        inner = faiss.downcast_index(inner.index)
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        if not isinstance(faiss.downcast_index(index), faiss.IndexIVF):  # e.g. OPQ or PCA before the IVF
+            raise ValueError(f"where: filtered search of a {type(faiss.downcast_index(index)).__name__} index is not "
+                             "supported; rebuild it with an IVF or Flat --index_type")  # fmt: skip
+        return faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe, max_codes=ivf.max_codes)
+    if isinstance(inner, faiss.IndexHNSW):
+        return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+    return faiss.SearchParameters(sel=selector)
 
 
 def _first_per_id(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

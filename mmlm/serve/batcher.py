@@ -48,6 +48,9 @@ class Query:
     vector: np.ndarray | None = None
     modality: str | None = None  # the side to search; None: only the embedding is wanted
     k: int = 0
+    ids: np.ndarray | None = None  # search only these items (``Index.select``); None: all
+    where: str | None = None  # what selected ``ids`` (canonical JSON): queries with the same one share a search
+    min_score: float | None = None  # hits below it are dropped
     future: asyncio.Future | None = None
     queued: float = 0.0
 
@@ -219,17 +222,22 @@ class Batcher:
         for engine, rows in images.items():
             self._encode(vectors, rows, engine.encode_image, [batch[i].pixels for i in rows])
         answers = [Answer(v) for v in vectors]  # type: ignore[arg-type]
-        searches: dict[tuple[str, str], list[int]] = defaultdict(list)
+        # one FAISS search per index, side and filter: a selection applies to every query of a search
+        searches: dict[tuple[str, str, str | None], list[int]] = defaultdict(list)
         for i, q in enumerate(batch):
             if q.modality is not None:
-                searches[(q.served.name, q.modality)].append(i)
-        for (_, modality), rows in searches.items():
+                searches[(q.served.name, q.modality, q.where)].append(i)
+        for (_, modality, _), rows in searches.items():
             t = time.perf_counter()
             k = max(batch[i].k for i in rows)
-            ids, scores = batch[rows[0]].served.index.search(np.stack([vectors[i] for i in rows]), k, modality)
+            first = batch[rows[0]]
+            ids, scores = first.served.index.search(np.stack([vectors[i] for i in rows]), k, modality, ids=first.ids)
             for row, i in enumerate(rows):
-                found = ids[row, : batch[i].k] >= 0  # FAISS pads with -1 where fewer exist
-                answers[i].ids, answers[i].scores = ids[row, : batch[i].k][found], scores[row, : batch[i].k][found]
+                q_ids, q_scores = ids[row, : batch[i].k], scores[row, : batch[i].k]
+                found = q_ids >= 0  # FAISS pads with -1 where fewer exist
+                if batch[i].min_score is not None:
+                    found &= q_scores >= batch[i].min_score
+                answers[i].ids, answers[i].scores = q_ids[found], q_scores[found]
             self.metrics.stage("search", time.perf_counter() - t)
         return answers
 

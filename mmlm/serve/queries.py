@@ -4,18 +4,24 @@ rows and image URLs. Whatever may take more than a fraction of a millisecond run
 
 from __future__ import annotations
 
+import asyncio
+import json
+import math
 import time
 from typing import Any
 
+import faiss
 import numpy as np
 import torch
 from fastapi import HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
+from mmlm.retrieval.index import search_parameters
 from mmlm.serve.batcher import Batcher, Query
 from mmlm.serve.deps import check_item, check_text
-from mmlm.serve.images import read_image
+from mmlm.serve.images import b64decode_async, read_image
 from mmlm.serve.metrics import Metrics
+from mmlm.serve.schemas import MAX_TERMS, Term
 from mmlm.serve.served import Served
 from mmlm.serve.settings import Settings
 
@@ -51,10 +57,61 @@ async def make_query(
     return Query(s, vector=stored)
 
 
+async def combined_query(s: Served, settings: Settings, metrics: Metrics, batcher: Batcher, terms: list[Term]) -> Query:
+    """One query vector out of weighted terms: the normalised sum of ``weight * embedding`` over the terms, each
+    embedding L2-normalised first (so a weight says how much a term counts, whatever kind it is). The texts and
+    images go through the model worker together, batched with whatever else it is doing."""
+    if not 1 <= len(terms) <= MAX_TERMS:
+        raise HTTPException(422, f"terms: give 1 to {MAX_TERMS} terms, not {len(terms)}")
+    for n, t in enumerate(terms):
+        if not math.isfinite(t.weight):
+            raise HTTPException(422, f"terms[{n}]: weight {t.weight}: give a finite number")
+    if not any(t.weight for t in terms):
+        raise HTTPException(422, "terms: every weight is 0; give at least one term a weight")
+    parts = []
+    for n, t in enumerate(terms):
+        try:
+            image = await b64decode_async(t.image) if t.image is not None else None
+            parts.append(await make_query(s, settings, metrics, t.text, image, t.embedding, t.item))
+        except HTTPException as e:
+            raise HTTPException(e.status_code, f"terms[{n}]: {e.detail}") from None
+    encoded = await asyncio.gather(*(batcher(q) for q in parts if q.vector is None))
+    vectors = iter(a.vector for a in encoded)
+    stacked = np.stack([q.vector if q.vector is not None else next(vectors) for q in parts]).astype(np.float64)
+    stacked /= np.linalg.norm(stacked, axis=1, keepdims=True).clip(1e-12)
+    total = np.asarray([t.weight for t in terms]) @ stacked
+    norm = float(np.linalg.norm(total))
+    if not norm > 1e-6:
+        raise HTTPException(422, "terms: the weighted terms cancel out (their sum is the zero vector)")
+    return Query(s, vector=(total / norm).astype(np.float32))
+
+
+async def select_ids(s: Served, where: dict[str, Any] | None, modality: str) -> tuple[np.ndarray | None, str | None]:
+    """The ids ``where`` selects (``Index.select``, on a pool thread: it reads SQLite) and its canonical JSON,
+    which lets queries with the same filter share one FAISS search; (None, None) without a filter."""
+    if not where:
+        return None, None
+
+    def select() -> np.ndarray:
+        # a kind of index a selection cannot go into is refused here, not in the worker (which fails its batch)
+        search_parameters(s.index.faiss(modality), faiss.IDSelectorBatch(np.zeros(1, dtype=np.int64)))
+        with s.lock:  # one SQLite connection per index, one thread at a time
+            return s.index.select(where)
+
+    try:
+        ids = await run_in_threadpool(select)
+    except ValueError as e:
+        raise HTTPException(422, str(e)) from None
+    return ids, json.dumps(where, sort_keys=True)
+
+
 async def search_ids(
-    batcher: Batcher, s: Served, query: Query, modality: str, k: int, dedup: bool
-) -> tuple[np.ndarray, np.ndarray]:
+    batcher: Batcher, s: Served, query: Query, modality: str, k: int, dedup: bool, ids: np.ndarray | None = None,
+    where: str | None = None, min_score: float | None = None,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """The ``k`` nearest ids and their scores (of the ``ids`` selected by ``where``; none below ``min_score``)."""
     query.modality, query.k = modality, k
+    query.ids, query.where, query.min_score = ids, where, min_score
     answer = await batcher(query)
     ids, scores = answer.ids, answer.scores
     assert ids is not None and scores is not None  # a query with a modality is searched

@@ -9,10 +9,35 @@ from pydantic import BaseModel, ConfigDict, Field
 MAX_ID = 2**63  # SQLite integers: a larger id is refused before it reaches the database
 
 
-class SearchRequest(BaseModel):
-    """Exactly one of ``text``, ``image``, ``embedding``, ``item``."""
+MAX_TERMS = 16  # terms of one combined query: each text or image is one more pass through the model
+
+
+class Term(BaseModel):
+    """One part of a combined query: exactly one of ``text``, ``image``, ``embedding``, ``item``, and its weight."""
 
     model_config = ConfigDict(extra="forbid")
+    text: str | None = None
+    image: str | None = Field(None, description="an image file, base64 (a data: URL too)")
+    embedding: list[float] | None = None
+    item: int | None = Field(None, ge=0, lt=MAX_ID, description="this item's stored image embedding")
+    # NaN is refused by the route, not here: pydantic's 422 would echo it, and JSON cannot carry NaN
+    weight: float = Field(1.0, description="its share of the query; negative: away from it")
+
+
+class SearchRequest(BaseModel):
+    """Exactly one of ``text``, ``image``, ``embedding``, ``item``, ``terms``.
+
+    ``terms``: the query is the L2-normalised weighted sum of the terms' L2-normalised embeddings, e.g.
+    ``[{"text": "golden retriever", "weight": 2}, {"item": 17}, {"text": "fruit", "weight": -1}]``.
+    ``where``: only items whose metadata match (``Index.select``): ``{"year": {"gte": 2020, "lt": 2024},
+    "label": {"in": ["cat", "dog"]}, "filepath": {"prefix": "2024/"}, "source": "flickr"}``; the filter
+    is applied inside the FAISS search, so ``k`` hits come back whenever ``k`` items match.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    terms: list[Term] | None = Field(None, description=f"a combined query: 1 to {MAX_TERMS} weighted terms")
+    where: dict[str, Any] | None = Field(None, description="conditions on the items' metadata columns (all hold)")
+    min_score: float | None = Field(None, description="drop hits scoring below it (cosine)")
     text: str | None = Field(None, description="a text query")
     image: str | None = Field(None, description="an image file, base64 (a data: URL too)")
     embedding: list[float] | None = Field(None, description="a query vector of the index's dimension")

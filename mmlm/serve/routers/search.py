@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any
 
 import numpy as np
@@ -26,7 +27,7 @@ from mmlm.serve.deps import (
 )
 from mmlm.serve.images import b64decode_async, read_image
 from mmlm.serve.metrics import Metrics
-from mmlm.serve.queries import image_url, make_query, metadata, search_ids
+from mmlm.serve.queries import combined_query, image_url, make_query, metadata, search_ids, select_ids
 from mmlm.serve.schemas import MAX_ID, EmbedRequest, EmbedResponse, ExplainRequest, SearchRequest, SearchResponse
 from mmlm.serve.served import Served
 from mmlm.serve.settings import Settings
@@ -51,13 +52,23 @@ async def search(
     body: SearchRequest, request: Request, served: ServedDep, settings: SettingsDep, batcher: BatcherDep,
     metrics: MetricsDep,
 ) -> JSONResponse:  # fmt: skip
-    """The ``k`` items nearest a text, an image, an embedding or a stored item, best first (cosine)."""
+    """The ``k`` items nearest a text, an image, an embedding, a stored item or weighted ``terms`` of them, best
+    first (cosine); only items matching ``where``, none scoring below ``min_score``."""
     s = pick(served, body.index)
     check_k(settings, body.k, body.offset)
     check_modality(s, body.modality)
-    image = await b64decode_async(body.image) if body.image is not None else None
-    query = await make_query(s, settings, metrics, body.text, image, body.embedding, body.item)
-    ids, scores = await search_ids(batcher, s, query, body.modality, body.k + body.offset, body.deduplicate)
+    if body.min_score is not None and not math.isfinite(body.min_score):
+        raise HTTPException(422, f"min_score {body.min_score}: give a finite number")
+    selected, where = await select_ids(s, body.where, body.modality)
+    if body.terms is not None:
+        if any(v is not None for v in (body.text, body.image, body.embedding, body.item)):
+            raise HTTPException(422, "give terms or one of text, image, embedding, item, not both")
+        query = await combined_query(s, settings, metrics, batcher, body.terms)
+    else:
+        image = await b64decode_async(body.image) if body.image is not None else None
+        query = await make_query(s, settings, metrics, body.text, image, body.embedding, body.item)
+    ids, scores = await search_ids(batcher, s, query, body.modality, body.k + body.offset, body.deduplicate,
+                                   selected, where, body.min_score)  # fmt: skip
     ids, scores = ids[body.offset :], scores[body.offset :]
     rows = await metadata(s, metrics, ids)
     hits = [{"id": int(i), "score": float(score), "metadata": {k: v for k, v in row.items() if k != "id"},
