@@ -1,7 +1,7 @@
 """clip-retrieval's own web front end (its wheel's ``front/build``) served by ``mmlm serve --clip_front``:
 its ``config.json`` points it at the server; "search by this image" sends the server's own item URL, answered
-from the stored embedding without a fetch; items without an image file (digits) get a rendered PNG ``url``;
-an index folder ``x.index`` serves as ``x``. In this process with TestClient, then the real front end in
+from the stored embedding without a fetch; items without an image file (digits) get a rendered PNG ``url``
+(shown by mmlm's own page too); an index folder ``x.index`` serves as ``x``. In this process with TestClient, then the real front end in
 headless Chromium (Debian's ``chromium``, driven by Playwright) against a real server process."""
 
 from __future__ import annotations
@@ -220,6 +220,16 @@ def test_clip_retrieval_front_end_against_mmlm_serve(indexes, digits_index, tmp_
                 assert len(shown) >= min(40, len(urls)) and [s["src"] for s in shown] == urls[: len(shown)]
                 assert all(s["loaded"] and s["width"] == DIGIT_SIDE for s in shown)  # rendered PNGs, not blanks
                 page.screenshot(path=str(tmp_path / "clip-front-digits.png"))
+
+                # mmlm's own page shows the same rendered digits (its hits carry no image file URL)
+                page.goto(server.url + "/")
+                page.select_option("#index", "digits")
+                page.fill("#query", "a handwritten seven")
+                page.press("#query", "Enter")
+                page.wait_for_function("() => document.querySelectorAll('#results img').length === 24 && [...document"
+                                       ".querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth)")  # fmt: skip
+                widths = page.eval_on_selector_all("#results img", "imgs => imgs.map(i => i.naturalWidth)")
+                assert widths == [DIGIT_SIDE] * 24 and page.locator("#results .no-image").count() == 0
             finally:
                 browser.close()
     finally:
