@@ -14,14 +14,17 @@ import torch
 from _inprocess import serving
 from _ranking import ATOL, brute_force, item_of
 from conftest import start_server, stop_server
+from fastapi.testclient import TestClient
 from PIL import Image
 
 from mmlm.data.digits import digits_image_text
 from mmlm.errors import UsageError
 from mmlm.retrieval import build_index
+from mmlm.serve.app import create_app
 from mmlm.serve.command import clip_front_folder, serve
 from mmlm.serve.images import DIGIT_SIDE
-from mmlm.serve.served import index_names
+from mmlm.serve.served import index_names, open_indexes
+from mmlm.serve.settings import Settings
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package: Playwright's own browser download is not reachable
 FRONT_BODY = {  # what the front end posts (fetch with a string body: text/plain), less the query itself
@@ -120,6 +123,20 @@ def test_front_end_files_and_config(api):
     assert status == 200 and data.startswith(b"//")
     status, _, _ = api.request("GET", "/clip-front")
     assert status == 200  # redirected to the folder, whose relative paths need the slash
+
+
+def test_behind_a_proxy_prefix(indexes):
+    """Under ``--root_path /api`` the front end's back end is ``/api``, and the item URLs the answers carry
+    (``/api/items/...``, absolute or not) are still this server's own."""
+    app = create_app(Settings(threads=1, clip_front=clip_front_folder()), open_indexes([str(indexes.assets.folder)]))
+    with TestClient(app, root_path="/api") as client:
+        assert client.get("/clip-front/config.json").json()["defaultBackend"] == "/api"
+        rocket = item_of("rocket.jpg")
+        for url in (f"http://testserver/api/items/assets/{rocket}/image", f"/api/items/assets/{rocket}/image"):
+            out = client.post("/knn-service", json={"image_url": url, "num_images": 1}).json()
+            assert out[0]["id"] == rocket and out[0]["url"] == f"http://testserver/api/items/assets/{rocket}/image"
+        answer = client.post("/knn-service", json={"image_url": f"/items/assets/{rocket}/image"})
+        assert answer.status_code == 403  # outside the prefix: not an address of this server
 
 
 def test_front_end_is_off_by_default(indexes):
