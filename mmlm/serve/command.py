@@ -41,7 +41,8 @@ def serve(
     """Serve indexes over HTTP: search API, clip-retrieval's routes, /metrics and a web page at /.
 
     Args:
-        indexes: index folders (``mmlm index build --out``), each named by its folder or ``NAME=DIR``;
+        indexes: index folders (``mmlm index build --out``), each named by its folder (``photos.index``:
+            ``photos``) or ``NAME=DIR``;
             requests that name no index get the first.
         host: address to listen on; ``0.0.0.0`` for every interface (put a reverse proxy in front).
         port: port to listen on (0: any free one, printed at start).
