@@ -33,12 +33,15 @@ DESCRIPTION = """
 Image-text search over indexes built by `mmlm index build`.
 
 - **Own routes**: `POST /search` (text, image, embedding or a stored item -> nearest items),
-  `POST /embed`, `GET /indices`, `GET /items/{index}/{id}` (+ `/image`), `POST /explain` (heatmap PNG).
+  `POST /embed`, `GET /indices`, `GET /items/{index}/{id}` (+ `/image`: the file, or a digit's pixels as PNG),
+  `POST /explain` (heatmap PNG).
 - **clip-retrieval routes**: `POST /knn-service`, `GET /indices-list`, `POST /metadata`, with its request and
   response schema, so its `ClipClient` and web front end work unchanged. `use_safety_model`,
   `use_violence_detector`, `use_mclip`, `aesthetic_score` and `aesthetic_weight` are accepted and ignored:
-  this server has no safety, violence, multilingual or aesthetic models. `image_url` is refused unless the
-  server was started with `--image_url_allow`.
+  this server has no safety, violence, multilingual or aesthetic models. An `image_url` naming this server's
+  own `/items/{index}/{id}/image` searches by the item's stored embedding; any other is refused unless the
+  server was started with `--image_url_allow`. With `--clip_front`, clip-retrieval's web front end itself is
+  at `/clip-front/`, pointed at this server.
 - JSON bodies may come without a `Content-Type` (as `ClipClient` sends them); any type other than JSON is
   refused (415). Every refusal is a 4xx JSON `{"detail": message}`.
 - With an API key, every route but `/healthz` and the page itself needs it: header `X-API-Key: KEY`,
@@ -88,6 +91,9 @@ def create_app(settings: Settings, served: dict[str, Served]) -> FastAPI:
     app.mount("/static", StaticFiles(directory=service.STATIC), name="static")
     app.include_router(search.router)
     app.include_router(clip_retrieval.router)
+    if settings.clip_front is not None:  # its config.json route first: it answers in place of the wheel's file
+        app.include_router(clip_retrieval.front)
+        app.mount(clip_retrieval.FRONT, StaticFiles(directory=settings.clip_front, html=True), name="clip_front")
     # added innermost first: a request meets CORS, then metrics, then the key, then the body checks
     app.add_middleware(PlainTextJsonMiddleware, paths=clip_retrieval.POSTS)
     app.add_middleware(BodyLimitMiddleware, max_body=settings.max_body)

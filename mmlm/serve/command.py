@@ -24,6 +24,7 @@ def serve(
     api_key: str | None = None,
     cors_origins: str = "",
     image_url_allow: str = "",
+    clip_front: bool = False,
     max_body_mb: float = 10.0,
     max_pixels: int = 25_000_000,
     max_text: int = 1000,
@@ -40,7 +41,8 @@ def serve(
     """Serve indexes over HTTP: search API, clip-retrieval's routes, /metrics and a web page at /.
 
     Args:
-        indexes: index folders (``mmlm index build --out``), each named by its folder or ``NAME=DIR``;
+        indexes: index folders (``mmlm index build --out``), each named by its folder (``photos.index``:
+            ``photos``) or ``NAME=DIR``;
             requests that name no index get the first.
         host: address to listen on; ``0.0.0.0`` for every interface (put a reverse proxy in front).
         port: port to listen on (0: any free one, printed at start).
@@ -57,7 +59,10 @@ def serve(
             variable, which, unlike this option, other users cannot read in the process list.
         cors_origins: origins whose web pages may call the API, comma-separated (``*``: any); default: none.
         image_url_allow: URL prefixes clip-retrieval's ``image_url`` may fetch from, comma-separated;
-            default: none, and ``image_url`` is refused (the server would fetch any address a client names).
+            default: none, and ``image_url`` is refused (the server would fetch any address a client names),
+            but for this server's own ``/items/{index}/{id}/image``, answered from the index.
+        clip_front: also serve clip-retrieval's web front end (from its installed wheel) at ``/clip-front/``,
+            pointed at this server: no ``--cors_origins`` needed. It sends no API key: not with ``--api_key``.
         max_body_mb: largest request body, in MiB (an image travels as base64: 4/3 of its file).
         max_pixels: largest uploaded image (width x height), checked before decoding.
         max_text: longest text query, in characters.
@@ -82,6 +87,11 @@ def serve(
                               "seconds"), ("explain_timeout_s", explain_timeout_s, "seconds")):  # fmt: skip
         if not value > 0:
             raise UsageError(f"--{name} {value}: give {unit} above 0")
+    key = api_key or os.environ.get(API_KEY_ENV)
+    if clip_front and key:
+        raise UsageError("--clip_front: clip-retrieval's front end cannot send an API key; serve it without "
+                         f"--api_key / {API_KEY_ENV}")  # fmt: skip
+    front = clip_front_folder() if clip_front else None
     import logging
 
     import uvicorn
@@ -92,8 +102,8 @@ def serve(
     from mmlm.serve.settings import Settings
 
     settings = Settings(
-        model=model, device=device, int8=int8, api_key=api_key or os.environ.get(API_KEY_ENV),
-        cors_origins=tuple(_split(cors_origins)), image_url_allow=tuple(_split(image_url_allow)),
+        model=model, device=device, int8=int8, api_key=key, cors_origins=tuple(_split(cors_origins)),
+        image_url_allow=tuple(_split(image_url_allow)), clip_front=front,
         max_body=int(max_body_mb * 2**20), max_pixels=max_pixels, max_text=max_text, max_k=max_k,
         max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, threads=threads,
         query_timeout_s=query_timeout_s, explain_timeout_s=explain_timeout_s,
@@ -102,6 +112,23 @@ def serve(
     logging.getLogger("uvicorn.access").addFilter(RedactApiKey())
     uvicorn.run(app, host=host, port=port, root_path=root_path, proxy_headers=True,
                 forwarded_allow_ips=forwarded_allow_ips, log_level=log_level)  # fmt: skip
+
+
+def clip_front_folder() -> Path:
+    """The built front end the clip-retrieval wheel installs (``front/build`` beside its package), or a
+    ``UsageError`` saying how to get it."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from mmlm.errors import UsageError
+
+    try:
+        folder = Path(str(distribution("clip-retrieval").locate_file("front/build")))
+    except PackageNotFoundError:
+        raise UsageError("--clip_front: clip-retrieval is not installed "
+                         "(`pip install clip-retrieval --no-deps` brings its front end)") from None  # fmt: skip
+    if not (folder / "index.html").is_file() or not (folder / "config.json").is_file():
+        raise UsageError(f"--clip_front: clip-retrieval is installed without its built front end ({folder})")
+    return folder
 
 
 def _split(values: str) -> list[str]:

@@ -1,12 +1,16 @@
 """Images a client sends: base64 decoded, the header checked (format, pixels) before a pixel is decoded, and
-``image_url`` fetched only from the addresses the server allows. Each step is a plain function that raises
-``HTTPException``; the routes run the heavy ones on a pool thread, off the event loop."""
+``image_url`` fetched only from the addresses the server allows, or, when it names one of this server's own
+items, never fetched at all. Items whose data has pixels but no files (digits) are rendered as PNG. Each step is
+a plain function that raises ``HTTPException``; the routes run the heavy ones on a pool thread, off the event
+loop."""
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import http.client
+import re
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -19,10 +23,15 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import Image, UnidentifiedImageError
 
 import mmlm
+from mmlm.data.digits import DigitsImageText, digits_image_text
 from mmlm.data.skips import DECOMPRESSION_BOMB, Skip, load_image
+from mmlm.data.sources import is_digits
+from mmlm.serve.served import Served
 
 IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")  # decoders exposed to uploads (no TIFF, PSD, ...)
 INLINE_BASE64 = 64 * 1024  # characters decoded on the event loop (tens of microseconds); more go to a thread
+DIGIT_SIDE = 128  # a rendered digit: bicubic from its 8x8 scan as the index's (at 32 px), large enough to look at
+ITEM_PATH = re.compile(r"items/([A-Za-z0-9._-]+)/([0-9]{1,19})/image")  # ``item_image``'s path, under the root
 
 
 def b64decode(text: str) -> bytes:
@@ -86,3 +95,49 @@ def fetch_image(url: str, allow: Sequence[str], max_bytes: int) -> bytes:
     if len(data) > max_bytes:
         raise HTTPException(413, f"image_url: larger than {max_bytes:,} bytes")
     return data
+
+
+def own_item(url: str, base_url: str) -> tuple[str, int] | None:
+    """``(index, id)`` when ``url`` is this server's ``/items/{index}/{id}/image`` (as its answers write it,
+    ``base_url`` being the request's, root path included; or that path without scheme and host), else None.
+    Such a URL is answered from the index, so it needs neither a fetch nor ``--image_url_allow``."""
+    parts, base = urlsplit(url), urlsplit(base_url)
+    if (parts.scheme or parts.netloc) and (parts.scheme, parts.netloc) != (base.scheme, base.netloc):
+        return None
+    root = base.path if base.path.endswith("/") else base.path + "/"
+    found = ITEM_PATH.fullmatch(parts.path.removeprefix(root)) if parts.path.startswith(root) else None
+    return (found.group(1), int(found.group(2))) if found else None
+
+
+@functools.lru_cache(maxsize=2)
+def digits(split: str) -> DigitsImageText:
+    return digits_image_text(split, image_size=DIGIT_SIDE)  # type: ignore[arg-type]
+
+
+def digits_build(s: Served, item: int, meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The build that embedded the item from pixels without a file (digits: ``meta["index"]`` in its split)."""
+    if not isinstance(meta.get("index"), int):
+        return None
+    return next((b for b in s.index.manifest["builds"]
+                 if b["ids"] and b["ids"][0] <= item <= b["ids"][1] and is_digits(b["data"])), None)  # fmt: skip
+
+
+def rendered(s: Served, item: int, meta: dict[str, Any]) -> bool:
+    """Whether ``item_image`` answers the item with its rendered pixels (it has no file)."""
+    return digits_build(s, item, meta) is not None
+
+
+def render_png(s: Served, item: int, meta: dict[str, Any]) -> bytes | None:
+    """The item's pixels as a PNG (digits, ink dark on white), None for an item without such pixels."""
+    build = digits_build(s, item, meta)
+    if build is None:
+        return None
+    out = BytesIO()
+    digits(build["split"]).image(meta["index"]).save(out, "PNG")
+    return out.getvalue()
+
+
+def item_bytes(s: Served, item: int, meta: dict[str, Any]) -> bytes | None:
+    """The item's picture as a file's bytes: its image file, or its rendered pixels; None when it has neither."""
+    path = s.image_file(item, meta)
+    return path.read_bytes() if path is not None else render_png(s, item, meta)

@@ -20,6 +20,7 @@ from mmlm.retrieval.index import Index
 from mmlm.serve.engine import Engine
 
 NAME = re.compile(r"[A-Za-z0-9._-]+")  # an index name is a URL path segment
+INDEX_SUFFIX = ".index"
 
 
 @dataclass
@@ -60,19 +61,27 @@ def data_root(data: str) -> Path | None:
     return None
 
 
+def folder_name(folder: Path) -> str:
+    """An index folder's name as a server calls it: ``photos.index`` -> ``photos`` (``.index`` is what the
+    folder is, not which one)."""
+    name = folder.resolve().name
+    return name.removesuffix(INDEX_SUFFIX) or name
+
+
 def index_names(indexes: Mapping[str, Any] | Sequence[Any]) -> list[tuple[str, Any]]:
-    """``(name, folder or Index)`` from a mapping, or from folders (named by their last part) and ``name=DIR``
-    strings; names checked before anything is opened."""
+    """``(name, folder or Index)`` from a mapping, or from folders (named by their last part, less an ``.index``
+    suffix: ``photos.index`` serves as ``photos``) and ``name=DIR`` strings; names checked before anything is
+    opened."""
     pairs: list[tuple[str, Any]] = []
     if isinstance(indexes, Mapping):
         pairs = list(indexes.items())
     else:
         for entry in indexes:
             if isinstance(entry, Index):
-                pairs.append((entry.folder.resolve().name, entry))
+                pairs.append((folder_name(entry.folder), entry))
                 continue
             name, sep, folder = str(entry).partition("=")
-            pairs.append((name, folder) if sep and NAME.fullmatch(name) else (Path(entry).resolve().name, entry))
+            pairs.append((name, folder) if sep and NAME.fullmatch(name) else (folder_name(Path(entry)), entry))
     if not pairs:
         raise ValueError("give at least one index folder to serve (`mmlm index build` writes one)")
     seen: set[str] = set()

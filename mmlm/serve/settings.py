@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 def default_threads() -> int:
@@ -26,6 +27,8 @@ class Settings:
     api_key: str | None = None  # every route but /healthz and the page needs it, when set
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API from a browser (``*``: any)
     image_url_allow: tuple[str, ...] = ()  # address prefixes ``image_url`` may name; none: refused
+    # what else it serves
+    clip_front: Path | None = None  # clip-retrieval's built front end (its wheel's front/build), at /clip-front/
     # what one request may ask
     max_body: int = 10 * 2**20  # bytes of a request body (base64 makes an image file 4/3 larger)
     max_pixels: int = 25_000_000  # width x height of an uploaded image, read from its header before decoding

@@ -1,6 +1,7 @@
 """The web page in headless Chromium (Debian's ``chromium``, driven by Playwright): a typed query shows
-the API's hits as loaded thumbnails, a click searches by that picture, a dropped file searches by
-itself; nothing is fetched from anywhere but the server. Leaves a screenshot in tmp_path."""
+the API's hits as loaded thumbnails, "where?" toggles a result between its picture and its heatmap (with a
+legend), a click searches by that picture, a dropped file searches by itself and is shown as the query;
+nothing is fetched from anywhere but the server. Leaves a screenshot in tmp_path."""
 
 from __future__ import annotations
 
@@ -48,22 +49,42 @@ def test_page_searches_by_text_click_and_drop(server, tmp_path):
             assert [c["score"] for c in shown] == [f"{h['score']:.3f}" for h in expected]
             assert all(c["loaded"] for c in shown)  # every thumbnail came from /items/.../image and decoded
             assert shown[0]["caption"].endswith(expected[0]["metadata"]["captions"][0])
+            expect(page.locator("#query-image")).to_be_hidden()  # a text query has no picture to show
+
+            card = page.locator("#results figure.card").first
+            picture = card.locator("img").get_attribute("src")
+            card.locator("button.where").click()  # its heatmap, from /explain
+            expect(card).to_have_class("card heat")
+            expect(card.locator(".legend")).to_be_visible()
+            page.wait_for_function("() => document.querySelector('#results img').src.startsWith('blob:')"
+                                   " && document.querySelector('#results img').naturalWidth > 0")  # fmt: skip
+            assert card.locator("button.where").text_content() == "picture"
             page.screenshot(path=str(tmp_path / "serve.png"))
+            card.locator("button.where").click()  # and back to the picture
+            expect(card.locator(".legend")).to_be_hidden()
+            assert card.locator("img").get_attribute("src") == picture
+            assert cards(page)[0]["id"] == shown[0]["id"]  # a toggle is not a search
 
             clicked = shown[3]["id"]
             page.click(f"#results figure.card[data-id='{clicked}']")
             expect(page.locator("#status")).to_contain_text(f"results for image #{clicked}")
             assert cards(page)[0]["id"] == clicked and cards(page)[0]["score"] == "1.000"
+            expect(page.locator("#query-image figcaption")).to_have_text(f"image #{clicked}")
+            assert page.locator("#query-image img").get_attribute("src").endswith(f"/items/assets/{clicked}/image")
 
             page.set_input_files("#file", str(ASSETS / "images" / "coffee_spoon.jpg"))
             expect(page.locator("#status")).to_contain_text("results for coffee_spoon.jpg")
+            expect(page.locator("#query-image figcaption")).to_have_text("coffee_spoon.jpg")
+            assert page.locator("#query-image img").get_attribute("src").startswith("data:image/jpeg;base64,")
+            page.wait_for_function("() => document.querySelector('#query-image img').naturalWidth > 0")
             first = cards(page)[0]
             assert server.json(f"/items/assets/{first['id']}")["filepath"] == "images/coffee_spoon.jpg"
             assert first["score"] == "1.000"
         finally:
             browser.close()
     assert errors == []
-    assert requested and all(u.startswith(server.url + "/") for u in requested)  # no CDN, nothing else
+    network = [u for u in requested if not u.startswith(("blob:", "data:"))]  # the heatmap, the dropped file
+    assert network and all(u.startswith(server.url + "/") for u in network)  # no CDN, nothing else
     assert (tmp_path / "serve.png").stat().st_size > 10_000
 
 

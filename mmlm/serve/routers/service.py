@@ -1,5 +1,5 @@
 """What serves the service rather than a search: ``/healthz`` (the truth about the model worker), ``/metrics``
-(Prometheus), the web page at ``/`` and the items' image files."""
+(Prometheus), the web page at ``/`` and the items' images (their files, or their rendered pixels)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from mmlm.serve.deps import BatcherDep, MetricsDep, ServedDep, check_item, pick
+from mmlm.serve.images import render_png
 from mmlm.serve.queries import metadata
 from mmlm.serve.schemas import MAX_ID
 
@@ -44,15 +45,20 @@ async def prometheus(metrics: MetricsDep) -> Response:
     return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/items/{index}/{id}/image", tags=["search"], name="item_image", response_class=FileResponse)
+@router.get("/items/{index}/{id}/image", tags=["search"], name="item_image", response_class=FileResponse,
+            responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}})  # fmt: skip
 async def item_image(
     index: str, id: Annotated[int, PathParam(ge=0, lt=MAX_ID)], served: ServedDep, metrics: MetricsDep
-) -> FileResponse:
-    """The item's image file, served only from inside the folder its index was built from."""
+) -> Response:
+    """The item's image file, served only from inside the folder its index was built from; for an item
+    without a file but with pixels (a ``digits`` index), those pixels as a PNG."""
     s = pick(served, index)
     check_item(s, id)
     row = (await metadata(s, metrics, np.array([id])))[0]
     path = await run_in_threadpool(s.image_file, id, row)
-    if path is None:
-        raise HTTPException(404, f"no image file for item {id} of {s.name!r} on this server")
-    return FileResponse(path, headers={"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"})
+    headers = {"X-Content-Type-Options": "nosniff", "Cache-Control": "max-age=3600"}
+    if path is not None:
+        return FileResponse(path, headers=headers)
+    if (png := await run_in_threadpool(render_png, s, id, row)) is not None:
+        return Response(png, media_type="image/png", headers=headers)
+    raise HTTPException(404, f"no image file for item {id} of {s.name!r} on this server")

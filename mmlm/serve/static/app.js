@@ -68,13 +68,45 @@ async function search(query, label) {
   }
 }
 
-async function explain(hit, index, img) {
-  try {
-    const png = await (await api("explain", { text: lastText, item: hit.id, index })).blob();
-    img.src = URL.createObjectURL(png);
-  } catch (e) {
-    status(e.message, true);
+// "where?" toggles a result between its picture and its heatmap (fetched once), with the heatmap's legend
+async function toggleHeat(hit, index, card, img, button) {
+  if (!card.classList.contains("heat") && !img.dataset.heat) {
+    try {
+      const png = await (await api("explain", { text: lastText, item: hit.id, index })).blob();
+      img.dataset.heat = URL.createObjectURL(png);
+    } catch (e) {
+      status(e.message, true);
+      return;
+    }
   }
+  const heat = card.classList.toggle("heat");
+  img.src = heat ? img.dataset.heat : img.dataset.picture;
+  button.textContent = heat ? "picture" : "where?";
+}
+
+function legend() {
+  const box = document.createElement("div");
+  box.className = "legend";
+  box.title = "where the picture matches the text: blue least, red most";
+  const bar = document.createElement("span");
+  bar.className = "bar";
+  box.append("less", bar, "more");
+  return box;
+}
+
+// the query picture beside the results: the dropped file, or the result a click searched by (none for a text)
+function showQuery(src, label) {
+  $("query-image").hidden = !src;
+  if (!src) return;
+  $("query-image").querySelector("img").src = src;
+  $("query-image").querySelector("figcaption").textContent = label;
+}
+
+function noImage() {
+  const none = document.createElement("div");
+  none.className = "no-image";
+  none.textContent = "no image";
+  return none;
 }
 
 function render(hits, index) {
@@ -84,34 +116,32 @@ function render(hits, index) {
     card.tabIndex = 0;
     card.title = "search by this image";
     card.dataset.id = hit.id;
-    let img = null;
-    if (hit.image) {
-      img = document.createElement("img");
-      img.src = withKey(hit.image);
-      img.alt = caption(hit.metadata);
-      img.loading = "lazy";
-      card.append(img);
-    } else {
-      const none = document.createElement("div");
-      none.className = "no-image";
-      none.textContent = "no image";
-      card.append(none);
-    }
+    // an item without an image file may still have pixels the server renders (a digits index): ask for them
+    const img = document.createElement("img");
+    img.src = img.dataset.picture = withKey(hit.image || `items/${encodeURIComponent(index)}/${hit.id}/image`);
+    img.alt = caption(hit.metadata);
+    img.loading = "lazy";
+    img.addEventListener("error", () => img.replaceWith(noImage()), { once: true });
+    card.append(img);
     const text = document.createElement("figcaption");
     const score = document.createElement("span");
     score.className = "score";
     score.textContent = hit.score.toFixed(3);
     text.append(score, " ", caption(hit.metadata));
     card.append(text);
-    if (img && lastText) {
+    if (hit.image && lastText) { // /explain reads the item's image file
       const where = document.createElement("button");
       where.className = "where";
       where.textContent = "where?";
       where.title = `where the picture matches "${lastText}"`;
-      where.addEventListener("click", (e) => { e.stopPropagation(); explain(hit, index, img); });
-      card.append(where);
+      where.addEventListener("click", (e) => { e.stopPropagation(); toggleHeat(hit, index, card, img, where); });
+      card.append(where, legend());
     }
-    const go = () => { lastText = null; search({ item: hit.id, index }, `image #${hit.id}`); };
+    const go = () => {
+      lastText = null;
+      showQuery(img.isConnected ? img.dataset.picture : "", `image #${hit.id}`);
+      search({ item: hit.id, index }, `image #${hit.id}`);
+    };
     card.addEventListener("click", go);
     card.addEventListener("keydown", (e) => { if (e.key === "Enter") go(); });
     return card;
@@ -122,14 +152,18 @@ function render(hits, index) {
 function searchFile(file) {
   if (!file) return;
   const reader = new FileReader();
-  reader.onload = () => { lastText = null; search({ image: reader.result }, file.name); };
+  reader.onload = () => {
+    lastText = null;
+    showQuery(reader.result, file.name);
+    search({ image: reader.result }, file.name);
+  };
   reader.readAsDataURL(file);
 }
 
 $("search-form").addEventListener("submit", (e) => {
   e.preventDefault();
   const text = $("query").value.trim();
-  if (text) { lastText = text; search({ text }, `"${text}"`); }
+  if (text) { lastText = text; showQuery("", ""); search({ text }, `"${text}"`); }
 });
 const drop = $("drop");
 drop.addEventListener("click", () => $("file").click());
