@@ -219,10 +219,12 @@ class Batcher:
         for engine, rows in images.items():
             self._encode(vectors, rows, engine.encode_image, [batch[i].pixels for i in rows])
         answers = [Answer(v) for v in vectors]  # type: ignore[arg-type]
-        searches: dict[tuple[str, str], list[int]] = defaultdict(list)
+        # by the Served itself, not its name: after a reload (``reload``) queries of one name may hold two versions,
+        # and each is answered from the one its request reads metadata from
+        searches: dict[tuple[int, str], list[int]] = defaultdict(list)
         for i, q in enumerate(batch):
             if q.modality is not None:
-                searches[(q.served.name, q.modality)].append(i)
+                searches[(id(q.served), q.modality)].append(i)
         for (_, modality), rows in searches.items():
             t = time.perf_counter()
             k = max(batch[i].k for i in rows)
