@@ -6,7 +6,7 @@ atomically (``versions``), embedding only what is new or changed.
     each folder its builds read            the items of the current version (metadata: filepath, mtime, size, sha256)
     ───────────────────────────            ───────────────────────────────────────────────────────────────────────────
     same path, same mtime and size    ──►  unchanged: row kept
-    same path, other mtime or size    ──►  hashed: same sha256 -> unchanged (a touch); else changed: embedded again
+    same path, other mtime or size    ──►  hashed: same sha256 -> unchanged (a touch: recorded); else changed: embedded
     a path the index does not hold    ──►  hashed: the sha256 of an item whose path is gone -> renamed (its vector
                                            and metadata kept, the path updated); else added: embedded
     an item whose path is gone        ──►  removed (unless a new path took its sha256)
@@ -40,13 +40,13 @@ from mmlm.data.skips import Skip, load_image
 from mmlm.data.sources import find_shards, is_digits
 from mmlm.paths import ASSETS, resolve
 from mmlm.retrieval import versions
-from mmlm.retrieval.collection import BUNDLED, file_record, folder_images
+from mmlm.retrieval.collection import BUNDLED, file_record, image_files
 from mmlm.retrieval.index import EMBEDDINGS, INDEXES, MANIFEST, METADATA, TEXT_IDS, Index, files_of
 from mmlm.retrieval.model import built_with
 from mmlm.retrieval.options import BATCH_SIZE
 from mmlm.retrieval.write import versions_of_libraries, write_metadata
 
-COUNTS = ("added", "changed", "removed", "renamed", "unchanged", "embedded", "skipped", "hashed")
+COUNTS = ("added", "changed", "removed", "renamed", "unchanged", "embedded", "skipped", "hashed", "touched")
 FILE_COLUMNS = ("filepath", "mtime", "size", "sha256")
 
 
@@ -77,7 +77,9 @@ class Plan:
         return [e for entries in self.entries.values() for e in entries if e.path is not None]
 
     def changes(self) -> int:
-        return sum(self.counts[k] for k in ("added", "changed", "removed", "renamed")) + self.unrecorded
+        # a touch too: recorded, the next sync need not hash the file again (a copy that reset every mtime would
+        # otherwise have every sync hash the whole folder)
+        return sum(self.counts[k] for k in ("added", "changed", "removed", "renamed", "touched")) + self.unrecorded
 
 
 def folders_of(manifest: dict[str, Any], folder: Path) -> dict[Path, list[int]]:
@@ -112,24 +114,21 @@ def plan(base: Index, roots: dict[Path, list[int]]) -> Plan:
             i for n in numbers if builds[n]["ids"] for i in range(builds[n]["ids"][0], builds[n]["ids"][1] + 1)
         )
         held[root] = {rows[i][0]: i for i in ids if i in rows and isinstance(rows[i][0], str)}
-    found: dict[Path, list[Path]] = {root: folder_images(root) for root in roots}
+    found = {root: image_files(root) for root in roots}
     for root in roots:
-        present = {p.relative_to(root).as_posix() for p in found[root]}
         for rel, i in held[root].items():
-            if rel not in present and rows[i][3] is not None:
+            if rel not in found[root] and rows[i][3] is not None:
                 gone[rows[i][3]].append(i)
-    renamed: set[int] = set()
     for root in roots:
         entries: list[Entry] = []
         new: list[Entry] = []
-        for path in found[root]:
-            rel = path.relative_to(root).as_posix()
-            i = held[root].get(rel)
-            record = {"mtime": (stat := path.stat()).st_mtime_ns, "size": stat.st_size}
-            if i is not None and rows[i][1:3] == (record["mtime"], record["size"]) and rows[i][3] is not None:
+        for rel in sorted(found[root], key=lambda rel: rel.split("/")):
+            stat, i = found[root][rel], held[root].get(rel)
+            if i is not None and rows[i][1:3] == (stat.st_mtime_ns, stat.st_size) and rows[i][3] is not None:
                 entries.append(Entry(i, {"filepath": rel}))
                 out.counts["unchanged"] += 1
                 continue
+            path = root / rel  # only now: a Path per file of a large folder costs more than its stat
             try:
                 _, record = file_record(path)
             except OSError:  # went away since the listing: as if it had not been there
@@ -141,23 +140,23 @@ def plan(base: Index, roots: dict[Path, list[int]]) -> Plan:
                     out.unrecorded += 1
                     entries.append(Entry(i, meta))
                     out.counts["unchanged"] += 1
-                elif rows[i][3] == record["sha256"]:  # touched, not changed
+                elif rows[i][3] == record["sha256"]:  # touched, not changed: its new mtime is recorded
                     entries.append(Entry(i, meta))
                     out.counts["unchanged"] += 1
+                    out.counts["touched"] += 1
                 else:
                     entries.append(Entry(i, meta, path))
                     out.counts["changed"] += 1
             elif gone.get(record["sha256"]):
                 old = gone[record["sha256"]].pop(0)
-                renamed.add(old)
                 new.append(Entry(old, meta))
                 out.counts["renamed"] += 1
             else:
                 new.append(Entry(None, meta, path))
                 out.counts["added"] += 1
         out.entries[root] = entries + new
-    out.counts["removed"] = sum(1 for root in roots for rel, i in held[root].items()
-                                if i not in renamed and not (root / rel).is_file())  # fmt: skip
+    kept = {e.old for entries in out.entries.values() for e in entries}
+    out.counts["removed"] = len({i for root in roots for i in held[root].values()} - kept)
     return out
 
 
@@ -194,10 +193,18 @@ def write_version(folder: Path, base: Index, work: Plan, caption_key: str, secon
         raise ValueError(f"{base.folder}: no image is left in {', '.join(map(str, work.roots))}; nothing to index")
     dtype = np.dtype(base.manifest["embedding"]["dtype"])
     stored = base.embeddings("image")
-    image = np.lib.format.open_memmap(folder / EMBEDDINGS["image"], mode="w+", dtype=dtype,
-                                      shape=(len(order), base.dim))  # fmt: skip
-    for new_id, (_, e) in enumerate(order):
-        image[new_id] = e.vector if e.vector is not None else stored[e.old]
+    image = np.lib.format.open_memmap(
+        folder / EMBEDDINGS["image"], mode="w+", dtype=dtype, shape=(len(order), base.dim)
+    )
+    for start in range(0, len(order), 65536):  # bounded memory; the kept rows gathered by one fancy index each
+        part = [e for _, e in order[start : start + 65536]]
+        copied = np.asarray([e.vector is None for e in part])
+        block = np.empty((len(part), base.dim), dtype=np.float32)
+        if copied.any():
+            block[copied] = stored[np.asarray([e.old for e in part if e.vector is None])]
+        if not copied.all():
+            block[~copied] = np.stack([e.vector for e in part if e.vector is not None])
+        image[start : start + len(part)] = block
     image.flush()
     # captions of the items kept (folders have none; an index may mix in none of another kind, but stay exact)
     new_of = {e.old: new_id for new_id, (_, e) in enumerate(order) if e.old is not None}
@@ -282,6 +289,8 @@ def sync_index(
                                                                          batch_size, device).items()})  # fmt: skip
                 work.counts["skipped"] = sum(v for k, v in work.counts.items() if k.startswith("skipped_"))
                 work.counts["embedded"] = sum(1 for e in todo if e.vector is not None)
+                # a new file that is no good image was not added (a build skips it too): no new version for it
+                work.counts["added"] -= sum(1 for e in todo if e.vector is None and e.old is None)
             report: dict[str, Any] = {"counts": {k: int(work.counts[k]) for k in COUNTS}, "version": None}
             if work.changes() == 0:
                 versions.tidy(index)  # what a sync killed after its swap left

@@ -137,7 +137,7 @@ def test_sync_embeds_only_the_new_and_changed_and_matches_a_rebuild(built, tmp_p
         ids, _ = new.search(deleted, k=len(new))  # every item, ranked: none is a deleted file
         assert not {m["filepath"] for m in new.metadata(ids[0])} & set(changed["deleted"])
         assert len(set(ids[0].tolist())) == len(new)
-        assert new.metadata([after["0011.png"]])[0]["mtime"] == 10**18  # the touch is recorded, not embedded
+        assert new.metadata([after["0011.png"]])[0]["mtime"] == 10**18 and sync["touched"] == 1  # not embedded
         paths, scores = path_answers(new)
 
     rebuilt = build_index("clip-tiny", str(images), tmp_path / "rebuilt", batch_size=64, accelerator="cpu")
@@ -168,6 +168,19 @@ def test_an_index_built_before_file_records_is_hashed_once(built, tmp_path, caps
     index, report = sync_index(ix)  # recorded now: nothing to hash
     index.close()
     assert report["version"] is None and report["counts"]["hashed"] == 0
+
+
+def test_a_file_that_is_no_image_is_skipped_without_a_new_version(built, tmp_path):
+    images, ix = copy_of(built, tmp_path)
+    (images / "broken.png").write_bytes(b"not a png")
+    index, report = sync_index(ix)
+    index.close()
+    assert report["version"] is None and report["counts"]["skipped"] == 1 and report["counts"]["added"] == 0
+    (images / "0004.png").write_bytes(b"not a png either")  # an indexed image broken: it leaves the index
+    index, report = sync_index(ix)
+    with index:
+        assert report["version"] == "v000002" and report["counts"]["skipped"] == 2 and len(index) == N - 1
+        assert "0004.png" not in by_path(index)
 
 
 def test_sync_refuses_an_index_of_a_manifest_or_digits(assets_index, capsys):
