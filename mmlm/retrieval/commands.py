@@ -135,9 +135,11 @@ def index_add(
 
 
 def index_sync(index: Path, model: str | None = None, batch_size: int = BATCH_SIZE, device: str = "cpu") -> None:
-    """Bring an index up to date with the image folders it was built from: new and changed files are embedded,
-    deleted ones leave it, renamed or moved ones keep their vectors (found by content hash); a new version,
-    swapped in atomically (a running ``mmlm serve`` picks it up). Only indexes of image folders can be synced.
+    """Bring an index up to date with the image folders it was built from, in a new version swapped in atomically.
+
+    New and changed files are embedded, deleted ones leave the index, renamed or moved ones keep their vectors
+    (found by content hash, sha256); a running ``mmlm serve`` serves the new version within a second or two.
+    Only indexes of image folders can be synced (not of a manifest, shards or digits).
 
     Args:
         index: the index folder (``mmlm index build --out``).

@@ -122,6 +122,7 @@ def test_sync_embeds_only_the_new_and_changed_and_matches_a_rebuild(built, tmp_p
     main(["index", "sync", str(ix)])
     out = capsys.readouterr().out
     assert "4 added, 3 changed, 2 removed, 2 renamed, 233 unchanged; 7 embedded; new version v000002" in out, out[:400]
+    assert "  synced     1x, last: 4 added, 3 changed, 2 removed, 2 renamed, 7 embedded" in out  # index info's line
     assert sum(encoded) == 7
     with Index.open(ix) as new:
         sync = new.manifest["syncs"][-1]["counts"]
