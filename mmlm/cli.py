@@ -5,7 +5,7 @@
     mmlm tokenizer train FILE [FILE ...] --vocab_size N --out DIR
     mmlm zeroshot MODEL --dataset DATA             zero-shot classification, CLIP_benchmark JSON + confusion PNG
     mmlm eval-retrieval MODEL --dataset DATA       image<->text recall@k in bounded memory
-    mmlm index build|add|info ...                  embed images (+ captions) into FAISS indexes, metadata in SQLite
+    mmlm index build|add|sync|info ...             embed images (+ captions) into FAISS indexes, metadata in SQLite
     mmlm serve DIR [DIR ...]                       the retrieval API (+ clip-retrieval's routes) and a web page
     mmlm search URL "text"                         query a running server: the nearest items
     mmlm quantize MODEL --out DIR                  int8 copy of a model (dynamic int8 Linear layers, CPU)
@@ -37,7 +37,7 @@ if TYPE_CHECKING:  # jsonargparse runs this block to read the annotations: keep 
 from mmlm.compress.commands import prune, quantize
 from mmlm.explain.command import explain
 from mmlm.paths import ASSETS, resolve
-from mmlm.retrieval.commands import index_add, index_build, index_info
+from mmlm.retrieval.commands import index_add, index_build, index_info, index_sync
 from mmlm.retrieval.serve import search
 from mmlm.serve.command import serve
 
@@ -334,7 +334,7 @@ COMMANDS: dict[str, Any] = {
     "eval-retrieval": eval_retrieval,
     "quantize": quantize,
     "prune": prune,
-    "index": {"build": index_build, "add": index_add, "info": index_info},
+    "index": {"build": index_build, "add": index_add, "sync": index_sync, "info": index_info},
     "serve": serve,
     "search": search,
     "explain": explain,

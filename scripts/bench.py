@@ -34,8 +34,8 @@ bert                       ``TextWithHeads`` (bert-base + pooler)          trans
 mlm_train                  ``LanguagePretraining.training_step`` (MLM)     transformers ``BertForMaskedLM``
                            + backward + AdamW                              with ``labels``, same batch
 tokenizer                  ``get_tokenizer("clip")(texts)``                ``open_clip.tokenize(texts)``
-index_build, query         ``mmlm index build`` / ``mmlm serve`` (in       see ``scripts/bench_retrieval.py``
-                           ``scripts/bench_retrieval.py``)
+index_build, sync, query   ``mmlm index build`` / ``sync``, ``mmlm serve`` see ``scripts/bench_retrieval.py``
+                           (in ``scripts/bench_retrieval.py``)
 =========================  ==============================================  =====================================
 
 ``ViT-B-32-quickgelu`` is the OpenAI architecture that mmlm's ``clip-vit-b-32`` preset
@@ -653,6 +653,13 @@ def index_build(b: Bench) -> list[Row]:
     return bench_retrieval.index_build(b)
 
 
+def sync(b: Bench) -> list[Row]:
+    """``mmlm index sync`` after a 1% change against a full build (scripts/bench_retrieval.py)."""
+    import bench_retrieval
+
+    return bench_retrieval.sync(b)
+
+
 def query(b: Bench) -> list[Row]:
     """Queries through ``mmlm serve`` (scripts/bench_retrieval.py, imported when asked for)."""
     import bench_retrieval
@@ -672,6 +679,7 @@ WORKLOADS: dict[str, Callable[[Bench], list[Row]]] = {
     "mlm_train": mlm_train,
     "tokenizer": tokenizer,
     "index_build": index_build,
+    "sync": sync,
     "query": query,
 }
 

@@ -2,10 +2,14 @@
 
     python scripts/bench.py --only '[index_build, query]'           # ViT-B/32-size CLIP, a few minutes each
     python scripts/bench.py --quick --only '[index_build, query]'   # clip-tiny: a smoke run
+    python scripts/bench.py --only '[sync]'                         # sync after a 1% change vs a full build
 
 ===========  ===========================================================  ===========================================
 name         mmlm                                                         reference
 ===========  ===========================================================  ===========================================
+sync         ``sync_index`` (``mmlm index sync``) after 1% of a folder     ``build_index`` of the same folder as it
+             changed: 0.5% rewritten, 0.25% renamed, 0.25% deleted,        is then (the only other way to bring the
+             0.25% new; end to end, model load included                    index up to date), end to end
 index_build  ``build_index`` (``mmlm index build``) over a folder of         the same model's ``encode_image`` +
              JPEGs: decode, DataLoader worker, Lightning predict,          ``faiss.IndexFlatIP.add`` on the same
              chunks, FAISS, SQLite; per image, end to end and marginal     decoded batches, per image
@@ -48,7 +52,7 @@ from mmlm import factory
 from mmlm.compress import quantize_int8
 from mmlm.data.tokenizers import Tokenizer
 from mmlm.paths import ASSETS
-from mmlm.retrieval import Client, Index, build_index
+from mmlm.retrieval import Client, Index, build_index, sync_index
 from mmlm.retrieval.client import Load, load
 from mmlm.retrieval.index import is_lossy
 from mmlm.retrieval.options import Job, Options
@@ -71,11 +75,14 @@ class RetrievalSizes:
     queries: int  # one-at-a-time queries: directly and with one client
     clients: int  # concurrent clients
     requests: int  # queries of each concurrent run
+    sync_model: str = "clip-tiny"  # of the sync workload: its images are tiny, so is the model
+    sync_images: int = 20_000  # PNGs of 32 px in the folder synced (1% of them changed)
 
 
 TIERS = {
-    True: RetrievalSizes("clip-tiny", 64, 8, 0, 4_000, 20_000, "IVF64,PQ8", 24, 8, 96),
-    False: RetrievalSizes("clip-vit-b-32", 96, 32, 1, 100_000, 1_000_000, "IVF1024,PQ64", 200, 64, 640),
+    True: RetrievalSizes("clip-tiny", 64, 8, 0, 4_000, 20_000, "IVF64,PQ8", 24, 8, 96, sync_images=1_000),
+    False: RetrievalSizes("clip-vit-b-32", 96, 32, 1, 100_000, 1_000_000, "IVF1024,PQ64", 200, 64, 640,
+                          sync_images=20_000),
 }
 REFERENCE = "encode_image + faiss.IndexFlatIP.add"
 PRECISION = {torch.float32: "32-true", torch.bfloat16: "bf16-true", torch.float16: "16-true"}
@@ -152,6 +159,75 @@ def index_build(b: Bench) -> list[Row]:
     return rows + [Row(name, marginal, reference_s, REFERENCE, diff,
                        f"(build of {n} - build of {n // 2}) / {extra}: {1 / marginal:.1f} img/s, "
                        f"{reference_s / marginal:.0%} of encode_image alone")]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------ sync
+
+
+def noise_png(path: Path, seed: int) -> None:
+    """A 32 px PNG of noise from its own seed: every image distinct, cheap to write and decode."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+
+
+def change_one_percent(folder: Path, n: int) -> dict[str, int]:
+    """Of ``n`` files, 0.5% rewritten, 0.25% renamed, 0.25% deleted, and 0.25% new files (spread over the folder)."""
+    step = 100  # one file of each hundred touched: in turn rewritten, rewritten, renamed, deleted (+ one new)
+    counts = {"changed": 0, "renamed": 0, "removed": 0, "added": 0}
+    for j, i in enumerate(range(0, n, step)):
+        path = folder / f"{i:06d}.png"
+        if j % 4 < 2:
+            noise_png(path, 10_000_000 + i)
+            counts["changed"] += 1
+        elif j % 4 == 2:
+            os.rename(path, folder / f"renamed-{i:06d}.png")
+            counts["renamed"] += 1
+        else:
+            path.unlink()
+            noise_png(folder / f"new-{i:06d}.png", 20_000_000 + i)
+            counts["removed"] += 1
+            counts["added"] += 1
+    return counts
+
+
+def sync(b: Bench) -> list[Row]:
+    """``sync_index`` after 1% of a folder changed, against ``build_index`` of the folder as it is then."""
+    s = TIERS[b.sizes.tiny]
+    root = b.tmp / "sync"
+    original = root / "original"
+    original.mkdir(parents=True)
+    for i in range(s.sync_images):
+        noise_png(original / f"{i:06d}.png", i)
+    accelerator = "gpu" if b.device.type == "cuda" else "cpu"
+    device = "cuda" if b.device.type == "cuda" else "cpu"
+    options = {"batch_size": 256, "accelerator": accelerator, "precision": PRECISION[b.dtype]}
+    build_index(s.sync_model, str(original), root / "base", **options).close()  # type: ignore[union-attr]
+    times: dict[str, list[float]] = {"sync": [], "build": []}
+    diff, report = 0.0, {}
+    for r in range(max(2, b.sizes.repeats // 2) + 1):  # the first round warms up (file cache, imports)
+        work = root / f"run{r}"
+        shutil.copytree(original, work / "images", copy_function=shutil.copy2)  # mtimes kept: the index's own
+        shutil.copytree(root / "base", work / "ix")
+        for manifest in (work / "ix").glob("v*/manifest.json"):  # the index names the copy of the folder
+            manifest.write_text(manifest.read_text().replace(str(original), str(work / "images")))
+        changed = change_one_percent(work / "images", s.sync_images)
+        seconds, (synced, report) = clock(lambda: sync_index(work / "ix", batch_size=256, device=device))
+        build_s, rebuilt = clock(lambda: build_index(s.sync_model, str(work / "images"), work / "rebuilt", **options))
+        with synced, rebuilt:  # type: ignore[union-attr]
+            assert {k: report["counts"][k] for k in changed} == changed, (report["counts"], changed)
+            paths = {m["filepath"]: i for i, m in enumerate(rebuilt.metadata(np.arange(len(rebuilt))))}
+            order = [paths[m["filepath"]] for m in synced.metadata(np.arange(len(synced)))]
+            diff = max(diff, float(np.abs(synced.embeddings()[:] - rebuilt.embeddings()[order]).max()))
+        shutil.rmtree(work)
+        if r > 0:
+            times["sync"].append(seconds)
+            times["build"].append(build_s)
+    sync_s, build_s = float(np.median(times["sync"])), float(np.median(times["build"]))
+    counts = report["counts"]
+    note = (f"{s.sync_model}, {s.sync_images:,} PNGs of 32 px, {counts['embedded']} embedded, "
+            f"{counts['unchanged']:,} unchanged; sync {sync_s:.2f} s = {sync_s / build_s:.1%} of a build "
+            f"({build_s:.1f} s); median of {len(times['sync'])}")  # fmt: skip
+    return [Row("index sync after a 1% change", sync_s, build_s, "build_index of the changed folder", diff, note)]
 
 
 # ------------------------------------------------------------------------------ query

@@ -1,4 +1,4 @@
-"""``mmlm index build|add|info``: typed signatures for the command line (jsonargparse reads them).
+"""``mmlm index build|add|sync|info``: typed signatures for the command line (jsonargparse reads them).
 
 Only the standard library is imported here, so ``mmlm --help`` stays fast; the work is in
 ``mmlm.retrieval.build`` and ``mmlm.retrieval.index``, the defaults in ``mmlm.retrieval.options``.
@@ -132,6 +132,40 @@ def index_add(
         batch_size=batch_size, resume=resume, chunk_size=chunk_size, num_workers=num_workers, accelerator=accelerator,
         devices=devices, num_nodes=num_nodes, precision=precision,
     )  # fmt: skip
+
+
+def index_sync(index: Path, model: str | None = None, batch_size: int = BATCH_SIZE, device: str = "cpu") -> None:
+    """Bring an index up to date with the image folders it was built from, in a new version swapped in atomically.
+
+    New and changed files are embedded, deleted ones leave the index, renamed or moved ones keep their vectors
+    (found by content hash, sha256); a running ``mmlm serve`` serves the new version within a second or two.
+    Only indexes of image folders can be synced (not of a manifest, shards or digits).
+
+    Args:
+        index: the index folder (``mmlm index build --out``).
+        model: where the index's model is now, if not at the spec it was built from; refused unless
+            its weights hash is the index's.
+        batch_size: images per forward pass.
+        device: where the new and changed images are embedded (``cpu``, ``cuda``, ...).
+    """
+    from mmlm.errors import UsageError, check_device
+    from mmlm.retrieval.index import describe
+    from mmlm.retrieval.sync import NotSyncable, sync_index
+
+    if batch_size < 1:
+        raise UsageError(f"--batch_size {batch_size}: give a number >= 1")
+    check_device(device)
+    try:
+        synced, report = sync_index(index, model=model, batch_size=batch_size, device=device)
+    except NotSyncable as e:
+        raise UsageError(str(e)) from None
+    counts = report["counts"]
+    words = ", ".join(f"{counts[k]} {k}" for k in ("added", "changed", "removed", "renamed", "unchanged"))
+    version = f"new version {report['version']}" if report["version"] else "already up to date, no new version"
+    skipped = f", {counts['skipped']} skipped (not readable images)" if counts["skipped"] else ""
+    print(f"mmlm index sync {index}: {words}; {counts['embedded']} embedded{skipped}; {version}")
+    with synced:
+        print(describe(synced.manifest, synced.folder))
 
 
 def _stoppable(command: str, run: Callable[..., Any], *args: Any, **kwargs: Any) -> None:

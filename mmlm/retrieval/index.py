@@ -471,6 +471,9 @@ def describe(manifest: dict[str, Any], folder: str | Path = "") -> str:
         what = f"{build['items']:,} images, {build['texts']:,} captions, {ids}"
         lines.append(f"  {build['command']:10s} {build['data']}: {what}, {sum(build['skipped'].values())} skipped, "
                      f"{build['seconds']} s, {build['finished']}")  # fmt: skip
+    for sync in manifest.get("syncs", [])[-1:]:  # the last one: a folder synced every minute has thousands
+        counts = ", ".join(f"{sync['counts'][k]} {k}" for k in ("added", "changed", "removed", "renamed", "embedded"))
+        lines.append(f"  synced     {len(manifest['syncs'])}x, last: {counts}, {sync['seconds']} s, {sync['finished']}")
     versions = ", ".join(f"{k} {v}" for k, v in manifest["versions"].items())
     lines.append(f"  versions   {versions}")
     return "\n".join(lines)

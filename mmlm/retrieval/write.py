@@ -139,7 +139,7 @@ def write_index(
         "skipped": dict(sorted(counts.items())),
         "indexes": indexes,
         "builds": (previous["builds"] if previous else []) + [build],
-        "versions": _versions(),
+        "versions": versions_of_libraries(),
     }
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last: the folder is complete
 
@@ -195,7 +195,8 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def _versions() -> dict[str, str]:
+def versions_of_libraries() -> dict[str, str]:
+    """The versions of the libraries that wrote an index (its manifest's ``versions``)."""
     import lightning
 
     import mmlm

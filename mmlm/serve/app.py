@@ -8,6 +8,7 @@ worker and always closes what the app holds.
                                                                           ▼ transformed (a pool thread)
     Batcher (batcher.py): one supervised model thread micro-batches queries through the models and FAISS;
     Explainer (explainer.py): /explain on a thread of its own; metadata from SQLite; answers as JSON
+    Reloader (reload.py): a new version of an index (add, sync) served without a restart
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import mmlm
 from mmlm.serve.batcher import Batcher, Query
 from mmlm.serve.explainer import Explainer
 from mmlm.serve.metrics import Metrics, MetricsMiddleware
+from mmlm.serve.reload import GRACE_EXTRA, Reloader
 from mmlm.serve.routers import clip_retrieval, search, service
 from mmlm.serve.security import ApiKeyMiddleware, BodyLimitMiddleware, PlainTextJsonMiddleware
 from mmlm.serve.served import Served
@@ -48,6 +50,8 @@ Image-text search over indexes built by `mmlm index build`.
   `Authorization: Bearer KEY`, or `?api_key=KEY` (for clients that cannot set headers, such as `ClipClient`).
 - Every query has a deadline (504 past it); `/healthz` answers 503, and queries 503 at once, if the model
   worker has stopped.
+- A new version of an index (`mmlm index add`, `mmlm index sync`) is served within a second or two, without a
+  restart and without failing a query; `/indices` names the version each index serves.
 """
 
 
@@ -69,6 +73,7 @@ def create_app(settings: Settings, served: dict[str, Served]) -> FastAPI:
     batcher = Batcher(metrics, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue,
                       settings.worker_threads, settings.query_timeout_s)  # fmt: skip
     explainer = Explainer(settings.explain_timeout_s)
+    reloader = Reloader(served, settings.reload_s, settings.query_timeout_s + GRACE_EXTRA)
     metrics.worker_up.set_function(lambda: float(batcher.trouble() is None))  # read at each scrape
 
     @asynccontextmanager
@@ -76,8 +81,10 @@ def create_app(settings: Settings, served: dict[str, Served]) -> FastAPI:
         try:
             await batcher.start()
             await warm_up(batcher, served)
+            reloader.start()
             yield
         finally:
+            await reloader.stop()
             await batcher.stop()
             explainer.close()
             for s in served.values():
@@ -87,6 +94,7 @@ def create_app(settings: Settings, served: dict[str, Served]) -> FastAPI:
                   strict_content_type=False)  # fmt: skip
     app.state.settings, app.state.served = settings, served
     app.state.metrics, app.state.batcher, app.state.explainer = metrics, batcher, explainer
+    app.state.reloader = reloader
     app.include_router(service.router)
     app.mount("/static", StaticFiles(directory=service.STATIC), name="static")
     app.include_router(search.router)

@@ -222,11 +222,13 @@ class Batcher:
         for engine, rows in images.items():
             self._encode(vectors, rows, engine.encode_image, [batch[i].pixels for i in rows])
         answers = [Answer(v) for v in vectors]  # type: ignore[arg-type]
-        # one FAISS search per index, side and filter: a selection applies to every query of a search
-        searches: dict[tuple[str, str, str | None], list[int]] = defaultdict(list)
+        # one FAISS search per Served (not per name: after a reload, ``reload``, queries of one name may hold two
+        # versions, each answered from the one its request reads metadata from), side and filter: a selection
+        # applies to every query of a search
+        searches: dict[tuple[int, str, str | None], list[int]] = defaultdict(list)
         for i, q in enumerate(batch):
             if q.modality is not None:
-                searches[(q.served.name, q.modality, q.where)].append(i)
+                searches[(id(q.served), q.modality, q.where)].append(i)
         for (_, modality, _), rows in searches.items():
             t = time.perf_counter()
             k = max(batch[i].k for i in rows)

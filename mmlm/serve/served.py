@@ -33,6 +33,11 @@ class Served:
     roots: list[tuple[int, int, Path, str]]  # per build that read image files: first id, last id, folder, column
     lock: threading.Lock = field(default_factory=threading.Lock)  # one SQLite connection, one thread at a time
 
+    @property
+    def version(self) -> str | None:
+        """The version folder served (``v000003``); None for an index in the flat layout."""
+        return self.index.files.name if self.index.files != self.index.folder else None
+
     def metadata(self, ids: Sequence[int]) -> list[dict[str, Any] | None]:
         with self.lock:
             return self.index.metadata(np.asarray(ids, dtype=np.int64))
@@ -66,6 +71,12 @@ def folder_name(folder: Path) -> str:
     folder is, not which one)."""
     name = folder.resolve().name
     return name.removesuffix(INDEX_SUFFIX) or name
+
+
+def roots_of(index: Index) -> list[tuple[int, int, Path, str]]:
+    """Per build of ``index`` that read image files: its first id, last id, folder and path column."""
+    return [(b["ids"][0], b["ids"][1], root, b["image_key"]) for b in index.manifest["builds"]
+            if b["ids"] and (root := data_root(b["data"])) is not None]  # fmt: skip
 
 
 def index_names(indexes: Mapping[str, Any] | Sequence[Any]) -> list[tuple[str, Any]]:
@@ -120,9 +131,7 @@ def open_indexes(
                 # loaded in float32 whatever the index: /explain needs gradients, which int8 layers do not have
                 loaded = built_with({**built, "int8": False}, index.folder, model, device)
                 engines[key] = Engine(loaded.model, loaded.require_tokenizer(), device, quantized)
-            roots = [(b["ids"][0], b["ids"][1], root, b["image_key"]) for b in index.manifest["builds"]
-                     if b["ids"] and (root := data_root(b["data"])) is not None]  # fmt: skip
-            served[name] = Served(name, index, engines[key], roots)
+            served[name] = Served(name, index, engines[key], roots_of(index))
     except BaseException:
         for index in opened:
             index.close()

@@ -41,6 +41,8 @@ class Settings:
     threads: int | None = None  # torch and FAISS threads of the model worker; None: ``default_threads()``
     query_timeout_s: float = 30.0  # a query unanswered this long gets a 504, never a hang
     explain_timeout_s: float = 120.0  # the same for /explain (an occlusion map takes seconds on a CPU)
+    # new versions
+    reload_s: float = 1.0  # how often each index's CURRENT is read, to serve a new version (``reload``); 0: never
 
     def __post_init__(self) -> None:
         for name in ("max_body", "max_pixels", "max_text", "max_k", "max_batch", "max_queue"):
@@ -48,6 +50,8 @@ class Settings:
                 raise ValueError(f"{name}={getattr(self, name)}: give a number >= 1")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads}: give a number >= 1")
+        if not self.reload_s >= 0:
+            raise ValueError(f"reload_s={self.reload_s}: give a number of seconds, or 0 to never reload")
         for name in ("query_timeout_s", "explain_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}={getattr(self, name)}: give a number of seconds above 0")

@@ -39,9 +39,11 @@ router = APIRouter(tags=["search"])
 
 @router.get("/indices")
 async def indices(served: ServedDep) -> list[dict[str, Any]]:
-    """The served indexes: name, counts, embedding size, model, searchable sides."""
-    return [{"name": s.name, "items": len(s.index), "texts": int(s.index.manifest["counts"]["texts"]),
-             "dim": s.index.dim, "model": s.index.manifest["model"]["spec"],
+    """The served indexes: name, version folder served (it changes as ``mmlm index add|sync`` write new ones), counts,
+    embedding size, model, searchable sides."""
+    return [{"name": s.name, "version": s.version, "items": len(s.index),
+             "texts": int(s.index.manifest["counts"]["texts"]), "dim": s.index.dim,
+             "model": s.index.manifest["model"]["spec"],
              "weights_hash": s.index.manifest["model"]["weights_hash"],
              "modalities": sorted(s.index.manifest["indexes"]), "images": bool(s.roots)}
             for s in served.values()]  # fmt: skip
