@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 from _inprocess import serving
+from _process import start_server, stop_server
 from _ranking import ATOL, brute_force, item_of
-from conftest import start_server, stop_server
 from fastapi.testclient import TestClient
 from PIL import Image
 
