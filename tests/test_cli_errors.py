@@ -326,6 +326,8 @@ def test_a_device_this_machine_lacks_is_one_line_before_the_model(args, device, 
     (["--port", "70000"], "--port 70000: give a port from 1 to 65535 (0: any free one)"),
     (["--max_batch", "0"], "--max_batch 0: give 1 or more"),
     (["--max_body_mb", "0"], "--max_body_mb 0.0: give a size in MiB above 0"),
+    (["--query_timeout_s", "0"], "--query_timeout_s 0.0: give seconds above 0"),
+    (["--reload_s", "-1"], "--reload_s -1.0: give 0 or more"),
 ])  # fmt: skip
 def test_serve_refuses_limits_out_of_range_before_loading(args, message, capsys):
     assert message in fails_in_process(capsys, "serve", "missing-index", *args)  # the index would fail next

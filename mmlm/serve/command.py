@@ -34,6 +34,7 @@ def serve(
     max_queue: int = 1024,
     query_timeout_s: float = 30.0,
     explain_timeout_s: float = 120.0,
+    reload_s: float = 1.0,
     root_path: str = "",
     forwarded_allow_ips: str = "127.0.0.1",
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info",
@@ -72,6 +73,8 @@ def serve(
         max_queue: most queries waiting for the model; more are refused with 429.
         query_timeout_s: a query the model has not answered in this many seconds gets a 504.
         explain_timeout_s: the same for /explain, which runs on a thread of its own.
+        reload_s: how often each index's current version is looked up, so that ``mmlm index add`` / ``sync``
+            are served without a restart; 0: never.
         root_path: the path prefix a reverse proxy serves the API under (``/search-api``).
         forwarded_allow_ips: proxies whose X-Forwarded-* headers are trusted (comma-separated, ``*``: any).
         log_level: uvicorn's log level.
@@ -82,7 +85,7 @@ def serve(
     check_device(device)
     check_at_least(1, threads=threads, max_pixels=max_pixels, max_text=max_text, max_k=max_k, max_batch=max_batch,
                    max_queue=max_queue)  # fmt: skip
-    check_at_least(0, max_wait_ms=max_wait_ms)
+    check_at_least(0, max_wait_ms=max_wait_ms, reload_s=reload_s)
     for name, value, unit in (("max_body_mb", max_body_mb, "a size in MiB"), ("query_timeout_s", query_timeout_s,
                               "seconds"), ("explain_timeout_s", explain_timeout_s, "seconds")):  # fmt: skip
         if not value > 0:
@@ -106,7 +109,7 @@ def serve(
         image_url_allow=tuple(_split(image_url_allow)), clip_front=front,
         max_body=int(max_body_mb * 2**20), max_pixels=max_pixels, max_text=max_text, max_k=max_k,
         max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, threads=threads,
-        query_timeout_s=query_timeout_s, explain_timeout_s=explain_timeout_s,
+        query_timeout_s=query_timeout_s, explain_timeout_s=explain_timeout_s, reload_s=reload_s,
     )  # fmt: skip
     app = create_app(settings, open_indexes([str(i) for i in indexes], model, device, int8))
     logging.getLogger("uvicorn.access").addFilter(RedactApiKey())
