@@ -250,6 +250,7 @@ def test_fit_runs_with_ddp_on_two_cpu_processes(tmp_path):
     assert step == 4
 
 
+@pytest.mark.slow  # a Lightning predict run: 2.6 s
 def test_predict_writes_unit_embeddings_of_the_held_out_digits(tmp_path, monkeypatch, capsys):
     from sklearn.datasets import load_digits
 

@@ -31,6 +31,7 @@ def bundle(tmp_path, monkeypatch):
     return folder
 
 
+@pytest.mark.slow  # runs six commands: 2.5 s each test
 def test_image_and_text_inputs_resolve_assets_from_another_folder(bundle, tmp_path, capsys):
     out = tmp_path / "out"
     main(["explain", "assets/clip", "assets/images/chelsea.jpg", "a cat", "--method", "similarity",
@@ -44,6 +45,7 @@ def test_image_and_text_inputs_resolve_assets_from_another_folder(bundle, tmp_pa
     assert (out / "hf" / "vocab.txt").read_text() == (bundle / "tokenizer" / "vocab.txt").read_text()
 
 
+@pytest.mark.slow  # runs six commands: 2.5 s each test
 def test_datasets_and_prompt_files_resolve_assets_from_another_folder(bundle, tmp_path, capsys):
     main(["zeroshot", "assets/clip", "--dataset", "digits", "--classnames", "assets/names.txt",
           "--templates", "assets/templates.txt", "--output", str(tmp_path / "zs.json")])  # fmt: skip

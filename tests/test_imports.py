@@ -257,6 +257,7 @@ def test_a_cycle_is_reported_as_a_chain_with_its_import_lines(tmp_path):
     ]
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch: 9 s
 def test_the_serving_process_does_not_import_lightning():
     """`mmlm serve` loads its model through mmlm.factory and its indexes through mmlm.retrieval.index: neither
     the training stack (Lightning) nor transformers comes into the serving process."""

@@ -146,6 +146,7 @@ def test_timm_loads_every_weight_and_gives_mmlm_logits(exported, name):
         assert got.shape == expected.shape and gap <= 1e-5
 
 
+@pytest.mark.slow  # fine-tunes before it exports: 8 s
 def test_a_fine_tuned_checkpoint_exports_its_trained_weights(exported, fine_tuned):
     got = torch.load(exported["root"] / "outputs" / "fine-tuned-local_dir.pt")
     start = _logits(exported, "fine-tuned", fine_tuned["start"])

@@ -210,7 +210,7 @@ def test_webdataset_shards_keep_their_keys_and_json_fields(tmp_path):
     assert index.manifest["skipped"] == {"missing_field": 1}
 
 
-@pytest.mark.parametrize("index_type", ["IVF8,Flat", "IVF4,PQ16"])
+@pytest.mark.parametrize("index_type", ["IVF8,Flat", pytest.param("IVF4,PQ16", marks=pytest.mark.slow)])  # PQ: 2 s
 def test_ivf_index_types_are_trained_and_searchable(index_type, tmp_path):
     index = build_index("clip-tiny", "digits", tmp_path / "ix", index_type=index_type, nprobe=8, **CPU)
     assert index.manifest["indexes"]["image"] == {"file": "image.index", "type": index_type, "ntotal": 360,

@@ -39,6 +39,7 @@ def folder_index(tmp_path) -> tuple[Path, Path]:
     return images, tmp_path / "ix"
 
 
+@pytest.mark.slow  # polls a server through a sync: 3 s
 def test_a_sync_is_served_without_a_restart_and_no_query_fails(folder_index):
     images, ix = folder_index
     new = noise_png(10_000)

@@ -96,7 +96,7 @@ def test_classifier_and_logits_equal_clip_benchmark(reference, tiny_checkpoint, 
     assert logits.argmax(1).unique().numel() >= 3  # the predictions are spread, so agreement means something
 
 
-@pytest.mark.parametrize("kind", ["folder", "csv", "digits", "wds"])
+@pytest.mark.parametrize("kind", ["digits", "wds", *(pytest.param(k, marks=pytest.mark.slow) for k in ("folder", "csv"))])
 def test_mmlm_zeroshot_equals_clip_benchmark(
     kind, reference, tiny_checkpoint, digits_folder, clip_benchmark_wds, templates_file, tmp_path, digit_pngs
 ):
@@ -138,6 +138,7 @@ def test_clip_benchmark_reads_its_wds_folder_like_mmlm(clip_benchmark_wds, tiny_
     _assert_same_metrics(ref, reference["metrics"])
 
 
+@pytest.mark.slow  # the whole command: 2 s; the other tests compare the same numbers
 def test_cli_writes_json_and_confusion_matrix(tiny_checkpoint, digits_folder, templates_file, tmp_path, reference):
     """`mmlm zeroshot ...` through the command's own argument parsing."""
     out, png = tmp_path / "zs.json", tmp_path / "zs.png"
