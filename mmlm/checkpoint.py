@@ -138,15 +138,18 @@ def read_state_dict(path: str | Path) -> StateDict:
     return dict(obj)
 
 
-def torch_load(path: Path) -> Any:
+def torch_load(path: Path, mmap: bool = False) -> Any:
     """``torch.load(weights_only=True)``; a ConversionError naming the file when it cannot be read that way.
+
+    ``mmap``: the tensors are memory-mapped, not read (for a look at what else a checkpoint holds); only a
+    zip-format file (every ``torch.save`` since torch 1.6) can be mapped, an older one is read as usual.
 
     An empty, cut-short or non-pickle file fails inside torch's pure-Python unpickler with whatever
     it trips over (``EOFError``, ``RuntimeError``, ``KeyError: 101``, ``IndexError``, ``UnpicklingError``)
     and a message that names neither the file nor the problem.
     """
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001 -- any failure here means the file is not a readable checkpoint
         # weights_only failures bury the reason in a paragraph of advice
         reason = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", str(e))

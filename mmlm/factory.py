@@ -201,7 +201,7 @@ def _checkpoint_tokenizer(spec: str | Path, context: int) -> Tokenizer | None:
     checkpoint folder or beside the weights file."""
     path = resolve_path(spec)
     if path.is_file() and detect_format(path) == "lightning":
-        ckpt = torch_load(path)
+        ckpt = torch_load(path, mmap=True)  # load_pretrained has read the weights: map them, read the rest
         stored = ckpt.get(CKPT_TOKENIZER)
         if isinstance(stored, dict) and "tokenizer.json" in stored:
             with tempfile.TemporaryDirectory() as tmp:  # get_tokenizer reads the files at once
