@@ -45,6 +45,7 @@ TEXT_IDS = "text_ids.npy"
 INDEXES = {"image": "image.index", "text": "text.index"}
 CURRENT = "CURRENT"  # DIR/CURRENT holds the name of the version folder that is the index
 VERSION = re.compile(r"v(\d{6})")  # the names of version folders: v000001, v000002, ...
+EXACT_SELECTION = 20_000  # a filter selecting at most this many items is searched exactly, from the stored rows
 AUTO_EXACT_LIMIT = 1_000_000  # index_type auto: exact search below this many vectors, IVF-PQ from here
 TRAIN_PER_CLUSTER = 100  # training vectors per IVF cluster (autofaiss's choice; FAISS wants 39 to 256)
 MIN_TRAIN = 10_000  # and at least this many: 39 per centroid of an 8-bit PQ codebook
@@ -274,8 +275,12 @@ class Index:
 
         ``ids`` (``select(where)``): only these items are searched. The selection goes into FAISS
         (an ``IDSelectorBatch`` in its search parameters), so the ``k`` best *matching* items come back
-        whenever ``k`` match, not what is left of the ``k`` best after a filter (an IVF index still
-        searches only its ``nprobe`` nearest lists). ``min_score``: hits below it become -1 / -inf.
+        whenever ``k`` match, not what is left of the ``k`` best after a filter. A narrow selection (at most
+        ``EXACT_SELECTION`` items) is scored exactly from the stored embeddings instead, reading only its
+        rows; so is any query that FAISS answered with fewer than ``k`` matching hits (an IVF index probes
+        only its ``nprobe`` nearest lists, which a narrow filter may leave nearly empty): a filtered search
+        returns ``min(k, matching items)`` hits on every index type. ``min_score``: hits below it become
+        -1 / -inf.
         """
         if k < 1 or rerank < 1:
             raise ValueError(f"k={k}, rerank={rerank}: give numbers >= 1")
@@ -291,23 +296,45 @@ class Index:
         if ids is None:
             scores, found = index.search(queries, wanted)
         else:
-            selected = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
-            if not len(selected):
-                return np.full((len(queries), k), -1, np.int64), np.full((len(queries), k), -np.inf, np.float32)
+            selected = np.unique(np.asarray(ids, dtype=np.int64).reshape(-1))
+            selected = selected[(selected >= 0) & (selected < len(self))]
+            if len(selected) <= EXACT_SELECTION:
+                return _above(*self._exact_search(queries, selected, k, modality), min_score)
             # text: FAISS ids are the items' ids (one per caption), so the same item ids select captions
             selector = faiss.IDSelectorBatch(selected)
             params = search_parameters(index, selector)
             scores, found = index.search(queries, wanted, params=params)
             del params, selector  # (FAISS keeps raw pointers: both lived until the search ended)
+            short = np.array([len(np.unique(row[row >= 0])) < k for row in found])
+            if short.any():  # the probed lists held fewer than k of the selection: exact for those queries
+                exact_ids, exact_scores = self._exact_search(queries[short], selected, wanted, modality)
+                found[short], scores[short] = exact_ids, exact_scores
         if factor > 1:
             scores = self._exact_scores(queries, found, modality)
             order = np.argsort(-scores, axis=1, kind="stable")
             found, scores = np.take_along_axis(found, order, 1), np.take_along_axis(scores, order, 1)
-        out_ids, out_scores = _first_per_id(found, scores, k)
-        if min_score is not None:
-            below = out_scores < min_score  # scores are sorted: what is dropped is each row's tail
-            out_ids[below], out_scores[below] = -1, -np.inf
-        return out_ids, out_scores
+        return _above(*_first_per_id(found, scores, k), min_score)
+
+    def _exact_search(self, queries: np.ndarray, selected: np.ndarray, k: int, modality: str,
+                      chunk: int = 65_536) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """The ``k`` best of the ``selected`` items (sorted ids) for each query, scored from the stored
+        embeddings: exact whatever the index type, and reading only the selection's rows (in chunks)."""
+        stored = self._embeddings[modality]
+        if modality == "image":
+            rows, owners = selected, selected
+        else:  # every caption of the selected items; an item scores as its best caption
+            rows = np.flatnonzero(np.isin(self.text_ids, selected))
+            owners = np.asarray(self.text_ids)[rows]
+        best_ids = np.full((len(queries), 0), -1, np.int64)
+        best_scores = np.full((len(queries), 0), -np.inf, np.float32)
+        for start in range(0, len(rows), chunk):  # keep each chunk's best alongside the best so far
+            part = np.asarray(stored[rows[start : start + chunk]], dtype=np.float32)
+            scores = np.concatenate([best_scores, queries @ part.T], axis=1)
+            owner = np.concatenate([best_ids, np.broadcast_to(owners[start : start + chunk], (len(queries), len(part)))], 1)
+            order = np.argsort(-scores, axis=1, kind="stable")
+            best_ids, best_scores = _first_per_id(np.take_along_axis(owner, order, 1),
+                                                  np.take_along_axis(scores, order, 1), k)  # fmt: skip
+        return _first_per_id(best_ids, best_scores, k)
 
     def _exact_scores(self, queries: np.ndarray, ids: np.ndarray, modality: str) -> np.ndarray:
         """Each candidate's cosine similarity from the stored embeddings (an item's best caption for text)."""
@@ -431,6 +458,14 @@ def search_parameters(index: faiss.Index, selector: faiss.IDSelector) -> faiss.S
     if isinstance(inner, faiss.IndexHNSW):
         return faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
     return faiss.SearchParameters(sel=selector)
+
+
+def _above(ids: np.ndarray, scores: np.ndarray, min_score: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Hits scored below ``min_score`` become -1 / -inf (scores are sorted: what goes is each row's tail)."""
+    if min_score is not None:
+        below = scores < min_score
+        ids[below], scores[below] = -1, -np.inf
+    return ids, scores
 
 
 def _first_per_id(ids: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

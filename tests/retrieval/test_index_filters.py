@@ -110,11 +110,33 @@ def test_select_refuses_bad_where(built, where, message):
         built["Flat"].select(where)
 
 
-@pytest.mark.parametrize("kind", ["Flat", "IVF4,Flat"])
+@pytest.fixture(params=["exact", "faiss"])
+def path(request, monkeypatch):
+    """Both ways a filtered search goes: a narrow selection scored from the stored rows, or a wide one
+    (EXACT_SELECTION lowered to 0) through FAISS's ID selector."""
+    if request.param == "faiss":
+        monkeypatch.setattr("mmlm.retrieval.index.EXACT_SELECTION", 0)
+    return request.param
+
+
+@pytest.fixture
+def one_probe(built):
+    """The IVF index probing 1 of its 4 lists, as a big IVF probes few of many: a filter's matches are
+    mostly in lists it does not probe."""
+    import faiss
+
+    ivf = faiss.extract_index_ivf(built["IVF4,Flat"].faiss("image"))
+    ivf_text = faiss.extract_index_ivf(built["IVF4,Flat"].faiss("text"))
+    ivf.nprobe = ivf_text.nprobe = 1
+    yield built["IVF4,Flat"]
+    ivf.nprobe = ivf_text.nprobe = 4
+
+
+@pytest.mark.parametrize("kind", ["Flat", "IVF4,Flat", "IVF4,Flat nprobe=1"])
 @pytest.mark.parametrize("modality", ["image", "text"])
-def test_filtered_search_returns_k_matching_items(built, kind, modality):
-    index = built[kind]
-    assert index.manifest["indexes"][modality]["type"] == kind
+def test_filtered_search_returns_k_matching_items(request, built, path, kind, modality):
+    index = request.getfixturevalue("one_probe") if kind.endswith("nprobe=1") else built[kind]
+    assert index.manifest["indexes"][modality]["type"] == kind.split()[0]
     selected = index.select({"year": 2002})
     assert len(selected) == 12
     queries = np.asarray(index.embeddings("image")[[0, 5, 46]], dtype=np.float32)  # none of them from 2002
