@@ -30,6 +30,7 @@ from typing import Any, NamedTuple
 # "W:" weight (a number without a sign, as rclip's multiplier); a lone sign, so "t-shirt" stays one term
 SIGN = re.compile(r"(?<!\S)([+-])(?!\S)")
 WEIGHT = re.compile(r"(\d+(?:\.\d*)?|\.\d+):(.+)", re.DOTALL)
+ITEM = re.compile(r"#(\d+)")  # a stored item's id as a query term
 
 
 class ApiError(ValueError):
@@ -56,8 +57,9 @@ def encode_image(image: str | os.PathLike | bytes | Any) -> str:
 def parse_query(query: str, is_file: Callable[[str], bool] = os.path.isfile) -> list[dict[str, Any]]:
     """The terms of a query in rclip's syntax, as ``/search`` takes them: ``"2:golden retriever" + ./pool.jpg -
     fruit`` -> ``[{"text": "golden retriever", "weight": 2.0}, {"image": "./pool.jpg", "weight": 1.0},
-    {"text": "fruit", "weight": -1.0}]``. A term that names an existing file (``is_file``) is an image, any other
-    is text; quotes around a term are dropped; a leading sign applies to the first term."""
+    {"text": "fruit", "weight": -1.0}]``. ``#12`` is the stored item 12 (``{"item": 12}``, "more like this"); a
+    term that names an existing file (``is_file``) is an image; any other is text. Quotes around a term are
+    dropped; a leading sign applies to the first term. mmlm serve's page reads the same syntax (its app.js)."""
     parts = SIGN.split(query.strip())
     if parts[0] == "" and len(parts) > 1:  # "- fruit": the first term has a sign
         parts = parts[1:]
@@ -70,9 +72,13 @@ def parse_query(query: str, is_file: Callable[[str], bool] = os.path.isfile) -> 
             weight, text = float(found.group(1)), _unquote(found.group(2))
         if not text:
             raise ValueError(f"query {query!r}: an empty term (a + or - with nothing after it?)")
-        kind = "image" if is_file(os.path.expanduser(text)) else "text"
-        terms.append({kind: os.path.expanduser(text) if kind == "image" else text,
-                      "weight": -weight if sign == "-" else weight})  # fmt: skip
+        weight = -weight if sign == "-" else weight
+        if (item := ITEM.fullmatch(text)) is not None:  # "#12": stored item 12, "more like this"
+            terms.append({"item": int(item.group(1)), "weight": weight})
+        elif is_file(os.path.expanduser(text)):
+            terms.append({"image": os.path.expanduser(text), "weight": weight})
+        else:
+            terms.append({"text": text, "weight": weight})
     return terms
 
 

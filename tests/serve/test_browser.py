@@ -5,6 +5,7 @@ nothing is fetched from anywhere but the server. Leaves a screenshot in tmp_path
 
 from __future__ import annotations
 
+import base64
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from playwright.sync_api import expect, sync_playwright
 
 from mmlm.paths import ASSETS
+from mmlm.retrieval.client import parse_query
 
 pytestmark = [pytest.mark.server, pytest.mark.browser, pytest.mark.slow]
 
@@ -86,6 +88,72 @@ def test_page_searches_by_text_click_and_drop(server, tmp_path):
     network = [u for u in requested if not u.startswith(("blob:", "data:"))]  # the heatmap, the dropped file
     assert network and all(u.startswith(server.url + "/") for u in network)  # no CDN, nothing else
     assert (tmp_path / "serve.png").stat().st_size > 10_000
+
+
+QUERIES = ['"2:golden retriever" + pool - fruit', "horse + stripes", "a t-shirt -red", "- fruit", "2:", ".5:'a cat'",
+           "#12 - 0.5:#3 + #x", "apple -", "cat + + dog", "+"]  # fmt: skip
+
+
+def parsed(query: str) -> list[dict] | str:
+    try:
+        return parse_query(query, lambda path: False)  # the page has no files: every term is text or an item
+    except ValueError as e:
+        return e.args[0].split(": ", 1)[1]  # the reason, without the query quoted in Python's way
+
+
+def test_page_combines_terms_picture_and_filter(server, tmp_path):
+    """The query box reads rclip's syntax exactly as ``mmlm search`` does (the page's parser against
+    ``parse_query`` on the same strings); a combined query, a shown picture plus typed text, the filter box and
+    the min-score box give the hits /search gives for the same body."""
+    where = {"filepath": {"prefix": "images/c"}}
+    photo = ASSETS / "images" / "coffee_spoon.jpg"
+    data_url = "data:image/jpeg;base64," + base64.b64encode(photo.read_bytes()).decode()
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server.url + "/")
+            expect(page.locator("#index option")).to_have_count(2)
+            for query in QUERIES:
+                in_page = page.evaluate("q => { try { return parseQuery(q); } catch (e) { return e.message.split(': ').slice(1).join(': '); } }", query)  # fmt: skip
+                assert in_page == parsed(query), query
+
+            page.fill("#where", json.dumps(where))
+            page.fill("#query", "2:a cup of coffee - a spoon")
+            page.press("#query", "Enter")
+            expect(page.locator("#status")).to_contain_text('results for "2:a cup of coffee - a spoon"')
+            body = {"index": "assets", "k": 24, "where": where, "terms": parsed("2:a cup of coffee - a spoon")}
+            expected = server.json("/search", body)["hits"]
+            assert 0 < len(expected) < 21  # the filter kept some photos, not all
+            assert [c["id"] for c in cards(page)] == [h["id"] for h in expected]
+            assert all(h["metadata"]["filepath"].startswith("images/c") for h in expected)
+
+            page.fill("#min-score", f"{expected[1]['score'] - 1e-4:.4f}")  # the best two are left
+            page.press("#query", "Enter")
+            expect(page.locator("#results figure.card")).to_have_count(2)
+            page.fill("#min-score", "")
+
+            page.set_input_files("#file", str(photo))  # a picture, then text added to it
+            expect(page.locator("#status")).to_contain_text("results for coffee_spoon.jpg")
+            page.fill("#query", "- a spoon")
+            page.press("#query", "Enter")
+            expect(page.locator("#status")).to_contain_text('results for coffee_spoon.jpg + "- a spoon"')
+            body["terms"] = [{"image": data_url, "weight": 1.0}, *parsed("- a spoon")]
+            assert [c["id"] for c in cards(page)] == [h["id"] for h in server.json("/search", body)["hits"]]
+            page.click("#clear-image")
+            expect(page.locator("#query-image")).to_be_hidden()
+
+            page.fill("#where", "{year")
+            page.press("#query", "Enter")
+            expect(page.locator("#status")).to_contain_text("filter: not JSON")
+            page.fill("#where", '{"colour": 1}')
+            page.press("#query", "Enter")
+            expect(page.locator("#status")).to_contain_text("colour")  # the server's 422, shown
+        finally:
+            browser.close()
+    assert errors == []
 
 
 def test_page_asks_for_the_key_and_then_works(keyed_server, tmp_path):

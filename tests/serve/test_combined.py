@@ -181,6 +181,8 @@ def test_parse_query_reads_rclips_syntax():
     assert parse_query("- fruit", files) == [{"text": "fruit", "weight": -1.0}]
     assert parse_query("./missing.jpg", files) == [{"text": "./missing.jpg", "weight": 1.0}]  # no such file: text
     assert parse_query("2:", files) == [{"text": "2:", "weight": 1.0}]  # a weight needs a term: text, as in rclip
+    assert parse_query("#12 - 0.5:#3 + #x", files) == [{"item": 12, "weight": 1.0}, {"item": 3, "weight": -0.5},
+                                                       {"text": "#x", "weight": 1.0}]  # fmt: skip
     for bad in ("apple -", "cat + + dog", "+", ""):
         with pytest.raises(ValueError, match="an empty term"):
             parse_query(bad, files)

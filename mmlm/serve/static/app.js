@@ -6,6 +6,7 @@ const KEY = "mmlm-api-key";
 const params = new URLSearchParams(location.search);
 let apiKey = params.get("api_key") || sessionStorage.getItem(KEY) || "";
 let lastText = null; // the text the results answer, for "where?" heatmaps
+let picture = null; // the query picture's term ({image} or {item}) while it is shown: typed text adds to it
 
 if (params.has("api_key")) { // keep the key out of the address bar and the history
   sessionStorage.setItem(KEY, apiKey);
@@ -55,9 +56,52 @@ async function loadIndices() {
   }
 }
 
+// A typed query in rclip's syntax, as `mmlm search` reads it: terms joined by " + " / " - ", a weight as
+// "2:golden retriever", quotes kept out; "#12" is stored item 12 ("more like this"). Returns /search's terms.
+const SIGN = /(?<!\S)([+-])(?!\S)/;
+const WEIGHT = /^(\d+(?:\.\d*)?|\.\d+):(.+)$/s;
+function unquote(text) {
+  text = text.trim();
+  return text.length >= 2 && text[0] === text.at(-1) && `"'`.includes(text[0]) ? text.slice(1, -1).trim() : text;
+}
+function parseQuery(query) {
+  let parts = query.trim().split(SIGN);
+  parts = parts[0].trim() === "" && parts.length > 1 ? parts.slice(1) : ["+", ...parts];
+  const terms = [];
+  for (let i = 0; i < parts.length; i += 2) {
+    let text = unquote(parts[i + 1] ?? "");
+    let weight = 1;
+    const found = WEIGHT.exec(text);
+    if (found) { weight = Number(found[1]); text = unquote(found[2]); }
+    if (!text) throw new Error(`query "${query}": an empty term (a + or - with nothing after it?)`);
+    const item = /^#(\d+)$/.exec(text);
+    terms.push({ ...(item ? { item: Number(item[1]) } : { text }), weight: parts[i] === "-" ? -weight : weight });
+  }
+  return terms;
+}
+
+// the filter and threshold boxes, as /search's where and min_score (an error names the bad box)
+function filters() {
+  const out = {};
+  const where = $("where").value.trim();
+  if (where) {
+    try { out.where = JSON.parse(where); } catch (e) { throw new Error(`filter: not JSON (${e.message})`); }
+  }
+  const minScore = $("min-score").value.trim();
+  if (minScore) out.min_score = Number(minScore);
+  return out;
+}
+
 async function search(query, label) {
-  const body = { index: $("index").value || null, modality: $("modality").value, k: Number($("k").value) || 24, ...query };
   status(`searching ${label}…`);
+  let body;
+  try {
+    body = { index: $("index").value || null, modality: $("modality").value, k: Number($("k").value) || 24, ...filters(),
+      ...query };
+  } catch (e) {
+    status(e.message, true);
+    return;
+  }
   const start = performance.now();
   try {
     const data = await (await api("search", body)).json();
@@ -95,7 +139,8 @@ function legend() {
 }
 
 // the query picture beside the results: the dropped file, or the result a click searched by (none for a text)
-function showQuery(src, label) {
+function showQuery(src, label, term = null) {
+  picture = src ? term : null;
   $("query-image").hidden = !src;
   if (!src) return;
   $("query-image").querySelector("img").src = src;
@@ -139,7 +184,7 @@ function render(hits, index) {
     }
     const go = () => {
       lastText = null;
-      showQuery(img.isConnected ? img.dataset.picture : "", `image #${hit.id}`);
+      showQuery(img.isConnected ? img.dataset.picture : "", `image #${hit.id}`, { item: hit.id });
       search({ item: hit.id, index }, `image #${hit.id}`);
     };
     card.addEventListener("click", go);
@@ -154,7 +199,7 @@ function searchFile(file) {
   const reader = new FileReader();
   reader.onload = () => {
     lastText = null;
-    showQuery(reader.result, file.name);
+    showQuery(reader.result, file.name, { image: reader.result });
     search({ image: reader.result }, file.name);
   };
   reader.readAsDataURL(file);
@@ -163,8 +208,21 @@ function searchFile(file) {
 $("search-form").addEventListener("submit", (e) => {
   e.preventDefault();
   const text = $("query").value.trim();
-  if (text) { lastText = text; showQuery("", ""); search({ text }, `"${text}"`); }
+  if (!text) return;
+  let terms;
+  try {
+    terms = parseQuery(text);
+  } catch (err) {
+    status(err.message, true);
+    return;
+  }
+  const label = picture ? `${$("query-image").querySelector("figcaption").textContent} + "${text}"` : `"${text}"`;
+  if (picture) terms.unshift({ ...picture, weight: 1 }); // the shown picture plus the typed terms
+  const plain = terms.length === 1 && terms[0].text !== undefined && terms[0].weight === 1;
+  lastText = plain ? terms[0].text : null; // a heatmap explains one text
+  search(plain ? { text: terms[0].text } : { terms }, label);
 });
+$("clear-image").addEventListener("click", () => showQuery("", ""));
 const drop = $("drop");
 drop.addEventListener("click", () => $("file").click());
 drop.addEventListener("keydown", (e) => { if (e.key === "Enter") $("file").click(); });
