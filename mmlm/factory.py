@@ -109,14 +109,28 @@ class Loaded:
     """A model with everything a command needs beside it (``load``)."""
 
     model: nn.Module  # in eval mode, on its device; int8 when asked
-    tokenizer: Tokenizer | None  # None: no text tower, or none known (``require_tokenizer`` says so)
-    tokenizer_source: TokenizerSource | None  # where the tokenizer came from (``tokenizer_for``)
     transform: Callable[[Any], torch.Tensor] | None  # PIL image -> (3, H, W); None without a vision tower
     spec: str  # the model as the user named it
     act: str | None = None
     seed: int = 0
     int8: bool = False
     _hash: str | None = field(default=None, repr=False)
+    _tokenizer_of: tuple[Any, ...] = field(default=(), repr=False)  # tokenizer_for's arguments
+
+    @cached_property
+    def _tokenizer(self) -> tuple[Tokenizer | None, TokenizerSource | None]:
+        return tokenizer_for(*self._tokenizer_of) if self._tokenizer_of else (None, None)
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        """The tokenizer (``tokenizer_for``), read on first use: a command that embeds only images (``index sync``)
+        does not pay for building the CLIP BPE. None: no text tower, or none known (``require_tokenizer``)."""
+        return self._tokenizer[0]
+
+    @property
+    def tokenizer_source(self) -> TokenizerSource | None:
+        """Where the tokenizer came from (``tokenizer_for``)."""
+        return self._tokenizer[1]
 
     @cached_property
     def weights_hash(self) -> str:
@@ -157,9 +171,11 @@ def load(
     model = resolve(spec, act=act, device=device, seed=seed, with_heads=with_heads).eval()
     if image_text is not None and not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
         raise UsageError(f"{spec} is a {type(model).__name__}: {image_text} needs an image-text (CLIP) model")
-    tok, source = tokenizer_for(spec, model, tokenizer)
     vision = _vision_config(model)
-    loaded = Loaded(model, tok, source, image_transform(vision, train=False) if vision else None, str(spec), act, seed)
+    loaded = Loaded(model, image_transform(vision, train=False) if vision else None, str(spec), act, seed,
+                    _tokenizer_of=(spec, model, tokenizer))  # fmt: skip
+    if tokenizer is not None:  # the user's: a bad one is named now, before any work
+        loaded.tokenizer  # noqa: B018
     if int8:
         from mmlm.compress.quantize import is_int8, quantize_int8
 

@@ -44,7 +44,7 @@ from mmlm.retrieval.collection import BUNDLED, file_record, image_files
 from mmlm.retrieval.index import EMBEDDINGS, INDEXES, MANIFEST, METADATA, TEXT_IDS, Index, files_of
 from mmlm.retrieval.model import built_with
 from mmlm.retrieval.options import BATCH_SIZE
-from mmlm.retrieval.write import versions_of_libraries, write_metadata
+from mmlm.retrieval.write import renumber_metadata, versions_of_libraries
 
 COUNTS = ("added", "changed", "removed", "renamed", "unchanged", "embedded", "skipped", "hashed", "touched")
 FILE_COLUMNS = ("filepath", "mtime", "size", "sha256")
@@ -182,7 +182,7 @@ def embed(entries: list[Entry], model: torch.nn.Module, transform: Any, batch_si
     return skipped
 
 
-def write_version(folder: Path, base: Index, work: Plan, caption_key: str, seconds: float) -> dict[str, Any]:
+def write_version(folder: Path, base: Index, work: Plan, seconds: float) -> dict[str, Any]:
     """The new version in ``folder``: the entries' rows (kept ones copied from ``base``), FAISS refilled, metadata
     and, last, the manifest, whose ``syncs`` records this sync's counts; returns that record."""
     folder.mkdir(parents=True)
@@ -227,15 +227,10 @@ def write_version(folder: Path, base: Index, work: Plan, caption_key: str, secon
         faiss.write_index(index, str(folder / INDEXES[modality]))
         indexes[modality] = {**entry, "ntotal": int(index.ntotal)}
 
-    old_rows = base.metadata([e.old for _, e in order if e.old is not None])
-    rows = iter(old_rows)
-    items = []
-    for _, e in order:
-        row = next(rows) if e.old is not None else {}
-        captions = (row or {}).pop("captions", [])
-        meta = {k: v for k, v in (row or {}).items() if k not in ("id", caption_key)}
-        items.append({"meta": {**meta, **e.meta}, "captions": captions})
-    write_metadata(folder / METADATA, np.arange(len(order)), items, caption_key, 0)
+    # kept rows move to their new ids inside SQLite; only the rows whose file columns changed are written
+    kept = [(e.old, new_id) for new_id, (_, e) in enumerate(order) if e.old is not None]
+    rows = [(new_id, e.meta) for new_id, (_, e) in enumerate(order) if e.old is None or len(e.meta) > 1]
+    renumber_metadata(base.files / METADATA, folder / METADATA, kept, rows)
 
     manifest = json.loads(json.dumps(base.manifest))
     builds = manifest["builds"]
@@ -296,8 +291,7 @@ def sync_index(
                 versions.tidy(index)  # what a sync killed after its swap left
                 shutil.rmtree(root)  # the lock file with it: released when the block ends
                 return Index.open(index), report
-            caption_key = next((b["caption_key"] for b in base.manifest["builds"] if b.get("caption_key")), "caption")
-            write_version(root / "index", base, work, caption_key, time.perf_counter() - started)
+            write_version(root / "index", base, work, time.perf_counter() - started)
             report["version"] = versions.publish(root / "index", index, root, overwrite=True)
             shutil.rmtree(root)
     return Index.open(index), report

@@ -179,6 +179,34 @@ def write_metadata(path: Path, ids: np.ndarray, items: list[dict[str, Any]], cap
         db.executemany("INSERT INTO texts (row, id, caption) VALUES (?, ?, ?)", texts)
 
 
+def renumber_metadata(old: Path, path: Path, kept: list[tuple[int, int]], rows: list[tuple[int, dict[str, Any]]]) -> None:
+    """``path``: the metadata of ``old`` with only the ``kept`` items (old id, new id) under their new ids (their
+    captions with them, caption rows renumbered in the new id order), then ``rows`` (new id, columns) updated or
+    added. The rows are copied inside SQLite, not through Python: ``index sync`` of a large folder rewrites every
+    id but changes few rows (10,000 items: 0.7 s through Python before, a few ms this way)."""
+    shutil.copyfile(old, path)
+    with closing(sqlite3.connect(path)) as db, db:
+        db.execute("CREATE TEMP TABLE kept (old INTEGER PRIMARY KEY, new INTEGER NOT NULL)")
+        db.executemany("INSERT INTO kept VALUES (?, ?)", kept)
+        db.execute("DELETE FROM items WHERE id NOT IN (SELECT old FROM kept)")
+        # two passes through negative ids: a new id may be an old id still in use
+        db.execute("UPDATE items SET id = -1 - (SELECT new FROM kept WHERE old = items.id)")
+        db.execute("UPDATE items SET id = -1 - id")
+        db.execute("CREATE TEMP TABLE captions AS SELECT k.new AS id, t.caption AS caption FROM texts t "
+                   "JOIN kept k ON k.old = t.id ORDER BY k.new, t.row")  # fmt: skip
+        db.execute("DELETE FROM texts")
+        db.execute("INSERT INTO texts (row, id, caption) SELECT rowid - 1, id, caption FROM captions ORDER BY rowid")
+        have = {r[1] for r in db.execute("PRAGMA table_info(items)")}
+        for column in dict.fromkeys(c for _, row in rows for c in row):
+            if column not in have:
+                db.execute(f"ALTER TABLE items ADD COLUMN {_quote(column)}")
+        for i, row in rows:
+            columns = [_quote(c) for c in row]
+            values = [_sql_value(v) for v in row.values()]
+            db.execute(f"INSERT INTO items (id, {', '.join(columns)}) VALUES (?{', ?' * len(columns)}) ON CONFLICT(id) "
+                       f"DO UPDATE SET {', '.join(f'{c} = excluded.{c}' for c in columns)}", [i, *values])  # fmt: skip
+
+
 def _row(item: dict[str, Any], caption_key: str) -> dict[str, Any]:
     # "id" is the index's own column: a metadata column of that name is kept as "id_"
     row = {("id_" if k == "id" else k): _sql_value(v) for k, v in item["meta"].items()}

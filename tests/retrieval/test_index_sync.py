@@ -13,6 +13,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 from pathlib import Path
 
 import numpy as np
@@ -252,3 +253,32 @@ def test_a_sync_killed_at_a_step_leaves_the_index_whole_and_a_rerun_finishes(
     assert marker["files"] == sorted(p.relative_to(ix).as_posix() for p in ix.rglob("*")
                                      if p.is_file() and p.name != outputs.MARKER)  # fmt: skip
     assert not outputs.partial(ix).exists()
+
+
+def test_renumber_metadata_moves_kept_rows_and_their_captions(tmp_path):
+    """The rows a sync keeps move to their new ids inside SQLite, captions with them (caption rows renumbered in
+    the new id order, an item's captions in their order), changed columns updated, new rows added, the old file
+    untouched: what ``write_metadata`` of the same items would write."""
+    from mmlm.retrieval.write import renumber_metadata, write_metadata
+
+    items = [{"meta": {"filepath": f"{i}.png", "year": 2000 + i}, "captions": [f"c{i}a", f"c{i}b"][: i % 3]}
+             for i in range(5)]  # fmt: skip
+    write_metadata(tmp_path / "old.sqlite", np.arange(5), items, "caption", 0)
+    before = (tmp_path / "old.sqlite").read_bytes()
+    kept = [(4, 0), (1, 1), (2, 2)]  # 0 and 3 removed; 4 moves ahead of 1
+    rows = [(1, {"filepath": "renamed/1.png", "sha256": "ab"}), (3, {"filepath": "new.png", "sha256": "cd"})]
+    renumber_metadata(tmp_path / "old.sqlite", tmp_path / "new.sqlite", kept, rows)
+    assert (tmp_path / "old.sqlite").read_bytes() == before
+
+    expected = [items[4], {"meta": {**items[1]["meta"], **rows[0][1]}, "captions": items[1]["captions"]}, items[2],
+                {"meta": rows[1][1], "captions": []}]  # fmt: skip
+    write_metadata(tmp_path / "expected.sqlite", np.arange(4), expected, "caption", 0)
+
+    def dump(path):
+        with closing(sqlite3.connect(path)) as db:
+            names = sorted(r[1] for r in db.execute("PRAGMA table_info(items)"))
+            items = db.execute(f"SELECT {', '.join(names)} FROM items ORDER BY id").fetchall()
+            return names, items, db.execute("SELECT row, id, caption FROM texts ORDER BY row").fetchall()
+
+    assert dump(tmp_path / "new.sqlite") == dump(tmp_path / "expected.sqlite")
+    assert dump(tmp_path / "new.sqlite")[2] == [(0, 0, "c4a"), (1, 1, "c1a"), (2, 2, "c2a"), (3, 2, "c2b")]
