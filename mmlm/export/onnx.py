@@ -232,14 +232,26 @@ def _export_one(
 
 
 def quantize(folder: Path) -> None:
-    """Replace the float graphs in ``folder`` by int8 ones (``quantize_dynamic``: int8 weights, per channel)."""
+    """Replace the float graphs in ``folder`` by int8 ones (``quantize_dynamic``: 8-bit weights per channel,
+    activations quantized per batch as they come).
+
+    Unsigned 8-bit weights: with signed ones ONNX Runtime multiplies u8 x s8, which saturates on AVX2 CPUs
+    without VNNI; on a tiny CLIP that took the text cosine to float32 down to 0.957, against 0.9996 for
+    u8 x u8 (0.9987 for s8 with ``reduce_range``, 0.9993 for mmlm's torch int8).
+    """
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    for name in ("image", "text"):
-        src, dst = folder / f"{name}.onnx", folder / f"{name}.int8.onnx"
-        # per-channel weights as mmlm quantize's torch int8; QInt8 weights run on every CPU's int8 kernels
-        quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
-        dst.replace(src)
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process applies to static quantization
+    try:
+        for name in ("image", "text"):
+            src, dst = folder / f"{name}.onnx", folder / f"{name}.int8.onnx"
+            quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QUInt8)
+            dst.replace(src)
+    finally:
+        logging.getLogger().setLevel(quiet)
 
 
 def preprocess_config(vision: Any) -> dict[str, Any]:
