@@ -46,7 +46,8 @@ def convert(
     if int8 and to != "onnx":
         raise ValueError(f"--int8 applies to --to onnx, not --to {to} (`mmlm quantize` makes an int8 mmlm model)")
     outputs.check(dst, to, overwrite)  # before the slow part
-    model = resolve(src, act=act, with_heads=with_heads)
+    # a preset is drawn as `mmlm.factory.load` draws it (seed 0): an index built from the same name matches it
+    model = resolve(src, act=act, with_heads=with_heads, seed=0)
     tok, source = tokenizer_for(src, model, tokenizer)
     # each exporter writes the CLIP BPE in its own ecosystem's format when given none
     tok = tok if source in ("given", "checkpoint") and (to != "mmlm" or source == "given") else None

@@ -303,6 +303,18 @@ def test_encoder_refuses_a_folder_it_cannot_read(small, tmp_path):
         enc.encode_text("a cat")
 
 
+def test_a_preset_converts_to_the_model_mmlm_loads_for_its_name(tmp_path):
+    """`mmlm convert clip-tiny DST --to onnx` draws the preset as `mmlm index build clip-tiny` and the torch
+    server do (seed 0): the same weights hash, the same embeddings."""
+    enc = OnnxEncoder.open(convert("clip-tiny", tmp_path / "onnx", to="onnx"))
+    loaded = load("clip-tiny")
+    assert enc.weights_hash == loaded.weights_hash and enc.meta["source"] == "clip-tiny"
+    tokens = loaded.require_tokenizer()(["a cat", "the number seven"])
+    with torch.no_grad():
+        ours = loaded.model.encode_text(tokens["input_ids"], tokens["attention_mask"]).numpy()
+    np.testing.assert_allclose(enc.encode_text(["a cat", "the number seven"]), ours, atol=1e-4, rtol=0)
+
+
 # ------------------------------------------------------------------------------ int8
 
 
