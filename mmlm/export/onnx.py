@@ -42,9 +42,12 @@ Both are exact and their graphs load and run alike (within this machine's noise)
 (``dynamo=False``) exports 6-10x faster, so it is the one used. ``DYNAMO`` switches; a slow test keeps the
 dynamo path exact, for the day torch drops TorchScript.
 
-int8 (``--int8``): ONNX Runtime's ``quantize_dynamic`` on the exported float graphs (int8 weights of
-MatMul / Gemm, activations quantized per batch at run time, as ``mmlm quantize`` does in torch);
+int8 (``--int8``): ONNX Runtime's ``quantize_dynamic`` on the exported float graphs (8-bit weights of
+MatMul / Gemm per channel, activations quantized per batch at run time, as ``mmlm quantize`` does in torch);
 ``weights_hash`` stays the float model's, so an index built from the float model accepts either folder.
+Measured: a ViT-B/32 CLIP's files 605 -> 147 MB; cosine to float32 >= 0.999 for the bundled photos and
+captions; zero-shot accuracy on the 360 held-out digits of the main job's model (200 steps) 71.7% in torch,
+in ONNX float32 and in ONNX int8 alike.
 """
 
 from __future__ import annotations
