@@ -259,8 +259,8 @@ def test_sizes_of_zero(args, message, capsys):
 
 @pytest.mark.parametrize(("args", "message"), [
     (["search", "http://127.0.0.1:9", "a cat", "--k", "abc"], "--k abc: expected int"),
-    (["convert", "clip-tiny", "out", "--to", "onnx"],
-     "--to onnx: expected one of mmlm, hf, open_clip, timm, sentence_transformers"),
+    (["convert", "clip-tiny", "out", "--to", "tflite"],
+     "--to tflite: expected one of mmlm, hf, open_clip, timm, sentence_transformers, onnx"),
     (["explain", "clip-tiny", "x.png", "a cat", "--method", "lime"],
      "--method lime: expected one of similarity, rollout, gradcam, occlusion, attention"),
     (["serve", "idx", "--max-body-mb", "big"], "--max_body_mb big: expected float"),

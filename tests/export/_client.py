@@ -16,17 +16,28 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
-_GUARD = '''
+_GUARD_TEMPLATE = """
 import sys
 
-class _NoMmlm:
+class _Refuse:
+    REFUSED = {refused!r}
+
     def find_spec(self, name, path=None, target=None):
-        if name == "mmlm" or name.startswith("mmlm."):
-            raise ImportError("this process checks an export without mmlm: do not import " + name)
+        top = name.partition(".")[0]
+        if top in self.REFUSED:
+            raise ImportError("this process checks an export without " + top + ": do not import " + name)
         return None
 
-sys.meta_path.insert(0, _NoMmlm())
-'''
+sys.meta_path.insert(0, _Refuse())
+"""
+
+
+def guard(refuse: tuple[str, ...] = ("mmlm",)) -> str:
+    """Python source that makes importing any of the packages ``refuse`` (and their submodules) fail."""
+    return _GUARD_TEMPLATE.format(refused=tuple(refuse))
+
+
+_GUARD = guard()  # no mmlm: what every export client runs under
 
 
 def offline_env(**extra: str) -> dict[str, str]:
@@ -36,11 +47,14 @@ def offline_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_client(code: str, cwd: str | Path, timeout: float = 600, **env: str) -> Any:
+def run_client(
+    code: str, cwd: str | Path, timeout: float = 600, refuse: tuple[str, ...] = ("mmlm",), **env: str
+) -> Any:
     """Run ``code`` (dedented) without mmlm in ``cwd``; it must ``print(json.dumps(...))`` its
-    result as the last line of stdout, which is returned parsed."""
+    result as the last line of stdout, which is returned parsed. ``refuse``: the packages the process
+    cannot import (``("mmlm", "torch")`` for a client of the ONNX export)."""
     script = Path(cwd) / "client.py"
-    script.write_text(_GUARD + textwrap.dedent(code), encoding="utf-8")
+    script.write_text(guard(refuse) + textwrap.dedent(code), encoding="utf-8")
     proc = subprocess.run(
         [sys.executable, str(script)], cwd=cwd, env=offline_env(**env), capture_output=True, text=True, timeout=timeout
     )
