@@ -33,7 +33,16 @@ import torch
 from torch import nn
 
 from mmlm import checkpoint
-from mmlm.config import Activation, CLIPConfig, CoCaConfig, ModelConfig, TextWithHeadsConfig, VisionConfig, from_dict, update
+from mmlm.config import (
+    Activation,
+    CLIPConfig,
+    CoCaConfig,
+    ModelConfig,
+    TextWithHeadsConfig,
+    VisionConfig,
+    from_dict,
+    update,
+)
 from mmlm.convert import hf_bert, hf_clip, hf_gpt2, hf_vit, openclip, openclip_coca, timm_vit
 from mmlm.convert.common import ConversionError, StateDict
 from mmlm.models import create_model

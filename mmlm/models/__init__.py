@@ -32,7 +32,16 @@ from typing import Any
 
 from torch import nn
 
-from mmlm.config import CLIPConfig, CoCaConfig, ModelConfig, TextConfig, TextWithHeadsConfig, VisionConfig, from_name, update
+from mmlm.config import (
+    CLIPConfig,
+    CoCaConfig,
+    ModelConfig,
+    TextConfig,
+    TextWithHeadsConfig,
+    VisionConfig,
+    from_name,
+    update,
+)
 from mmlm.models.clip import CLIP
 from mmlm.models.coca import CoCa, CoCaOutput
 from mmlm.models.heads import TextWithHeads
