@@ -102,7 +102,11 @@ def config_from_openclip_coca(
         mlp_ratio=mlp_ratio(dw, sd["text_decoder.resblocks.0.mlp.c_fc.weight"].shape[0]),
         act=act, norm_eps=_eps(mcfg), layer_scale=mcfg.get("ls_init_value"),
     )  # fmt: skip
-    bias = sd.get("logit_bias")
+    if oc_config is not None:  # initial values as the json says (the weights hold the trained ones)
+        scale, bias = model_cfg.get("init_logit_scale", OPENCLIP_LOGIT_SCALE), model_cfg.get("init_logit_bias")
+    else:
+        scale = float(sd["logit_scale"]) if "logit_scale" in sd else OPENCLIP_LOGIT_SCALE
+        bias = float(sd["logit_bias"]) if "logit_bias" in sd else None
     return CoCaConfig(
         embed_dim=sd["visual.proj"].shape[1],
         vision=vision,
@@ -111,8 +115,8 @@ def config_from_openclip_coca(
         pool_queries=sd["visual.attn_pool.query"].shape[0],
         pool_heads=vcfg.get("attn_pooler_heads", OPENCLIP_POOL_HEADS),
         legacy_cls_mask=not tcfg.get("correct_cls_mask", False),
-        init_logit_scale=float(sd["logit_scale"]) if "logit_scale" in sd else OPENCLIP_LOGIT_SCALE,
-        init_logit_bias=None if bias is None else float(bias),
+        init_logit_scale=scale,
+        init_logit_bias=bias,
     )
 
 
