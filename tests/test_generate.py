@@ -36,7 +36,9 @@ def test_one_beam_and_top_k_1_are_greedy(model, images):
     greedy = model.generate(images, max_new_tokens=10)
     assert torch.equal(model.generate(images, max_new_tokens=10, num_beams=1), greedy)
     assert torch.equal(model.generate(images, max_new_tokens=10, num_beams=1, length_penalty=0.0), greedy)
-    sampled = model.generate(images, max_new_tokens=10, do_sample=True, top_k=1, generator=torch.Generator().manual_seed(0))
+    sampled = model.generate(
+        images, max_new_tokens=10, do_sample=True, top_k=1, generator=torch.Generator().manual_seed(0)
+    )
     assert torch.equal(sampled, greedy)
 
 

@@ -13,7 +13,11 @@ from mmlm.tasks import Captioning
 
 open_clip = pytest.importorskip("open_clip")
 
-SMALL = {"sot_token_id": 2, "text": {"vocab_size": 50, "eot_token_id": 3}, "decoder": {"vocab_size": 50, "eot_token_id": 3}}
+SMALL = {
+    "sot_token_id": 2,
+    "text": {"vocab_size": 50, "eot_token_id": 3},
+    "decoder": {"vocab_size": 50, "eot_token_id": 3},
+}
 
 
 def _batch(n: int = 6, length: int = 9) -> dict[str, torch.Tensor]:
@@ -29,7 +33,10 @@ def _batch(n: int = 6, length: int = 9) -> dict[str, torch.Tensor]:
 
 def test_coca_loss_is_open_clips():
     g = torch.Generator().manual_seed(1)
-    image, text = F.normalize(torch.randn(5, 8, generator=g), dim=-1), F.normalize(torch.randn(5, 8, generator=g), dim=-1)
+    image, text = (
+        F.normalize(torch.randn(5, 8, generator=g), dim=-1),
+        F.normalize(torch.randn(5, 8, generator=g), dim=-1),
+    )
     logits = torch.randn(5, 7, 30, generator=g)
     labels = torch.randint(0, 30, (5, 7), generator=g)
     labels[:, 5:] = 0  # padding, and a few real zeros that OpenCLIP's ignore_index skips too
