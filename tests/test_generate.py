@@ -92,3 +92,15 @@ def test_min_new_tokens_and_filters(model, images):
     assert torch.isinf(filter_logits(logits, top_p=0.5)).tolist() == [[True, False, True, True]]
     with pytest.raises(ValueError, match="max_new_tokens"):
         model.generate(images, max_new_tokens=40)
+
+
+@pytest.mark.parametrize("share", ["attention", "all"])
+def test_towers_sharing_blocks_still_caption(share, images):
+    """With shared towers the text tower's cache lives in the CoCa's shared blocks, used with modality "text"."""
+    torch.manual_seed(0)
+    model = mmlm.create_model("coca-tiny", text=VOCAB, decoder=VOCAB, sot_token_id=SOT, share=share).eval()
+    assert "blocks.0.attn.qkv.weight" in model.state_dict()
+    out = model(images, torch.tensor([[SOT, 5, 6, EOT]] * 3))
+    assert out.logits.shape == (3, 3, 1000) and out.image_embeds.shape == (3, 64)
+    ids = model.generate(images, max_new_tokens=5)
+    assert torch.equal(ids, model.generate(images, max_new_tokens=5, use_cache=False))
