@@ -18,12 +18,14 @@ _EXPORTS = {
     "load": "mmlm.pretrained",
     "save": "mmlm.checkpoint",
     "CLIPConfig": "mmlm.config",
+    "CoCaConfig": "mmlm.config",
     "TextConfig": "mmlm.config",
     "VisionConfig": "mmlm.config",
     "from_name": "mmlm.config",
     "list_presets": "mmlm.config",
     "get_tokenizer": "mmlm.data.tokenizers",
     "CLIP": "mmlm.models",
+    "CoCa": "mmlm.models",
     "TextEncoder": "mmlm.models",
     "TextWithHeads": "mmlm.models",
     "VisionTransformer": "mmlm.models",
@@ -38,11 +40,11 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
     from mmlm.checkpoint import save
-    from mmlm.config import CLIPConfig, TextConfig, VisionConfig, from_name, list_presets
+    from mmlm.config import CLIPConfig, CoCaConfig, TextConfig, VisionConfig, from_name, list_presets
     from mmlm.data.tokenizers import get_tokenizer
     from mmlm.export.convert import export_hf_clip
     from mmlm.factory import resolve
-    from mmlm.models import CLIP, TextEncoder, TextWithHeads, VisionTransformer, create_model
+    from mmlm.models import CLIP, CoCa, TextEncoder, TextWithHeads, VisionTransformer, create_model
     from mmlm.pretrained import load, load_pretrained
 
 

@@ -4,6 +4,7 @@
     mmlm convert SRC DST [--to TARGET]             any checkpoint load_pretrained reads -> mmlm / hf / open_clip / timm / sentence_transformers / onnx
     mmlm tokenizer train FILE [FILE ...] --vocab_size N --out DIR
     mmlm zeroshot MODEL --dataset DATA             zero-shot classification, CLIP_benchmark JSON + confusion PNG
+    mmlm caption MODEL IMAGE [IMAGE ...]           captions from a CoCa (greedy, beam search or sampling)
     mmlm eval-retrieval MODEL --dataset DATA       image<->text recall@k in bounded memory
     mmlm index build|add|sync|info ...             embed images (+ captions) into FAISS indexes, metadata in SQLite
     mmlm serve DIR [DIR ...]                       the retrieval API (+ clip-retrieval's routes) and a web page
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 if TYPE_CHECKING:  # jsonargparse runs this block to read the annotations: keep torch out of it
     from jsonargparse import ArgumentParser
 
+from mmlm.caption import caption
 from mmlm.compress.commands import prune, quantize
 from mmlm.explain.command import explain
 from mmlm.paths import ASSETS, resolve
@@ -334,6 +336,7 @@ COMMANDS: dict[str, Any] = {
     "presets": presets,
     "tokenizer": {"train": train_tokenizer},
     "zeroshot": zeroshot,
+    "caption": caption,
     "eval-retrieval": eval_retrieval,
     "quantize": quantize,
     "prune": prune,
@@ -344,7 +347,7 @@ COMMANDS: dict[str, Any] = {
 }
 # what a positional that takes one or more values is called, per command; jsonargparse reads a
 # list[Path] positional given one path as a file *listing* paths, so these get nargs="+" instead
-VARIADIC = {train_tokenizer: "files", serve: "indexes", explain: "inputs"}
+VARIADIC = {train_tokenizer: "files", serve: "indexes", explain: "inputs", caption: "inputs"}
 
 
 def build_parser() -> ArgumentParser:

@@ -155,6 +155,42 @@ class CLIPConfig:
         return self.share_layers if self.share_layers is not None else (0, self.vision.depth)
 
 
+@dataclass
+class CoCaConfig(CLIPConfig):
+    """CoCa (OpenCLIP's ``coca_*``): a CLIP whose image tower ends in an attentional pooler, plus a
+    multimodal text decoder whose blocks attend to the pooled image tokens, for captions.
+
+    ``text.context_length`` counts the class token CoCa appends after the text: texts hold at most
+    ``context_length - 1`` tokens (``text.max_seq_length``). ``text.width`` must equal ``decoder.width``
+    (the decoder reads the text tower's tokens).
+    """
+
+    decoder: TextConfig = field(default_factory=TextConfig)  # width, depth, heads, act, vocab_size (logits)
+    pool_queries: int = 256  # attentional pooler queries: the first is pooled (contrastive), the rest feed the decoder
+    pool_heads: int = 8
+    # OpenCLIP's original CoCa text mask, shifted by one column: what every released CoCa was trained with and
+    # what open_clip 3.3's configs build. False: the corrected mask (TextTransformer(correct_cls_mask=True))
+    legacy_cls_mask: bool = True
+    sot_token_id: int = 49406  # the first token of every caption (CLIP's <start_of_text>)
+
+    @property
+    def model_type(self) -> str:
+        return "coca"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.decoder, dict):
+            self.decoder = TextConfig(**self.decoder)
+        super().__post_init__()
+        if self.text.width != self.decoder.width:
+            raise ValueError(f"CoCa needs text.width == decoder.width, got {self.text.width} and {self.decoder.width}")
+        if self.pool_queries < 2:
+            raise ValueError("CoCa's pooler needs at least 2 queries: one pooled, the others for the decoder")
+
+    @property
+    def max_text_length(self) -> int:
+        return self.text.max_seq_length or self.text.context_length - 1
+
+
 TextHead = Literal["pooler", "mlm", "nsp", "clm", "classifier", "token_classifier", "qa"]
 TEXT_HEADS: tuple[str, ...] = get_args(TextHead)
 
@@ -191,9 +227,10 @@ class TextWithHeadsConfig:
             raise ValueError(f"the {labelled[0]} head needs num_labels >= 1, got {self.num_labels}")
 
 
-ModelConfig = Union[CLIPConfig, TextConfig, VisionConfig, TextWithHeadsConfig]
+ModelConfig = Union[CLIPConfig, CoCaConfig, TextConfig, VisionConfig, TextWithHeadsConfig]
 CONFIG_TYPES: dict[str, type] = {
     "clip": CLIPConfig,
+    "coca": CoCaConfig,
     "text": TextConfig,
     "vision": VisionConfig,
     "text_heads": TextWithHeadsConfig,
@@ -211,9 +248,9 @@ def from_dict(d: dict[str, Any]) -> ModelConfig:
     for key in ("image_mean", "image_std"):
         if key in d:
             d[key] = tuple(d[key])
-    for key in ("vision", "text"):
+    for key in ("vision", "text", "decoder"):
         if key in d:
-            d[key] = from_dict({"model_type": key, **d[key]})
+            d[key] = from_dict({"model_type": "text" if key == "decoder" else key, **d[key]})
     return cls(**d)
 
 
@@ -386,3 +423,31 @@ register("vit-tiny", "test-size ViT, 32 px, 10 classes")(lambda: update(_timm_vi
 register("bert-tiny", "test-size BERT")(lambda: update(_bert(vocab_size=1000), context_length=64, **_TINY))
 register("minilm-tiny", "test-size MiniLM (mean pooling)")(lambda: update(_bert(vocab_size=1000, pool="mean"), context_length=64, **_TINY))
 register("gpt2-tiny", "test-size GPT-2")(lambda: update(_gpt2(vocab_size=1000), context_length=64, **_TINY))
+
+
+# ---- CoCa: OpenCLIP's coca_ViT-B-32 (GELU, no QuickGELU) and a test-size one
+
+
+def _coca(vision: VisionConfig, text: TextConfig, embed_dim: int, pool_queries: int, **fields: Any) -> CoCaConfig:
+    # the image tower's final norm is the pooler's (ln_post after attn_pool); the text tower gets a position for
+    # the class token CoCa appends, and tokenises one token less
+    vision = update(vision, act="gelu", final_norm=False)
+    decoder = update(text, act="gelu")
+    text = update(decoder, context_length=text.context_length + 1, max_seq_length=text.context_length)
+    return CoCaConfig(
+        embed_dim=embed_dim, vision=vision, text=text, decoder=decoder, pool_queries=pool_queries, **fields
+    )
+
+
+@register("coca-vit-b-32")
+def _() -> CoCaConfig:
+    """OpenCLIP coca_ViT-B-32 shapes (253.56 M parameters): ViT-B/32, 12-layer text tower and decoder"""
+    return _coca(_clip_vision(32), _clip_text(context_length=76), 512, 256)
+
+
+@register("coca-tiny")
+def _() -> CoCaConfig:
+    """test-size CoCa: 32 px, patch 8, width 64, 2 layers per tower and decoder; the CLIP BPE vocabulary"""
+    vision = update(_clip_vision(8, image_size=32), **_TINY)
+    text = update(_clip_text(context_length=32), **_TINY)
+    return _coca(vision, text, 64, 16, pool_heads=4)

@@ -144,3 +144,36 @@ class ContrastiveLoss(nn.Module):
     def forward(self, image_features, text_features, logit_scale, logit_bias=None) -> torch.Tensor:
         return LOSSES[self.kind](image_features, text_features, logit_scale, logit_bias)
 
+
+
+def caption_loss(logits: torch.Tensor, labels: torch.Tensor, pad_id: int | None = 0) -> torch.Tensor:
+    """Next-token cross-entropy of a caption decoder: (B, T, vocab) logits against (B, T) labels.
+
+    Labels of -100 are skipped, and so is ``pad_id`` as in OpenCLIP's ``CoCaLoss`` (its
+    ``CrossEntropyLoss(ignore_index=pad_id)``: with CLIP's BPE that also skips the real token 0, "!").
+    """
+    if pad_id is not None:
+        labels = labels.masked_fill(labels == pad_id, -100)
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100)
+
+
+class CoCaLoss(nn.Module):
+    """OpenCLIP's ``CoCaLoss``: ``clip_weight`` * CLIP loss + ``caption_weight`` * caption loss; its training
+    defaults are 1 and 2. ``forward`` returns (total, clip part, caption part), the parts already weighted."""
+
+    def __init__(self, caption_weight: float = 2.0, clip_weight: float = 1.0, pad_id: int | None = 0):
+        super().__init__()
+        self.caption_weight, self.clip_weight, self.pad_id = caption_weight, clip_weight, pad_id
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        logit_scale: torch.Tensor,
+        logit_bias: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        contrastive = self.clip_weight * clip_loss(image_features, text_features, logit_scale, logit_bias)
+        captioning = self.caption_weight * caption_loss(logits, labels, self.pad_id)
+        return contrastive + captioning, contrastive, captioning

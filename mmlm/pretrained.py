@@ -13,8 +13,8 @@ transformers folder                    config.json ``model_type``: clip,        
                                        clip_text_model, clip_vision_model, bert,   VisionTransformer,
                                        gpt2, vit                                   TextWithHeads
 timm hub folder                        config.json with ``architecture``           VisionTransformer
-OpenCLIP hub folder                    open_clip_config.json                       CLIP
-OpenAI / OpenCLIP state dict file      ``visual.conv1.weight``                     CLIP
+OpenCLIP hub folder                    open_clip_config.json                       CLIP or CoCa
+OpenAI / OpenCLIP state dict file      ``visual.conv1.weight``                     CLIP or CoCa
 timm ViT state dict file               ``patch_embed.proj.weight``                 VisionTransformer
 =====================================  ==========================================  =========================
 
@@ -33,8 +33,17 @@ import torch
 from torch import nn
 
 from mmlm import checkpoint
-from mmlm.config import Activation, CLIPConfig, ModelConfig, TextWithHeadsConfig, VisionConfig, from_dict, update
-from mmlm.convert import hf_bert, hf_clip, hf_gpt2, hf_vit, openclip, timm_vit
+from mmlm.config import (
+    Activation,
+    CLIPConfig,
+    CoCaConfig,
+    ModelConfig,
+    TextWithHeadsConfig,
+    VisionConfig,
+    from_dict,
+    update,
+)
+from mmlm.convert import hf_bert, hf_clip, hf_gpt2, hf_vit, openclip, openclip_coca, timm_vit
 from mmlm.convert.common import ConversionError, StateDict
 from mmlm.models import create_model
 from mmlm.paths import resolve
@@ -74,7 +83,9 @@ def load_pretrained(
 
     def finish(cfg: ModelConfig) -> ModelConfig:
         if act is not None:
-            if isinstance(cfg, CLIPConfig):
+            if isinstance(cfg, CoCaConfig):
+                cfg = update(cfg, **{"text.act": act, "vision.act": act, "decoder.act": act})
+            elif isinstance(cfg, CLIPConfig):
                 cfg = update(cfg, **{"text.act": act, "vision.act": act})
             elif isinstance(cfg, TextWithHeadsConfig):
                 cfg = update(cfg, **{"text.act": act})
@@ -316,6 +327,9 @@ def _openclip(path: Path, with_heads: bool, act: Activation | None) -> Loaded:
         sd = checkpoint.read_state_dict(path)
         oc_config = checkpoint.json_or_none(path.parent / "open_clip_config.json")
     act = act or _openclip_act(path, sd, oc_config)
+    if openclip_coca.is_coca(sd):
+        cfg = openclip_coca.config_from_openclip_coca(sd, oc_config, act)
+        return cfg, lambda cfg: openclip_coca.openclip_coca_to_mmlm(sd, cfg)
     if oc_config is None:
         cfg = openclip.config_from_state_dict(sd, act)
     else:

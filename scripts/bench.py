@@ -34,6 +34,8 @@ bert                       ``TextWithHeads`` (bert-base + pooler)          trans
 mlm_train                  ``LanguagePretraining.training_step`` (MLM)     transformers ``BertForMaskedLM``
                            + backward + AdamW                              with ``labels``, same batch
 tokenizer                  ``get_tokenizer("clip")(texts)``                ``open_clip.tokenize(texts)``
+coca_generate              ``CoCa.generate`` greedy, with and without      open_clip ``CoCa`` (coca_ViT-B-32):
+                           the KV cache (tokens/s in the notes)            forward + argmax, token by token
 index_build, sync, query   ``mmlm index build`` / ``sync``, ``mmlm serve`` see ``scripts/bench_retrieval.py``
                            (in ``scripts/bench_retrieval.py``)
 =========================  ==============================================  =====================================
@@ -667,6 +669,67 @@ def query(b: Bench) -> list[Row]:
     return bench_retrieval.query(b)
 
 
+TINY_COCA = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 64, "patch_size": 16, "width": 128, "layers": 2, "attentional_pool": True,
+                   "attn_pooler_heads": 2, "output_tokens": True},
+    "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2, "embed_cls": True,
+                 "output_tokens": True},
+    "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 128, "heads": 2, "layers": 2},
+}  # fmt: skip
+CAPTION_TOKENS = 20  # new tokens per caption in coca_generate (no end token: every row runs all steps)
+
+
+def coca_generate(b: Bench) -> list[Row]:
+    """Batched greedy captions of a CoCa: mmlm's ``generate`` with and without its KV cache, and open_clip's own
+    forward-and-argmax loop (its ``generate()`` needs transformers' BeamSearchScorer, gone in transformers 5).
+
+    Random weights make the end token unlikely, so every row decodes ``CAPTION_TOKENS`` tokens on every side;
+    the agreement column counts token ids that differ from open_clip's.
+    """
+    import open_clip
+    from safetensors.torch import save_file
+
+    model_cfg = TINY_COCA if b.sizes.tiny else open_clip.get_model_config("coca_ViT-B-32")
+    ref = open_clip.CoCa(**{k: v for k, v in model_cfg.items() if k != "custom_text"})
+    with torch.no_grad():  # open_clip leaves the decoder's text_projection uninitialised (torch.empty)
+        ref.text_decoder.text_projection.normal_(std=ref.text_decoder.text_projection.shape[0] ** -0.5)
+    folder = b.tmp / "open_clip_coca"
+    folder.mkdir(exist_ok=True)
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, folder / "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
+    ours = b.infer(mmlm.load_pretrained(folder))
+    ref = b.infer(ref)
+    x = images(ours.cfg.vision, b.sizes.image_batch).to(b.device, b.dtype)
+    n = CAPTION_TOKENS
+
+    def reference() -> torch.Tensor:
+        latent, embs = ref._encode_image(x)
+        text = torch.full((len(x), 1), 49406, dtype=torch.long, device=b.device)
+        for _ in range(n):
+            logits = ref(x, text, image_latent=latent, image_embs=embs, output_labels=False)["logits"]
+            text = torch.cat([text, logits[:, -1].argmax(-1, keepdim=True)], 1)
+        return text
+
+    cached = lambda: ours.generate(x, max_new_tokens=n)  # noqa: E731
+    recomputed = lambda: ours.generate(x, max_new_tokens=n, use_cache=False)  # noqa: E731
+    with torch.inference_mode():
+        expected = reference()
+        diffs = [float((f()[:, : n + 1] != expected).sum()) for f in (cached, recomputed)]
+        t = b.time(cache=cached, no_cache=recomputed, ref=reference)
+    tokens = len(x) * n
+    per_s = {k: tokens / v for k, v in t.items()}
+    note = (f"B={len(x)}, {n} new tokens each; tokens/s: mmlm cache {per_s['cache']:.0f}, "
+            f"no cache {per_s['no_cache']:.0f}, open_clip {per_s['ref']:.0f}; agreement = differing token ids")
+    return [
+        Row("CoCa greedy captions, KV cache", t["cache"], t["ref"], "open_clip forward + argmax loop", diffs[0], note),
+        Row("CoCa greedy captions, no cache", t["no_cache"], t["ref"], "open_clip forward + argmax loop", diffs[1],
+            f"B={len(x)}; mmlm recomputes the caption each step, as open_clip does"),
+        Row("CoCa: KV cache vs no cache", t["cache"], t["no_cache"], "mmlm generate(use_cache=False)", 0.0,
+            "ratio = speed-up of the cache"),
+    ]  # fmt: skip
+
+
 WORKLOADS: dict[str, Callable[[Bench], list[Row]]] = {
     "clip_image": clip_image,
     "clip_text": clip_text,
@@ -678,6 +741,7 @@ WORKLOADS: dict[str, Callable[[Bench], list[Row]]] = {
     "bert": bert,
     "mlm_train": mlm_train,
     "tokenizer": tokenizer,
+    "coca_generate": coca_generate,
     "index_build": index_build,
     "sync": sync,
     "query": query,

@@ -21,13 +21,14 @@ pytest.importorskip("open_clip")
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ("clip_image", "clip_text", "clip_int8", "clip_train", "clip_train_patch_dropout", "clip_memory", "vit",
-         "bert", "mlm_train", "tokenizer")  # fmt: skip
+         "bert", "mlm_train", "tokenizer", "coca_generate")  # fmt: skip
 ROWS = ("CLIP image encode", "CLIP text encode", "CLIP text encode, both T=77", "CLIP image encode, int8",
         "CLIP text encode, int8", "CLIP train step (fwd+bwd+AdamW)", "CLIP train step, patch dropout 0.5",
         "CLIP train step, patch dropout 0.5 vs none", "CLIP train step, peak memory",
         "CLIP train step, peak memory, grad checkpointing", "CLIP train step, peak memory, micro_batches=4",
         "ViT-B/16 forward", "BERT-base forward (padded)", "BERT-base MLM train step (fwd+bwd+AdamW)",
-        "CLIP tokenizer")  # fmt: skip
+        "CLIP tokenizer", "CoCa greedy captions, KV cache", "CoCa greedy captions, no cache",
+        "CoCa: KV cache vs no cache")  # fmt: skip
 
 
 @pytest.mark.slow

@@ -49,7 +49,7 @@ def test_configs_exist_for_every_kind_of_task():
     tasks = {f"mmlm.tasks.{name}" for name in mmlm.tasks.__all__
              if inspect.isclass(getattr(mmlm.tasks, name)) and issubclass(getattr(mmlm.tasks, name), mmlm.tasks.Task)
              and getattr(mmlm.tasks, name) is not mmlm.tasks.Task}  # fmt: skip
-    assert len(tasks) == 7  # alignment, distillation, pretraining, image / text / token classification, QA
+    assert len(tasks) == 8  # alignment, captioning, distillation, pretraining, image / text / token classification, QA
     assert {task_of(c) for c in CONFIGS} == tasks
     assert {task_of(c) for c in TINY} == tasks  # each trains on a laptop CPU too
 

@@ -74,7 +74,8 @@ def test_package_names_import_lazily():
     code = "import sys, mmlm; assert 'torch' not in sys.modules, 'import mmlm imported torch'"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    public = ["CLIP", "CLIPConfig", "TextConfig", "TextEncoder", "TextWithHeads", "VisionConfig", "VisionTransformer",
+    public = ["CLIP", "CLIPConfig", "CoCa", "CoCaConfig", "TextConfig", "TextEncoder", "TextWithHeads", "VisionConfig",
+              "VisionTransformer",
               "create_model", "export_hf_clip", "from_name", "get_tokenizer", "list_presets", "load",
               "load_pretrained", "resolve", "save"]  # fmt: skip
     assert sorted(mmlm.__all__) == public

@@ -8,7 +8,8 @@
                            tokenizer, preprocessor_config.json       ``GPT2LMHeadModel`` / ``ViTFor...``,
                                                                      ``pipeline(...)``
 ``open_clip``              open_clip_config.json +                   ``open_clip.create_model_and_transforms
-                           open_clip_model.safetensors               ("local-dir:DIR")``
+                           open_clip_model.safetensors (a CLIP or    ("local-dir:DIR")`` (a ``CoCa`` from
+                           a CoCa)                                   the config's ``multimodal_cfg``)
 ``timm``                   model.safetensors + config.json with      ``timm.create_model(name, pretrained=True,
                            the pretrained config                     pretrained_cfg_overlay=dict(file=...))``
 ``sentence_transformers``  modules.json, the transformer folder,     ``SentenceTransformer(DIR)``

@@ -1,4 +1,4 @@
-"""mmlm CLIP -> a folder that ``open_clip.create_model_and_transforms("local-dir:DIR")`` and
+"""mmlm CLIP or CoCa -> a folder that ``open_clip.create_model_and_transforms("local-dir:DIR")`` and
 ``open_clip.get_tokenizer("local-dir:DIR")`` load offline.
 
 ``open_clip_config.json`` holds ``model_cfg`` (``open_clip.CLIP``'s arguments) and ``preprocess_cfg``
@@ -18,19 +18,24 @@ from torch import nn
 
 from mmlm import checkpoint
 from mmlm.config import TextConfig
-from mmlm.convert import openclip
+from mmlm.convert import openclip, openclip_coca
 from mmlm.convert.common import ConversionError
 from mmlm.data.tokenizers import CLIP_EOT, CLIP_SOT, CLIP_VOCAB_SIZE, Tokenizer, clip_tokenizer
-from mmlm.models import CLIP
+from mmlm.models import CLIP, CoCa
 
 
 def export(model: nn.Module, folder: Path, *, tokenizer: Tokenizer | None = None, final: Path | None = None) -> Path:
-    if not isinstance(model, CLIP):
-        raise ConversionError(f"--to open_clip writes CLIP models only, not a {type(model).__name__}")
     cfg = model.cfg
-    config = openclip.config_to_openclip(cfg)  # raises for what OpenCLIP cannot express
-    own = _own_tokenizer(cfg.text, tokenizer)
-    sd = openclip.mmlm_to_openclip(model.state_dict(), cfg)
+    if isinstance(model, CoCa):  # open_clip builds a CoCa from the multimodal_cfg in its config
+        config = openclip_coca.config_to_openclip_coca(cfg)  # raises for what OpenCLIP cannot express
+        own = _own_tokenizer(cfg.text, tokenizer)
+        sd = openclip_coca.mmlm_to_openclip_coca(model.state_dict(), cfg)
+    elif isinstance(model, CLIP):
+        config = openclip.config_to_openclip(cfg)
+        own = _own_tokenizer(cfg.text, tokenizer)
+        sd = openclip.mmlm_to_openclip(model.state_dict(), cfg)
+    else:
+        raise ConversionError(f"--to open_clip writes CLIP and CoCa models only, not a {type(model).__name__}")
     if own is not None:
         # where the folder will be, not where it is written
         config["model_cfg"]["text_cfg"]["hf_tokenizer_name"] = str((final or folder).resolve())

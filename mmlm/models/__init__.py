@@ -1,4 +1,4 @@
-"""mmlm models: the two towers and CLIP, all built from ``mmlm.layers.Block``.
+"""mmlm models: the two towers, CLIP and CoCa, all built from ``mmlm.layers.Block``.
 
 What each model returns (head outputs named as transformers names them):
 
@@ -10,6 +10,10 @@ model                      ``forward`` returns
 ``CLIP``                   ``CLIPOutput``: ``image_embeds`` / ``text_embeds`` (B, embed_dim),
                            L2-normalised (None for a side not given), ``logit_scale``,
                            ``logit_bias``; ``logits_per_image`` (B_img, B_txt) on access
+``CoCa``                   ``CoCaOutput``: ``CLIPOutput`` plus ``logits`` (B, T - 1, vocab), the
+                           decoder's next-token logits, and ``labels`` (B, T - 1) = ids[:, 1:]
+                           (-100 at padding); both None unless images and text are given.
+                           ``generate(images)`` -> (B, L) caption ids
 ``TextWithHeads``          dict: ``hidden_states`` (B, T, width) and, per head, ``pooled``,
                            ``mlm_logits``, ``nsp_logits``, ``clm_logits``, ``logits`` (classifier
                            (B, labels) or token_classifier (B, T, labels)), ``start_logits`` /
@@ -28,8 +32,18 @@ from typing import Any
 
 from torch import nn
 
-from mmlm.config import CLIPConfig, ModelConfig, TextConfig, TextWithHeadsConfig, VisionConfig, from_name, update
+from mmlm.config import (
+    CLIPConfig,
+    CoCaConfig,
+    ModelConfig,
+    TextConfig,
+    TextWithHeadsConfig,
+    VisionConfig,
+    from_name,
+    update,
+)
 from mmlm.models.clip import CLIP
+from mmlm.models.coca import CoCa, CoCaOutput
 from mmlm.models.heads import TextWithHeads
 from mmlm.models.text import TextEncoder
 from mmlm.models.towers import clip_tower, clip_with_tower, text_with_heads, tower, vit_with_classes
@@ -37,6 +51,7 @@ from mmlm.models.vision import VisionTransformer
 
 MODEL_TYPES: dict[type, type[nn.Module]] = {
     CLIPConfig: CLIP,
+    CoCaConfig: CoCa,
     TextConfig: TextEncoder,
     VisionConfig: VisionTransformer,
     TextWithHeadsConfig: TextWithHeads,
@@ -57,6 +72,8 @@ def create_model(name_or_config: str | ModelConfig, **overrides: Any) -> nn.Modu
 
 __all__ = [
     "CLIP",
+    "CoCa",
+    "CoCaOutput",
     "TextEncoder",
     "TextWithHeads",
     "VisionTransformer",

@@ -135,14 +135,17 @@ def _clip(module: nn.Module, cfg: TransformerConfig, modality: str) -> None:
         text = next((s for s in name.split(".") if s in MODALITIES), modality) == "text"
         if isinstance(m, Attention):
             # OpenCLIP's blocks use nn.MultiheadAttention: zero biases, xavier-uniform in_proj
-            for bias in (m.qkv.bias, m.proj.bias):
+            inputs = (m.q, m.kv) if m.cross else (m.qkv,)
+            for bias in (*(lin.bias for lin in inputs), m.proj.bias):
                 if bias is not None:
                     nn.init.zeros_(bias)
+            for lin in inputs:
+                if text:
+                    nn.init.normal_(lin.weight, std=attn_std)
+                else:
+                    nn.init.xavier_uniform_(lin.weight)
             if text:
-                nn.init.normal_(m.qkv.weight, std=attn_std)
                 nn.init.normal_(m.proj.weight, std=proj_std)
-            else:
-                nn.init.xavier_uniform_(m.qkv.weight)
         elif isinstance(m, Mlp) and text:  # weights only: the biases keep nn.Linear's default
             nn.init.normal_(m.fc1.weight, std=fc_std)
             nn.init.normal_(m.fc2.weight, std=proj_std)

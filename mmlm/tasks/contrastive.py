@@ -64,6 +64,8 @@ class ContrastiveAlignment(Task):
         min_lr_ratio: final LR as a fraction of the peak.
     """
 
+    model_type: type[torch.nn.Module] = CLIP  # what ``model`` must be
+
     def __init__(
         self,
         model: str = "clip-tiny",
@@ -83,8 +85,8 @@ class ContrastiveAlignment(Task):
         super().__init__(optimizer, warmup_steps, min_lr_ratio)
         self.save_hyperparameters(ignore=["optimizer"])
         self.model: CLIP = resolve(model, overrides=model_overrides)
-        if not isinstance(self.model, CLIP):
-            raise UsageTypeError(f"{model!r} is not a CLIP model")
+        if not isinstance(self.model, self.model_type):
+            raise UsageTypeError(f"{model!r} is not a {self.model_type.__name__} model")
         for path, modality in ((text_tower, "text"), (image_tower, "image")):
             if path is not None:
                 self._replace_tower(modality, path)

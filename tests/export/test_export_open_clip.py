@@ -229,7 +229,7 @@ def test_what_open_clip_cannot_express_is_refused(tmp_path):
         export(mmlm.create_model(update(tiny, text={"causal": False})), tmp_path / "bi", "open_clip")
     with pytest.raises(ConversionError, match="not L2-normalised"):  # a sentence encoder's Normalize, mid-CLIP
         export(mmlm.create_model(update(tiny, text={"normalize": True})), tmp_path / "normalized", "open_clip")
-    with pytest.raises(ConversionError, match="CLIP models only"):
+    with pytest.raises(ConversionError, match="CLIP and CoCa models only"):
         export(mmlm.create_model("vit-tiny"), tmp_path / "vit", "open_clip")
     wordpiece = mmlm.create_model(_cfg("siglip_wordpiece"))
     with pytest.raises(ConversionError, match="--tokenizer"):  # 4,016 tokens: not the CLIP BPE
