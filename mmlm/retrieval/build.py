@@ -132,7 +132,7 @@ def _run(
         return None
     merged, skipped = merge(work, data.run)
     write_index(work.index, merged, skipped, job, options, base, items.caption_key, model,
-                time.perf_counter() - started)  # fmt: skip
+                time.perf_counter() - started, work.shards)  # fmt: skip
     versions.publish(work.index, out, work.root, overwrite)
     shutil.rmtree(work.root)  # the lock file with it: released when run_job ends
     return out
