@@ -89,7 +89,7 @@ def plan_shards(
         old.unlink()
     if trained is None:
         mapped = np.load(vectors, mmap_mode="r")
-        trained, spec = faiss_index(mapped[start:], spec or "auto", nprobe)  # reads only the training sample
+        trained, spec = faiss_index(mapped[start : start + n], spec or "auto", nprobe)  # reads the sample only
         del mapped
     _write_atomic(trained, shards / f"{modality}.trained.index")
     np.save(shards / f"{modality}.ids.npy", ids)
@@ -169,7 +169,9 @@ def emptied(path: Path) -> faiss.Index:
     flags = faiss.IO_FLAG_SKIP_IVF_DATA if _is_ondisk_file(path) else 0
     index = faiss.read_index(str(path), flags)
     ivf = faiss.extract_index_ivf(index)
-    ivf.replace_invlists(faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size), True)
+    lists = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
+    ivf.replace_invlists(lists, True)
+    lists.this.disown()  # the index frees them (Python would too, leaving it a dangling pointer)
     index.ntotal = ivf.ntotal = 0
     return index
 
