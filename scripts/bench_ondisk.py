@@ -47,13 +47,15 @@ def generate(path: Path, n: int, dim: int, centres: int, seed: int = 0) -> None:
         x = c[rng.integers(0, centres, m)] + rng.standard_normal((m, dim), np.float32) / np.sqrt(dim)
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
-    np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(n, dim)).flush()
+    tmp = path.with_name(path.name + ".tmp")
+    np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(n, dim)).flush()
     for start in range(0, n, BLOCK):
-        out = np.load(path, mmap_mode="r+")
+        out = np.load(tmp, mmap_mode="r+")
         out[start : start + BLOCK] = draw(min(BLOCK, n - start))
         out.flush()
         del out
     np.save(path.with_name("queries.npy"), draw(QUERIES).astype(np.float32))
+    os.replace(tmp, path)  # complete or absent: a rerun generates it again
 
 
 class PeakAnon:
@@ -96,9 +98,9 @@ def maxrss() -> int:
 
 
 def child_build(a: argparse.Namespace) -> dict:
-    from mmlm.retrieval.ondisk import merge_shards, plan_shards, write_shards
-
     import faiss
+
+    from mmlm.retrieval.ondisk import merge_shards, plan_shards, write_shards
 
     anon = PeakAnon()
     out = Path(a.out)

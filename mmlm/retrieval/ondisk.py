@@ -26,7 +26,10 @@ import json
 import os
 import shutil
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -55,13 +58,48 @@ def is_ondisk_type(spec: str, dim: int) -> bool:
     return ivf is not None and not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQR)
 
 
+class NpyRows:
+    """Rows of an .npy read with ``pread``, not through a memory map: pages a map touches stay resident in
+    the process (and count in its peak RSS) while it is mapped, and a training sample spread over N rows
+    would touch nearly every page of the file. ``shape`` and ``[sorted row numbers]``, as ``faiss_index``
+    uses an array; rows [start, start + n) of the file."""
+
+    def __init__(self, path: Path, start: int = 0, n: int | None = None) -> None:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            fmt = np.lib.format
+            shape, fortran, self.dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+            self.offset = f.tell()
+        assert not fortran and len(shape) == 2, f"{path}: not a C-ordered (rows, dim) array"
+        self.path, self.start = path, start
+        self.shape = (shape[0] - start if n is None else n, shape[1])
+        self.row_bytes = shape[1] * self.dtype.itemsize
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, wanted: np.ndarray) -> np.ndarray:
+        out = np.empty((len(wanted), self.shape[1]), np.float32)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            for j, row in enumerate(np.asarray(wanted, np.int64)):
+                data = os.pread(fd, self.row_bytes, self.offset + (self.start + int(row)) * self.row_bytes)
+                out[j] = np.frombuffer(data, self.dtype)
+        finally:
+            os.close(fd)
+        return out
+
+    def block(self, a: int, b: int) -> np.ndarray:
+        """Rows [a, b) as float32, in one read."""
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + (self.start + a) * self.row_bytes)
+            data = np.fromfile(f, self.dtype, (b - a) * self.shape[1])
+        return data.reshape(b - a, self.shape[1]).astype(np.float32)
+
+
 def rows(path: Path, start: int, stop: int) -> np.ndarray:
-    """Rows [start, stop) of an .npy as float32, through a map opened and dropped here: pages a long-lived
-    map touched would stay resident and count as the build's memory."""
-    mapped = np.load(path, mmap_mode="r")
-    block = np.array(mapped[start:stop], dtype=np.float32)
-    del mapped
-    return block
+    """Rows [start, stop) of an .npy as float32, read, not mapped (``NpyRows``)."""
+    return NpyRows(path).block(start, stop)
 
 
 # ------------------------------------------------------------------------------ plan, train, shards
@@ -82,15 +120,13 @@ def plan_shards(
     path = shards / f"{modality}.plan.json"
     if path.is_file() and json.loads(path.read_text()).get("key") == key:
         plan = json.loads(path.read_text())
-        done = sum(shard_path(shards, modality, i).is_file() for i in range(plan["shards"]))
+        done = sum(shard_path(shards, plan, i).is_file() for i in range(plan["shards"]))
         print(f"{done} of {plan['shards']} {modality} shards already written in {shards}", file=sys.stderr)
         return plan
     for old in shards.glob(f"{modality}.*"):
         old.unlink()
-    if trained is None:
-        mapped = np.load(vectors, mmap_mode="r")
-        trained, spec = faiss_index(mapped[start : start + n], spec or "auto", nprobe)  # reads the sample only
-        del mapped
+    if trained is None:  # reads the training sample only
+        trained, spec = faiss_index(NpyRows(vectors, start, n), spec or "auto", nprobe)  # type: ignore[arg-type]
     _write_atomic(trained, shards / f"{modality}.trained.index")
     np.save(shards / f"{modality}.ids.npy", ids)
     plan = {"key": key, "modality": modality, "spec": spec, "vectors": str(vectors), "start": start, "n": n,
@@ -101,46 +137,128 @@ def plan_shards(
     return plan
 
 
-def shard_path(shards: Path, modality: str, number: int) -> Path:
-    return shards / f"{modality}.{number:05d}.index"
+def shard_path(shards: Path, plan: dict[str, Any], number: int) -> Path:
+    """A shard's file, named by its plan's digest: a process still writing a shard of an older plan (a
+    killed run's, kept on disk) can never leave it under a name the current plan reads."""
+    return shards / f"{plan['modality']}.{plan['key']['digest']}.{number:05d}.index"
 
 
 def write_shards(shards: Path, plan: dict[str, Any], rank: int = 0, world: int = 1) -> int:
     """This process's shards of ``plan`` (numbers ``rank``, ``rank + world``, ...) that are not written
     yet, each a copy of the trained index holding its rows; returns how many it wrote. Processes on
     several nodes run it at once on a shared folder; each shard is complete or absent."""
+    return sum(_write_shard(shards, plan, number) for number in range(rank, plan["shards"], world))
+
+
+def _write_shard(shards: Path, plan: dict[str, Any], number: int) -> bool:
+    path = shard_path(shards, plan, number)
+    if path.is_file():
+        return False
     modality, size = plan["modality"], plan["shard_rows"]
     ids = np.load(shards / f"{modality}.ids.npy", mmap_mode="r")
-    written = 0
-    for number in range(rank, plan["shards"], world):
-        path = shard_path(shards, modality, number)
-        if path.is_file():
-            continue
-        index = faiss.read_index(str(shards / f"{modality}.trained.index"))
-        first, last = number * size, min((number + 1) * size, plan["n"])
-        for a in range(first, last, BLOCK):
-            b = min(a + BLOCK, last)
-            index.add_with_ids(rows(Path(plan["vectors"]), plan["start"] + a, plan["start"] + b), np.array(ids[a:b]))
-        _write_atomic(index, path)
-        written += 1
-    return written
+    index = faiss.read_index(str(shards / f"{modality}.trained.index"))
+    first, last = number * size, min((number + 1) * size, plan["n"])
+    for a in range(first, last, BLOCK):
+        b = min(a + BLOCK, last)
+        index.add_with_ids(rows(Path(plan["vectors"]), plan["start"] + a, plan["start"] + b), np.array(ids[a:b]))
+    _write_atomic(index, path)
+    return True
 
 
 def _write_atomic(index: faiss.Index, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # two processes may write the same shard: same bytes
     faiss.write_index(index, str(tmp))
     os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------ several processes
+
+BEAT_S = 5.0  # a process in the shard stage touches its beat file this often
+STALE_S = 60.0  # a beat older than this: its process is gone (its shards are written by rank 0)
+
+
+def beat_file(shards: Path, rank: int) -> Path:
+    return shards / f"rank{rank:05d}.beat"
+
+
+@contextmanager
+def beating(path: Path) -> Iterator[None]:
+    """Touch ``path`` every ``BEAT_S`` seconds while the block runs (a thread: the process may be inside
+    FAISS for minutes), so that the other processes know it is alive."""
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.is_set():
+            try:
+                path.touch()
+            except FileNotFoundError:  # no folder (yet, or any more: the job is published)
+                pass
+            stop.wait(BEAT_S)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _alive(path: Path) -> bool:
+    try:
+        return time.time() - path.stat().st_mtime < STALE_S
+    except FileNotFoundError:
+        return False
+
+
+def help_with_shards(shards: Path, run: str, rank: int, world: int) -> int:
+    """A rank other than 0, once every rank has embedded: write its share of the shards of each plan rank 0
+    makes (``write_shards``) until rank 0 writes ``done-RUN``, or stops beating; how many it wrote."""
+    done, started, seen, written = shards / f"done-{run}", time.monotonic(), set(), 0
+    with beating(beat_file(shards, rank)):
+        while not done.exists() and shards.parent.is_dir():
+            try:  # now, not at the thread's next beat: rank 0 may be waiting on this rank
+                beat_file(shards, rank).touch()
+            except FileNotFoundError:  # no shards folder yet (or the job is published)
+                pass
+            if not _alive(beat_file(shards, 0)) and time.monotonic() - started > STALE_S:
+                break
+            for path in sorted(shards.glob("*.plan.json")):
+                try:
+                    plan = json.loads(path.read_text())
+                except (FileNotFoundError, json.JSONDecodeError):
+                    continue
+                if plan["key"]["digest"] not in seen:
+                    written += write_shards(shards, plan, rank, world)
+                    seen.add(plan["key"]["digest"])
+            time.sleep(0.2)
+    return written
+
+
+def finish_shards(shards: Path, plan: dict[str, Any], world: int) -> None:
+    """Rank 0: its share of the shards, then each other one as its rank writes it, or here if that rank
+    is not beating (gone, or never came)."""
+    write_shards(shards, plan, 0, world)
+    for number in range(plan["shards"]):
+        while not shard_path(shards, plan, number).is_file():
+            if number % world and _alive(beat_file(shards, number % world)):
+                time.sleep(0.2)
+                continue
+            _write_shard(shards, plan, number)
 
 
 # ------------------------------------------------------------------------------ merge
 
 
-def merge_shards(shards: Path, plan: dict[str, Any], out: Path, base: Path | None = None) -> faiss.Index:
+def merge_shards(
+    shards: Path, plan: dict[str, Any], out: Path, base: Path | None = None, world: int = 1
+) -> faiss.Index:
     """One index for ``out`` (``name.index``) with its lists in ``name.ivfdata`` beside it: ``base``'s lists
     (an on-disk index of the previous version, read, never written) then every shard's, in shard order.
-    Shards missing (a process that failed) are written here first. Returns the merged index, open."""
-    write_shards(shards, plan)
-    inputs = [faiss.read_index(str(shard_path(shards, plan["modality"], i)), faiss.IO_FLAG_MMAP)
+    Shards missing (a process that failed) are written here first; with ``world`` processes, those of the
+    others that are alive are waited for (``finish_shards``). Returns the merged index, open."""
+    finish_shards(shards, plan, world)
+    inputs = [faiss.read_index(str(shard_path(shards, plan, i)), faiss.IO_FLAG_MMAP)
               for i in range(plan["shards"])]  # fmt: skip
     if base is not None:
         inputs.insert(0, read_faiss(base, ondisk=True))
@@ -233,11 +351,8 @@ def tune_nprobe(
 
 
 def rows_at(path: Path, wanted: np.ndarray) -> np.ndarray:
-    """The rows ``wanted`` (sorted) of an .npy as float32: only their pages are read."""
-    mapped = np.load(path, mmap_mode="r")
-    out = np.array(mapped[wanted], dtype=np.float32)
-    del mapped
-    return out
+    """The rows ``wanted`` (sorted) of an .npy as float32: only they are read."""
+    return NpyRows(path)[wanted]
 
 
 def _exact(q: np.ndarray, vectors: Path, k: int) -> np.ndarray:
@@ -260,7 +375,7 @@ def _exact(q: np.ndarray, vectors: Path, k: int) -> np.ndarray:
 
 def write_faiss(
     folder: Path, modality: str, ids: np.ndarray, options: Options, base: dict[str, Any] | None, base_files: Path | None,
-    shards: Path,
+    shards: Path, world: int = 1,
 ) -> dict[str, Any] | None:  # fmt: skip
     """``folder``'s FAISS index of ``modality``: the base version's (``base``: its manifest entry) plus the
     last ``len(ids)`` rows of its embeddings, or a new one over all of them; its manifest entry (None: no
@@ -273,7 +388,7 @@ def write_faiss(
         assert base_files is not None
         plan = plan_shards(shards, modality, vectors, n - len(ids), ids, base["type"], None, options.shard_size,
                            trained=emptied(base_files / base["file"]))  # fmt: skip
-        index = merge_shards(shards, plan, out, base=base_files / base["file"])
+        index = merge_shards(shards, plan, out, base=base_files / base["file"], world=world)
         entry = {**base, "ntotal": int(index.ntotal)}
     elif base is not None:  # an in-memory index: read whole, the new vectors added
         assert base_files is not None
@@ -289,7 +404,7 @@ def write_faiss(
         entry |= {"type": spec, "choice": {"reason": reason, "max_index_memory": options.max_index_memory}}
         if is_ondisk_type(spec, dim):
             plan = plan_shards(shards, modality, vectors, 0, ids, spec, options.nprobe, options.shard_size)
-            index = merge_shards(shards, plan, out)
+            index = merge_shards(shards, plan, out, world=world)
             entry["ondisk"] = out.with_suffix(".ivfdata").name
             if modality == "image" and options.nprobe is None:
                 entry["tuning"] = tune_nprobe(index, vectors, target_ms=options.query_ms)

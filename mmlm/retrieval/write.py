@@ -73,10 +73,11 @@ def merge(work: Work, run: str) -> tuple[dict[str, Any], dict[str, int]]:
 
 def write_index(
     folder: Path, merged: dict[str, Any], skipped: dict[str, int], job: Job, options: Options, base: Index | None,
-    caption_key: str, model: nn.Module, seconds: float, shards: Path | None = None,
+    caption_key: str, model: nn.Module, seconds: float, shards: Path | None = None, world: int = 1,
 ) -> None:  # fmt: skip
     """``folder``: the base index (if adding) plus the merged items, ids continuing the base's. ``shards``:
-    where an on-disk IVF's shards are written and kept for a resume (default: beside ``folder``)."""
+    where an on-disk IVF's shards are written and kept for a resume (default: beside ``folder``); ``world``
+    processes write them (the others in ``ondisk.help_with_shards``)."""
     folder.mkdir(parents=True)
     offset = len(base) if base is not None else 0
     n = len(merged["items"])
@@ -95,7 +96,8 @@ def write_index(
     for modality, vector_ids in (("image", ids), ("text", text_ids)):
         old = base.manifest["indexes"].get(modality) if base is not None else None
         try:
-            entry = write_faiss(folder, modality, vector_ids, options, old, base.files if base else None, shards)
+            entry = write_faiss(folder, modality, vector_ids, options, old, base.files if base else None, shards,
+                                world)  # fmt: skip
         except ValueError as e:  # too few vectors for the IVF: the chunks are kept for another try
             raise ValueError(f"{e} (the embeddings are kept: rerun with --resume and another --index_type)") from e
         if entry is not None:

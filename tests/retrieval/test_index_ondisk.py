@@ -134,13 +134,13 @@ def test_sigkill_during_the_merge_keeps_the_previous_index_and_resume_finishes(a
     proc = mmlm_index("build", "clip-tiny", "digits", "--out", str(out), "--overwrite", *OPTIONS, cwd=tmp_path)
     shards = tmp_path / ".ix.partial" / "shards"
     deadline = time.monotonic() + 300
-    while not list(shards.glob("image.0*.index")):  # the embedding is done: shards, then the merge
+    while not list(shards.glob("image.*.0*.index")):  # the embedding is done: shards, then the merge
         assert proc.poll() is None, f"the build ended before its shards:\n{proc.communicate()[0][-3000:]}"
         assert time.monotonic() < deadline
         time.sleep(0.001)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    written = len(list(shards.glob("image.0*.index")))
+    written = len(list(shards.glob("image.*.0*.index")))
     assert 1 <= written < 1437 // 8  # 180 shards of 8 digits: killed among them
     after = Index.open(out)
     assert after.manifest == before.manifest and after.files == before.files  # the previous index, whole
@@ -222,8 +222,31 @@ def test_a_missing_shard_is_written_by_the_merge(tmp_path):
     shards = tmp_path / "shards"
     plan = plan_shards(shards, "image", tmp_path / "v.npy", 0, np.arange(2_000), "IVF16,Flat", 16, shard_rows=500)
     assert write_shards(shards, plan, rank=0, world=2) == 2  # shards 0 and 2; rank 1 never ran
-    assert not shard_path(shards, "image", 1).exists()
+    assert not shard_path(shards, plan, 1).exists()
     merged = merge_shards(shards, plan, tmp_path / "image.index")
-    assert merged.ntotal == 2_000 and shard_path(shards, "image", 3).exists()
+    assert merged.ntotal == 2_000 and shard_path(shards, plan, 3).exists()
     _, ids = merged.search(vectors[:20], 1)
     assert ids[:, 0].tolist() == list(range(20))
+
+
+@pytest.mark.processes
+@pytest.mark.slow
+def test_two_ranks_share_the_shards_and_give_what_one_process_gives(tmp_path):
+    """`--devices 2`: both gloo ranks embed, then rank 1 writes its shards while rank 0 writes its own, waits
+    for rank 1's and merges them: what a multi-node launch does with a shared folder."""
+    args = ["assets", "--batch_size", "4", "--chunk_size", "4", "--accelerator", "cpu", "--index_type", "IVF2,Flat",
+            "--nprobe", "2", "--shard_size", "4"]  # fmt: skip
+    proc = mmlm_index("build", "clip-tiny", *args, "--out", str(tmp_path / "two"), "--devices", "2", cwd=tmp_path)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    assert "MEMBER: 2/2" in log and "rank 1 wrote " in log  # 6 image + 13 caption shards, the odd ones rank 1's
+    one = build_index("clip-tiny", "assets", tmp_path / "one", batch_size=4, index_type="IVF2,Flat", nprobe=2,
+                      shard_size=4, **CPU)  # fmt: skip
+    two = Index.open(tmp_path / "two")
+    assert two.manifest["indexes"]["image"]["ondisk"] == "image.ivfdata" and len(two) == 21
+    for modality in ("image", "text"):
+        ids_a, scores_a = two.search(one.embeddings("image"), k=5, modality=modality)
+        ids_b, scores_b = one.search(one.embeddings("image"), k=5, modality=modality)
+        np.testing.assert_array_equal(ids_a, ids_b)
+        np.testing.assert_allclose(scores_a, scores_b, atol=1e-6)
+    assert not (tmp_path / ".two.partial").exists()
