@@ -11,10 +11,12 @@ Every build and every server runs in its own process, so that its peak resident 
   /proc/self/status: the memory the build needs);
 - build in memory (``--baseline``): what ``mmlm index build`` did before, every vector in RAM as float32;
 - serving: open (lists mapped), 200 held-out queries one at a time, 100 candidates re-ranked with the
-  stored float16 rows: recall@10 against an exact search, query p50 / p95, peak RSS.
+  stored float16 rows (``--candidates``; ``Index.search`` proposes 10 k): recall@10 against an exact
+  search, query p50 / p95, peak RSS (which counts the pages of the stored rows re-ranking read through the
+  map: page cache) and peak anonymous RSS. ``--only_serve`` serves the indexes already built again.
 
     python scripts/bench_ondisk.py --root /tmp/bench_ondisk                  # 1M, 2M, 4M: ~30 min, 2 cores
-    python scripts/bench_ondisk.py --root /tmp/b --sizes 20000,40000 --dim 64 --index IVF64,PQ16 --quick
+    python scripts/bench_ondisk.py --root /tmp/b --sizes 20000,40000 --dim 64 --index IVF64,PQ16
 """
 
 from __future__ import annotations
@@ -182,7 +184,7 @@ def child_serve(a: argparse.Namespace) -> dict:
         seconds, recall = [], []
         for query, true in zip(q, truth):
             t = time.perf_counter()
-            _, found = index.search(query[None], 100)
+            _, found = index.search(query[None], a.candidates)
             found = np.sort(found[0][found[0] >= 0])
             scores = np.asarray(stored[found], np.float32) @ query  # the candidates' rows only
             top = found[np.argsort(-scores, kind="stable")[:10]]
@@ -201,7 +203,7 @@ CHILDREN = {"build": child_build, "memory": child_memory, "truth": child_truth, 
 def run_child(kind: str, a: argparse.Namespace, n: int, out: Path) -> dict:
     args = [sys.executable, __file__, "--child", kind, "--n", str(n), "--out", str(out), "--vectors", str(a.vectors),
             "--index", a.index, "--nprobe", str(a.nprobe), "--shard_size", str(a.shard_size),
-            "--probes", ",".join(map(str, a.probes)), "--threads", str(a.threads)]  # fmt: skip
+            "--probes", ",".join(map(str, a.probes)), "--threads", str(a.threads), "--candidates", str(a.candidates)]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(a.threads)}
     run = subprocess.run(args, capture_output=True, text=True, env=env)
     if run.returncode:
@@ -225,7 +227,8 @@ def main() -> None:
     p.add_argument("--shard_size", type=int, default=1 << 20)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--baseline", default="1000000", help="sizes also built in memory as before (comma-separated)")
-    p.add_argument("--quick", action="store_true", help="small sizes: checks that the script runs")
+    p.add_argument("--candidates", type=int, default=100, help="proposed by the PQ, re-ranked (Index.search: 10 k)")
+    p.add_argument("--only_serve", action="store_true", help="serve the indexes a previous run built in --root")
     p.add_argument("--child", choices=list(CHILDREN))
     p.add_argument("--n", type=int)
     p.add_argument("--out", type=Path)
@@ -247,7 +250,17 @@ def main() -> None:
         start = time.perf_counter()
         generate(a.vectors, max(sizes), a.dim, a.centres)
         print(f"generated {max(sizes):,} x {a.dim} float16 in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    results = {"index": a.index, "dim": a.dim, "shard_size": a.shard_size, "threads": a.threads, "sizes": {}}
+    results = {"index": a.index, "dim": a.dim, "candidates": a.candidates, "shard_size": a.shard_size, "threads": a.threads, "sizes": {}}
+    if a.only_serve:
+        results = json.loads((a.root / "results.json").read_text())
+        for n in sizes:
+            r = results["sizes"][str(n)]
+            r["serve"] = run_child("serve", a, n, a.root / f"ix_{n}")
+            print(f"{n:,}: serve, {a.candidates} candidates {r['serve']}", file=sys.stderr)
+        results["candidates"] = a.candidates
+        (a.root / f"results_{a.candidates}.json").write_text(json.dumps(results, indent=2))
+        print(table(results, a.dim))
+        return
     for n in sizes:
         out = a.root / f"ix_{n}"
         r = {"build": run_child("build", a, n, out)}
@@ -266,7 +279,8 @@ def main() -> None:
 def table(results: dict, dim: int) -> str:
     """The measurements as a markdown table, and the projection to 10^8 and 10^9 vectors."""
     lines = ["| N | build s (train/shards/merge) | build peak RSS GiB | build peak anon GiB | in-memory build RSS GiB "
-             "| lists on disk GiB | serve RSS GiB (after open / peak) | recall@10 re-ranked (nprobe) | query p50 ms |",
+             "| lists on disk GiB | serve RSS GiB (after open / peak / peak anon) | recall@10 re-ranked (nprobe) "
+             "| query p50 ms |",
              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for n, r in results["sizes"].items():
         b, s = r["build"], r["serve"]
@@ -276,7 +290,8 @@ def table(results: dict, dim: int) -> str:
         p50 = ", ".join(f"{v['p50_ms']:.1f}" for v in probes.values())
         lines.append(f"| {int(n):,} | {b['train_s'] + b['shards_s'] + b['merge_s']:.0f} ({b['train_s']:.0f}/"
                      f"{b['shards_s']:.0f}/{b['merge_s']:.0f}) | {gib(b['maxrss'])} | {gib(b['peak_anon'])} | {mem} | "
-                     f"{gib(b['ivfdata_bytes'])} | {gib(s['rss_after_open'])} / {gib(s['maxrss'])} | {recall} | "
+                     f"{gib(b['ivfdata_bytes'])} | {gib(s['rss_after_open'])} / {gib(s['maxrss'])} / {gib(s['peak_anon'])} | "
+                     f"{recall} | "
                      f"{p50} |")  # fmt: skip
     return "\n".join(lines)
 

@@ -250,3 +250,28 @@ def test_two_ranks_share_the_shards_and_give_what_one_process_gives(tmp_path):
         np.testing.assert_array_equal(ids_a, ids_b)
         np.testing.assert_allclose(scores_a, scores_b, atol=1e-6)
     assert not (tmp_path / ".two.partial").exists()
+
+
+@pytest.mark.slow
+def test_sync_refills_an_on_disk_index_with_its_training(tmp_path):
+    """`index sync` renumbers the ids: the lists are refilled through shards, on disk, the clusters kept."""
+    from test_index_sync import change, make_folder  # the sync tests' folder of noise images and its changes
+
+    from mmlm.retrieval.sync import sync_index
+
+    make_folder(tmp_path / "images", 60)
+    build_index("clip-tiny", str(tmp_path / "images"), tmp_path / "ix", batch_size=64, index_type="IVF4,Flat",
+                nprobe=4, **CPU).close()  # fmt: skip
+    first = Index.open(tmp_path / "ix")
+    change(tmp_path / "images")
+    synced, report = sync_index(tmp_path / "ix")
+    assert report["version"] is not None and len(synced) == 60 - 2 + 4
+    entry = synced.manifest["indexes"]["image"]
+    assert entry["ondisk"] == "image.ivfdata" and entry["ntotal"] == len(synced)
+    centroids = [faiss.extract_index_ivf(ix.faiss()).quantizer.reconstruct_n(0, 4) for ix in (first, synced)]
+    np.testing.assert_array_equal(*centroids)  # trained once, at the build
+    vectors = np.asarray(synced.embeddings(), np.float32)
+    ids, scores = synced.search(vectors, k=1)  # every list probed: exact
+    assert ids[:, 0].tolist() == list(range(len(synced)))
+    first.close()
+    synced.close()
