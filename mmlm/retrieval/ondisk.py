@@ -17,6 +17,11 @@ number of vectors. ``image.ivfdata`` is memory-mapped when the index is opened (
 resident memory is the lists that queries touch, not their size on disk. The shards and the trained
 index live in the job's work folder, so a killed build resumes from the shards it wrote; a plan that no
 longer matches the vectors (another set of chunks) starts its shards over.
+
+Several processes (``--devices``, ``--num_nodes``: Lightning's ranks, on a folder every node sees): all
+embed; then rank 0 merges the chunks and trains, while every other rank waits for its plan
+(``help_with_shards``) and writes shards ``rank``, ``rank + world``, ...; rank 0 writes its own, waits for
+those of the ranks whose beat file is fresh, writes any whose rank is gone, and merges.
 """
 
 from __future__ import annotations
