@@ -45,6 +45,7 @@ from mmlm.retrieval.collection import CollateItems, Collection, collection
 from mmlm.retrieval.embed import ChunkWriter, Embedder, ItemProgress, ShareData
 from mmlm.retrieval.index import MANIFEST, Index, check_index_type, files_of
 from mmlm.retrieval.model import USE, built_with
+from mmlm.retrieval.ondisk import beat_file, beating, help_with_shards
 from mmlm.retrieval.options import BATCH_SIZE, IMAGE_KEY, SPLIT, Job, Options, check_int8, check_sizes
 from mmlm.retrieval.work import Work
 from mmlm.retrieval.write import merge, write_index
@@ -128,11 +129,19 @@ def _run(
     counts = {"counts": dict(data.stats.counts), "good": data.stats.good}
     (work.counts / f"{data.run}-r{trainer.global_rank:04d}.json").write_text(json.dumps(counts))
     trainer.strategy.barrier("mmlm-index-chunks-written")
-    if not trainer.is_global_zero:
+    if not trainer.is_global_zero:  # helps rank 0 with an IVF's shards (on every node), then is done
+        written = help_with_shards(work.shards, data.run, trainer.global_rank, trainer.world_size)
+        if written:
+            print(f"rank {trainer.global_rank} wrote {written} shards", file=sys.stderr)
         return None
-    merged, skipped = merge(work, data.run)
-    write_index(work.index, merged, skipped, job, options, base, items.caption_key, model,
-                time.perf_counter() - started)  # fmt: skip
+    work.shards.mkdir(exist_ok=True)
+    try:
+        with beating(beat_file(work.shards, 0)):
+            merged, skipped = merge(work, data.run)
+            write_index(work.index, merged, skipped, job, options, base, items.caption_key, model,
+                        time.perf_counter() - started, work.shards, trainer.world_size)  # fmt: skip
+    finally:
+        (work.shards / f"done-{data.run}").touch()  # the other ranks stop helping, whatever happened
     versions.publish(work.index, out, work.root, overwrite)
     shutil.rmtree(work.root)  # the lock file with it: released when run_job ends
     return out

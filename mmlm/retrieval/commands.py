@@ -21,6 +21,9 @@ def index_build(
     index_type: str = Options.index_type,
     dtype: Literal["float32", "float16"] = Options.dtype,  # type: ignore[assignment]
     nprobe: int | None = Options.nprobe,
+    max_index_memory: str | None = Options.max_index_memory,
+    query_ms: float = Options.query_ms,
+    shard_size: int = Options.shard_size,
     batch_size: int = BATCH_SIZE,
     num_workers: int = Options.num_workers,
     chunk_size: int = Options.chunk_size,
@@ -48,11 +51,18 @@ def index_build(
             (``data/{0..9}.tar``), ``digits`` or ``assets`` (the bundled photographs and captions).
         out: the index folder to write (it appears, complete, at the very end); new or empty, or an index
             with ``--overwrite``. A second build or add of it is refused while one runs.
-        index_type: ``auto`` (exact below 1M vectors, IVF-PQ above) or any FAISS index_factory string
-            (``Flat``, ``HNSW32``, ``IVF4096,PQ64``, ...), trained on a sample of the embeddings.
+        index_type: ``auto`` (exact below 1M vectors, IVF-PQ above; with ``--max_index_memory``, what fits)
+            or any FAISS index_factory string (``Flat``, ``HNSW32``, ``IVF4096,PQ64``, ...), trained on a
+            sample of the embeddings. IVF indexes are built in shards and keep their lists on disk
+            (``image.ivfdata``, memory-mapped when served): the build's memory does not grow with N.
         dtype: of the stored embeddings (``float16`` halves the disk).
-        nprobe: IVF clusters searched per query; default: 1/64 of them, at least 64 (all of them when
-            there are fewer), as ``mmlm.retrieval.index.default_nprobe`` sets it.
+        nprobe: IVF clusters searched per query; default: tuned on 100 held-out queries, the most that
+            answer within ``--query_ms`` (the choice and its recall@10 go into manifest.json).
+        max_index_memory: the size the index may take (``4G``, ``800M``): with ``--index_type auto``,
+            Flat, HNSW, IVF-Flat or IVF-PQ and its code size chosen as autofaiss chooses.
+        query_ms: the query time (ms, one query, re-ranked) that the tuning of nprobe aims under.
+        shard_size: vectors per shard of an IVF build (each shard is a copy of the trained index plus
+            its vectors' codes: the build's memory is about one shard's).
         batch_size: images per forward pass.
         num_workers: DataLoader workers reading and decoding images.
         chunk_size: items per chunk file; a killed build loses at most one chunk per process.
@@ -84,7 +94,8 @@ def index_build(
     _stoppable(
         "index build", build_index, model, data, out, split=split, image_key=image_key, caption_key=caption_key,
         tokenizer=tokenizer, act=act, seed=seed, batch_size=batch_size, resume=resume, overwrite=overwrite, int8=int8,
-        index_type=index_type, dtype=dtype, nprobe=nprobe, chunk_size=chunk_size, num_workers=num_workers,
+        index_type=index_type, dtype=dtype, nprobe=nprobe, max_index_memory=max_index_memory, query_ms=query_ms,
+        shard_size=shard_size, chunk_size=chunk_size, num_workers=num_workers,
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision,
     )  # fmt: skip
 

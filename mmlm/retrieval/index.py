@@ -62,6 +62,53 @@ def auto_index_type(n: int, dim: int) -> str:
     return f"IVF{clusters},PQ{m}"
 
 
+HNSW_LINKS = 32  # HNSW32: 2 x 32 int32 links a vector on its base level
+PQ_BYTES = (256, 128, 64, 48, 32, 24, 16, 8, 4)  # PQ code sizes tried, largest (most accurate) first
+
+
+def ivf_lists(n: int) -> int:
+    """Clusters of an IVF over ``n`` vectors: the power of two nearest 4 sqrt(n) (autofaiss's choice), at
+    most n / 39 (FAISS wants 39 training vectors a cluster)."""
+    return max(1, min(2 ** round(math.log2(4 * math.sqrt(n))), 2 ** int(math.log2(max(1, n // 39)))))
+
+
+def choose_index(n: int, dim: int, max_memory: int | None = None) -> tuple[str, str]:
+    """The index type for ``n`` ``dim``-d vectors whose index may take ``max_memory`` bytes (the size of
+    its data: what serving it resident would take), and why, the way autofaiss chooses: exact search
+    while it fits (and below ``AUTO_EXACT_LIMIT`` vectors, past which it is slow), else HNSW while its
+    vectors and links fit, else an IVF over exact vectors, else IVF-PQ with the largest codes that fit.
+    Without a budget: ``auto_index_type``'s choice."""
+    if max_memory is None:
+        spec = auto_index_type(n, dim)
+        return spec, f"{n:,} vectors, no memory budget: {'exact' if spec == 'Flat' else 'IVF-PQ'} by count"
+    budget = f"{_size(max_memory)} budget"
+    flat = n * dim * 4
+    if n < 1000 or (flat <= max_memory and n < AUTO_EXACT_LIMIT):
+        return "Flat", f"{n:,} vectors, exact search takes {_size(flat)} of the {budget}"
+    hnsw = n * (dim * 4 + 2 * HNSW_LINKS * 4)
+    if hnsw <= max_memory and n < 10 * AUTO_EXACT_LIMIT or n < 10_000:  # too few to train a PQ: HNSW
+        return f"HNSW{HNSW_LINKS}", f"{n:,} vectors, HNSW takes {_size(hnsw)} of the {budget}"
+    lists = ivf_lists(n)
+    quantizer = lists * dim * 4
+    ivf_flat = n * (dim * 4 + 8) + quantizer
+    if ivf_flat <= max_memory:
+        return f"IVF{lists},Flat", f"{n:,} vectors, IVF-Flat takes {_size(ivf_flat)} of the {budget}"
+    for m in (m for m in PQ_BYTES if m < dim and dim % m == 0):
+        size = n * (m + 8) + quantizer  # codes and int64 ids in the lists, and the coarse centroids
+        if size <= max_memory:
+            return f"IVF{lists},PQ{m}", f"{n:,} vectors, IVF-PQ{m} takes {_size(size)} of the {budget}"
+    raise ValueError(f"--max_index_memory {_size(max_memory)}: {n:,} {dim}-d vectors need at least "
+                     f"{_size(n * (4 + 8) + quantizer)} (IVF-PQ with 4-byte codes)")  # fmt: skip
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.3g} {unit}"
+        n /= 1024
+    return f"{n:.3g} TiB"
+
+
 def check_index_type(index_type: str, dim: int, n: int | None = None) -> None:
     """A ValueError now, before any embedding, for a string FAISS's index_factory cannot read, or for
     more IVF clusters than ``n`` vectors can train."""
@@ -115,6 +162,21 @@ def is_lossy(index: faiss.Index) -> bool:
     """Whether ``index`` scores compressed codes (PQ, SQ, ...) rather than the vectors themselves."""
     inner = faiss.try_extract_index_ivf(index) or faiss.downcast_index(getattr(index, "index", index))
     return not isinstance(faiss.downcast_index(inner), (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexHNSWFlat))
+
+
+def read_faiss(path: Path, ondisk: bool = False) -> faiss.Index:
+    """A FAISS index file opened read-only and memory-mapped. ``ondisk``: its inverted lists are in the
+    ``.ivfdata`` file beside it (``mmlm.retrieval.ondisk``), mapped now; FAISS's own way to find them there
+    (``IO_FLAG_ONDISK_SAME_DIR``) prints a line on stdout at every open, so the path is set here instead."""
+    if not ondisk:
+        return faiss.read_index(str(path), faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY)
+    index = faiss.read_index(str(path), faiss.IO_FLAG_SKIP_IVF_DATA | faiss.IO_FLAG_READ_ONLY)
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    if not isinstance(lists, faiss.OnDiskInvertedLists):
+        raise ValueError(f"{path}: the manifest says its lists are on disk, but they are {type(lists).__name__}")
+    lists.filename = str(path.with_suffix(".ivfdata"))
+    lists.do_mmap()  # the lists stay readable through this map after the version's files are removed
+    return index
 
 
 def version_name(number: int) -> str:
@@ -188,9 +250,8 @@ class Index:
         try:
             self._db.execute("SELECT 1 FROM items LIMIT 1").fetchall()  # the file opened now, not at the first query
             # read now as well: a version removed after a later swap stays readable through these maps
-            flags = faiss.IO_FLAG_MMAP | faiss.IO_FLAG_READ_ONLY
             self._indexes: dict[str, faiss.Index] = {
-                modality: faiss.read_index(str(self.files / entry["file"]), flags)
+                modality: read_faiss(self.files / entry["file"], bool(entry.get("ondisk")))
                 for modality, entry in manifest["indexes"].items()
             }
         except BaseException:
@@ -497,7 +558,17 @@ def describe(manifest: dict[str, Any], folder: str | Path = "") -> str:
     ]
     for modality, entry in manifest["indexes"].items():
         probe = f", nprobe {entry['nprobe']}" if entry.get("nprobe") else ""
-        lines.append(f"  {modality:10s} FAISS {entry['type']}, {entry['ntotal']:,} vectors{probe} ({entry['file']})")
+        ondisk = f" + {entry['ondisk']} on disk" if entry.get("ondisk") else ""
+        lines.append(f"  {modality:10s} FAISS {entry['type']}, {entry['ntotal']:,} vectors{probe} "
+                     f"({entry['file']}{ondisk})")  # fmt: skip
+        if entry.get("choice"):
+            lines.append(f"  {'':10s} chosen: {entry['choice']['reason']}")
+        if entry.get("tuning"):
+            t = entry["tuning"]
+            lines.append(
+                f"  {'':10s} nprobe tuned: recall@10 {t['recall@10']:.3f} after re-ranking, "
+                f"{t['query_ms']:.2f} ms a query (target {t['target_ms']} ms, {t['queries']} queries)"
+            )
     skipped = manifest["skipped"]
     lines.append(f"  skipped    {sum(skipped.values())}" + (f" ({', '.join(f'{k} {v}' for k, v in skipped.items())})"
                                                             if skipped else ""))  # fmt: skip

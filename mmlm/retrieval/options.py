@@ -47,7 +47,10 @@ class Options:
 
     index_type: str = "auto"  # exact below 1M vectors, IVF-PQ above (``index.auto_index_type``)
     dtype: str = "float32"  # of the stored embeddings
-    nprobe: int | None = None  # IVF clusters searched per query; None: ``index.default_nprobe``
+    nprobe: int | None = None  # IVF clusters searched per query; None: tuned against ``query_ms``
+    max_index_memory: str | None = None  # e.g. 4G: ``auto`` chooses the index that fits (``index.choose_index``)
+    query_ms: float = 10.0  # the query time the tuning of nprobe aims under (autofaiss's default)
+    shard_size: int = 1 << 20  # vectors per shard of an on-disk IVF (each also holds the quantizer)
     chunk_size: int = 4096  # items per chunk file: what a kill can lose
     num_workers: int = 0  # DataLoader workers; 0 reads in the main process
     accelerator: str = "auto"
@@ -56,12 +59,29 @@ class Options:
     precision: str = "32-true"
 
 
+def parse_size(size: str | int | None) -> int | None:
+    """Bytes of ``4G``, ``512M``, ``800k``, ``1T`` (binary units, as ``free -h`` prints them) or a number."""
+    if size is None or isinstance(size, int):
+        return size
+    text = size.strip().upper().removesuffix("B").removesuffix("I")
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(float(text))
+    except ValueError:
+        raise ValueError(f"{size!r}: give a size such as 4G, 512M or a number of bytes") from None
+
+
 def check_sizes(batch_size: int, options: Options) -> None:
     """A ValueError now, before the model loads, for a size Lightning or the chunking would trip on later."""
     for name, value in (("batch_size", batch_size), ("chunk_size", options.chunk_size), ("devices", options.devices),
                         ("num_nodes", options.num_nodes)):  # fmt: skip
         if value < 1:
             raise ValueError(f"{name}={value}: give a number >= 1")
+    if options.shard_size < 1 or options.query_ms <= 0:
+        raise ValueError(f"shard_size={options.shard_size}, query_ms={options.query_ms}: give numbers > 0")
+    parse_size(options.max_index_memory)  # a ValueError now for a size that does not read
     if options.num_workers < 0:
         raise ValueError(f"num_workers={options.num_workers}: give 0 (read in the main process) or more")
 

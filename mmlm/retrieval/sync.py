@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
@@ -41,8 +40,9 @@ from mmlm.data.sources import find_shards, is_digits
 from mmlm.paths import ASSETS, resolve
 from mmlm.retrieval import versions
 from mmlm.retrieval.collection import BUNDLED, file_record, image_files
-from mmlm.retrieval.index import EMBEDDINGS, INDEXES, MANIFEST, METADATA, TEXT_IDS, Index, files_of
+from mmlm.retrieval.index import EMBEDDINGS, MANIFEST, METADATA, TEXT_IDS, Index, files_of
 from mmlm.retrieval.model import built_with
+from mmlm.retrieval.ondisk import refill
 from mmlm.retrieval.options import BATCH_SIZE
 from mmlm.retrieval.write import renumber_metadata, versions_of_libraries
 
@@ -217,15 +217,9 @@ def write_version(folder: Path, base: Index, work: Plan, seconds: float) -> dict
     np.save(folder / TEXT_IDS, text_ids)
 
     indexes = {}
-    for modality, entry in base.manifest["indexes"].items():
-        index = faiss.read_index(str(base.files / entry["file"]))
-        index.reset()  # keeps an IVF's training: the same cells as the build's, as an add keeps them
-        vectors = np.load(folder / EMBEDDINGS[modality], mmap_mode="r")
+    for modality, entry in base.manifest["indexes"].items():  # an IVF keeps its training: the build's cells
         ids = np.arange(len(order), dtype=np.int64) if modality == "image" else text_ids
-        for start in range(0, len(vectors), 65536):
-            index.add_with_ids(np.asarray(vectors[start : start + 65536], dtype=np.float32), ids[start : start + 65536])
-        faiss.write_index(index, str(folder / INDEXES[modality]))
-        indexes[modality] = {**entry, "ntotal": int(index.ntotal)}
+        indexes[modality] = refill(folder, modality, ids, entry, base.files)
 
     # kept rows move to their new ids inside SQLite; only the rows whose file columns changed are written
     kept = [(e.old, new_id) for new_id, (_, e) in enumerate(order) if e.old is not None]

@@ -21,12 +21,14 @@ from mmlm.retrieval.options import Job
 
 
 class Work:
-    """``.DIR.partial``: the job, the chunks every rank wrote, their skip counts, the merged index."""
+    """``.DIR.partial``: the job, the chunks every rank wrote, their skip counts, the shards of an on-disk
+    IVF (``ondisk``: kept by a resume, which checks they still match), the merged index."""
 
     def __init__(self, out: Path) -> None:
         self.root = outputs.partial(out)
-        self.job_file, self.chunks, self.counts, self.index = (
+        self.job_file, self.chunks, self.counts, self.index, self.shards = (
             self.root / "job.json", self.root / "chunks", self.root / "counts", self.root / "index",
+            self.root / "shards",
         )  # fmt: skip
 
     def job(self) -> dict[str, Any] | None:
@@ -45,8 +47,8 @@ class Work:
     def prepare(self, job: Job, resume: bool) -> None:
         """Rank 0, before any rank reads: continue the same job, else start from nothing."""
         if resume and self.job() == asdict(job):
-            for path in self.root.iterdir():  # a merge or a publish that was cut short
-                if path not in (self.job_file, self.chunks, self.counts) and path.name != outputs.LOCK:
+            for path in self.root.iterdir():  # a merge or a publish that was cut short; its shards are kept
+                if path not in (self.job_file, self.chunks, self.counts, self.shards) and path.name != outputs.LOCK:
                     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
             for tmp in self.chunks.glob("*.tmp"):
                 tmp.unlink()
@@ -76,4 +78,3 @@ class Work:
                 arrays = {k: z[k] for k in z.files if k != "items"}
                 items = json.loads(z["items"].tobytes())
             yield path.name.split("-")[0], arrays, items
-

@@ -25,14 +25,13 @@ from mmlm.data.skips import NoGoodSamples
 from mmlm.retrieval.index import (
     EMBEDDINGS,
     FORMAT,
-    INDEXES,
     MANIFEST,
     METADATA,
     MODALITIES,
     TEXT_IDS,
     Index,
-    faiss_index,
 )
+from mmlm.retrieval.ondisk import write_faiss
 from mmlm.retrieval.options import Job, Options
 from mmlm.retrieval.work import Work
 
@@ -74,9 +73,11 @@ def merge(work: Work, run: str) -> tuple[dict[str, Any], dict[str, int]]:
 
 def write_index(
     folder: Path, merged: dict[str, Any], skipped: dict[str, int], job: Job, options: Options, base: Index | None,
-    caption_key: str, model: nn.Module, seconds: float,
+    caption_key: str, model: nn.Module, seconds: float, shards: Path | None = None, world: int = 1,
 ) -> None:  # fmt: skip
-    """``folder``: the base index (if adding) plus the merged items, ids continuing the base's."""
+    """``folder``: the base index (if adding) plus the merged items, ids continuing the base's. ``shards``:
+    where an on-disk IVF's shards are written and kept for a resume (default: beside ``folder``); ``world``
+    processes write them (the others in ``ondisk.help_with_shards``)."""
     folder.mkdir(parents=True)
     offset = len(base) if base is not None else 0
     n = len(merged["items"])
@@ -90,26 +91,19 @@ def write_index(
     _append_npy(folder / TEXT_IDS, base.text_ids if base is not None else None, text_ids, np.dtype(np.int64))
 
     indexes = {}
+    own_shards = shards is None  # no job folder to keep them in for a resume: removed once merged
+    shards = shards if shards is not None else folder.with_name(folder.name + ".shards")
     for modality, vector_ids in (("image", ids), ("text", text_ids)):
-        vectors = np.load(folder / EMBEDDINGS[modality], mmap_mode="r")
         old = base.manifest["indexes"].get(modality) if base is not None else None
-        if old is not None:
-            index = faiss.read_index(str(base.files / old["file"]))  # type: ignore[union-attr]
-            spec = old["type"]
-        elif len(vectors):
-            try:
-                index, spec = faiss_index(vectors, options.index_type, options.nprobe)
-            except ValueError as e:  # too few vectors for the IVF: the chunks are kept for another try
-                raise ValueError(f"{e} (the embeddings are kept: rerun with --resume and another --index_type)") from e
-        else:
-            continue
-        new = np.asarray(vectors[len(vectors) - len(vector_ids):], dtype=np.float32)
-        for start in range(0, len(new), 65536):  # bounded memory: the vectors are float32 here, not dtype
-            index.add_with_ids(new[start : start + 65536], vector_ids[start : start + 65536])
-        faiss.write_index(index, str(folder / INDEXES[modality]))
-        ivf = faiss.try_extract_index_ivf(index)
-        indexes[modality] = {"file": INDEXES[modality], "type": spec, "ntotal": int(index.ntotal),
-                             "nprobe": int(ivf.nprobe) if ivf is not None else None}  # fmt: skip
+        try:
+            entry = write_faiss(folder, modality, vector_ids, options, old, base.files if base else None, shards,
+                                world)  # fmt: skip
+        except ValueError as e:  # too few vectors for the IVF: the chunks are kept for another try
+            raise ValueError(f"{e} (the embeddings are kept: rerun with --resume and another --index_type)") from e
+        if entry is not None:
+            indexes[modality] = entry
+    if own_shards:
+        shutil.rmtree(shards, ignore_errors=True)
 
     if base is not None:
         shutil.copyfile(base.files / METADATA, folder / METADATA)

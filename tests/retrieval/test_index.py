@@ -213,8 +213,11 @@ def test_webdataset_shards_keep_their_keys_and_json_fields(tmp_path):
 @pytest.mark.parametrize("index_type", ["IVF8,Flat", pytest.param("IVF4,PQ16", marks=pytest.mark.slow)])  # PQ: 2 s
 def test_ivf_index_types_are_trained_and_searchable(index_type, tmp_path):
     index = build_index("clip-tiny", "digits", tmp_path / "ix", index_type=index_type, nprobe=8, **CPU)
-    assert index.manifest["indexes"]["image"] == {"file": "image.index", "type": index_type, "ntotal": 360,
-                                                  "nprobe": min(8, int(index_type[3]))}  # fmt: skip
+    assert index.manifest["indexes"]["image"] == {
+        "file": "image.index", "type": index_type, "ntotal": 360, "nprobe": min(8, int(index_type[3])),
+        "ondisk": "image.ivfdata", "choice": {"reason": "given by --index_type", "max_index_memory": None},
+    }  # IVF lists on disk beside the index, memory-mapped  # fmt: skip
+    assert (index.files / "image.ivfdata").stat().st_size >= 360 * (8 + 4 * index.dim if "Flat" in index_type else 8)
     vectors = index.embeddings("image")
     cosine = vectors @ vectors.T
     exact = np.argsort(-cosine, axis=1, kind="stable")[:, :5]
