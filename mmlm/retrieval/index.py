@@ -323,14 +323,15 @@ class Index:
         return np.fromiter((r[0] for r in rows), dtype=np.int64)
 
     def search(
-        self, vectors: Any, k: int = 10, modality: str = "image", rerank: int = RERANK, ids: Any = None,
+        self, vectors: Any, k: int = 10, modality: str = "image", rerank: int | None = None, ids: Any = None,
         min_score: float | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
         """The ``k`` items whose ``modality`` embedding is nearest each query: (ids, scores), both (Q, k).
 
         Queries ((Q, dim) or (dim,), numpy or torch) are L2-normalised, so scores are cosine
         similarities. An item matched by several of its captions counts once, at its best score.
-        A lossy index (PQ, SQ) proposes ``rerank * k`` items, rescored with the stored embeddings
+        A lossy index (PQ, SQ) proposes ``rerank * k`` items (default: the depth the build tuned for this index,
+        else ``RERANK``), rescored with the stored embeddings
         (memory-mapped: only their rows are read). Where fewer than ``k`` items exist, rows end in
         id -1 and score -inf (FAISS's padding).
 
@@ -343,6 +344,8 @@ class Index:
         returns ``min(k, matching items)`` hits on every index type. ``min_score``: hits below it become
         -1 / -inf.
         """
+        if rerank is None:
+            rerank = int(self.manifest["indexes"].get(modality, {}).get("rerank") or RERANK)
         if k < 1 or rerank < 1:
             raise ValueError(f"k={k}, rerank={rerank}: give numbers >= 1")
         queries = np.array(vectors.detach().cpu().numpy() if hasattr(vectors, "detach") else vectors, dtype=np.float32)
@@ -566,7 +569,8 @@ def describe(manifest: dict[str, Any], folder: str | Path = "") -> str:
         if entry.get("tuning"):
             t = entry["tuning"]
             lines.append(
-                f"  {'':10s} nprobe tuned: recall@10 {t['recall@10']:.3f} after re-ranking, "
+                f"  {'':10s} nprobe tuned: recall@10 {t['recall@10']:.3f} after re-ranking "
+                f"{t.get('rerank', RERANK)} x k candidates, "
                 f"{t['query_ms']:.2f} ms a query (target {t['target_ms']} ms, {t['queries']} queries)"
             )
     skipped = manifest["skipped"]

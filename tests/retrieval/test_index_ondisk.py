@@ -209,8 +209,14 @@ def test_auto_under_a_budget_is_tuned_and_recorded(tmp_path, capsys):
         tuning = entry["tuning"]
         assert tuning["nprobe"] == entry["nprobe"] == faiss.extract_index_ivf(index.faiss()).nprobe
         assert tuning["recall@10"] >= 0.9 and tuning["query_ms"] <= 50.0 and tuning["queries"] == 100
+        # the depth is tuned with nprobe: the best recall in time over every depth tried, and search uses it
+        within = [t for t in tuning["tried"] if t["ms"] <= 50.0]
+        assert tuning["recall@10"] == max(t["recall"] for t in within)
+        assert {t["rerank"] for t in tuning["tried"]} == {10, 30, 100} and entry["rerank"] == tuning["rerank"]
+        queries = np.ascontiguousarray(vectors[:20])
+        np.testing.assert_array_equal(index.search(queries, 10)[0], index.search(queries, 10, rerank=entry["rerank"])[0])
         text = describe(index.manifest, tmp_path / "ix")
-    assert f"nprobe tuned: recall@10 {tuning['recall@10']:.3f} after re-ranking" in text
+    assert f"nprobe tuned: recall@10 {tuning['recall@10']:.3f} after re-ranking {tuning['rerank']} x k" in text
     assert "+ image.ivfdata on disk" in text and "chosen: 12,000 vectors, IVF-PQ16" in text
     assert json.loads((tmp_path / "ix" / "manifest.json").read_text())["indexes"]["image"]["tuning"] == tuning
 
