@@ -45,7 +45,8 @@ async def indices(served: ServedDep) -> list[dict[str, Any]]:
              "texts": int(s.index.manifest["counts"]["texts"]), "dim": s.index.dim,
              "model": s.index.manifest["model"]["spec"],
              "weights_hash": s.index.manifest["model"]["weights_hash"],
-             "modalities": sorted(s.index.manifest["indexes"]), "images": bool(s.roots)}
+             "modalities": sorted(s.index.manifest["indexes"]), "images": bool(s.roots),
+             "runtime": s.runtime.name, "explain": s.runtime.can_explain}
             for s in served.values()]  # fmt: skip
 
 
