@@ -36,6 +36,8 @@ mlm_train                  ``LanguagePretraining.training_step`` (MLM)     trans
 tokenizer                  ``get_tokenizer("clip")(texts)``                ``open_clip.tokenize(texts)``
 index_build, sync, query   ``mmlm index build`` / ``sync``, ``mmlm serve`` see ``scripts/bench_retrieval.py``
                            (in ``scripts/bench_retrieval.py``)
+serve_runtime              ``mmlm serve --runtime onnx`` (fp32, int8):     ``mmlm serve --runtime torch`` (fp32,
+                           cold start, memory, latency, throughput         ``--int8``); ``scripts/bench_serve.py``
 =========================  ==============================================  =====================================
 
 ``ViT-B-32-quickgelu`` is the OpenAI architecture that mmlm's ``clip-vit-b-32`` preset
@@ -667,6 +669,13 @@ def query(b: Bench) -> list[Row]:
     return bench_retrieval.query(b)
 
 
+def serve_runtime(b: Bench) -> list[Row]:
+    """``mmlm serve`` with ONNX Runtime against torch (scripts/bench_serve.py, imported when asked for)."""
+    import bench_serve
+
+    return bench_serve.serve_runtime(b)
+
+
 WORKLOADS: dict[str, Callable[[Bench], list[Row]]] = {
     "clip_image": clip_image,
     "clip_text": clip_text,
@@ -681,6 +690,7 @@ WORKLOADS: dict[str, Callable[[Bench], list[Row]]] = {
     "index_build": index_build,
     "sync": sync,
     "query": query,
+    "serve_runtime": serve_runtime,
 }
 
 # ------------------------------------------------------------------------------ report
