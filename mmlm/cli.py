@@ -1,7 +1,7 @@
 """The ``mmlm`` command: thin wrappers on typed functions (jsonargparse reads the signatures).
 
     mmlm fit|validate|test|predict --config FILE   LightningCLI: model and data are class_path choices
-    mmlm convert SRC DST [--to TARGET]             any checkpoint load_pretrained reads -> mmlm / hf / open_clip / timm / sentence_transformers
+    mmlm convert SRC DST [--to TARGET]             any checkpoint load_pretrained reads -> mmlm / hf / open_clip / timm / sentence_transformers / onnx
     mmlm tokenizer train FILE [FILE ...] --vocab_size N --out DIR
     mmlm zeroshot MODEL --dataset DATA             zero-shot classification, CLIP_benchmark JSON + confusion PNG
     mmlm eval-retrieval MODEL --dataset DATA       image<->text recall@k in bounded memory
@@ -109,10 +109,11 @@ def demo(
 def convert(
     src: Path,
     dst: Path,
-    to: Literal["mmlm", "hf", "open_clip", "timm", "sentence_transformers"] = "mmlm",
+    to: Literal["mmlm", "hf", "open_clip", "timm", "sentence_transformers", "onnx"] = "mmlm",
     tokenizer: str | None = None,
     act: Literal["gelu", "quick_gelu"] | None = None,
     overwrite: bool = False,
+    int8: bool = False,
 ) -> None:
     """Convert a checkpoint (HF, OpenAI / OpenCLIP, timm, sentence-transformers, `mmlm fit` .ckpt) to any target.
 
@@ -121,14 +122,16 @@ def convert(
         dst: output folder; new or empty unless ``--overwrite``.
         to: ``mmlm`` (safetensors + config.json), ``hf`` (a transformers folder with tokenizer and
             preprocessor), ``open_clip`` (``local-dir:DST``), ``timm`` (safetensors + pretrained
-            config) or ``sentence_transformers`` (a ``SentenceTransformer(DST)`` folder).
+            config), ``sentence_transformers`` (a ``SentenceTransformer(DST)`` folder) or ``onnx`` (image.onnx
+            + text.onnx, tokenizer.json, preprocess.json: ONNX Runtime in any language, no torch).
         tokenizer: the model's tokenizer folder (or ``clip``) when none is beside ``src``.
         act: MLP activation of an OpenAI / OpenCLIP file when it cannot be detected (``quick_gelu`` or ``gelu``).
         overwrite: replace ``dst`` if it is a folder mmlm wrote for the same target (any other is refused).
+        int8: ``--to onnx`` only: int8 graphs (ONNX Runtime's dynamic quantization).
     """
     from mmlm.export.convert import convert as run
 
-    print(f"wrote {run(src, dst, to, overwrite=overwrite, tokenizer=tokenizer, act=act)}")
+    print(f"wrote {run(src, dst, to, overwrite=overwrite, tokenizer=tokenizer, act=act, int8=int8)}")
 
 
 def train_tokenizer(

@@ -44,6 +44,7 @@ KINDS = {  # kind -> what the messages call it
     "open_clip": "an open_clip folder",
     "timm": "a timm folder",
     "sentence_transformers": "a sentence-transformers folder",
+    "onnx": "an ONNX folder",
     "tokenizer": "a tokenizer folder",
 }
 # folders written before markers existed, recognised by the file that says what they are: that file, its

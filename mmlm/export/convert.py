@@ -31,19 +31,25 @@ def convert(
     tokenizer: str | Path | None = None,
     act: Activation | None = None,
     with_heads: bool = True,
+    int8: bool = False,
 ) -> Path:
     """Convert a checkpoint: anything ``load_pretrained`` reads -> any ``mmlm.export`` target.
 
     ``dst`` must be new or empty; ``overwrite=True`` replaces a folder mmlm wrote for the same target
     (``mmlm.outputs``). ``tokenizer`` (a folder or ``clip``) overrides the one that came with ``src``
     (``mmlm.factory.tokenizer_for``). ``act``: the MLP activation of an OpenAI / OpenCLIP file that does
-    not record it; ``with_heads=False``: the bare encoder (``load_pretrained``'s).
+    not record it; ``with_heads=False``: the bare encoder (``load_pretrained``'s). ``int8``: ONNX Runtime's
+    int8 graphs (``--to onnx`` only; ``mmlm quantize`` makes an int8 mmlm model).
     """
     if to != "mmlm" and to not in TARGETS:
         raise ValueError(f"to must be one of {['mmlm', *TARGETS]}, not {to!r}")
+    if int8 and to != "onnx":
+        raise ValueError(f"--int8 applies to --to onnx, not --to {to} (`mmlm quantize` makes an int8 mmlm model)")
     outputs.check(dst, to, overwrite)  # before the slow part
     model = resolve(src, act=act, with_heads=with_heads)
     tok, source = tokenizer_for(src, model, tokenizer)
     # each exporter writes the CLIP BPE in its own ecosystem's format when given none
     tok = tok if source in ("given", "checkpoint") and (to != "mmlm" or source == "given") else None
-    return export(model, dst, to, tokenizer=tok, overwrite=overwrite)  # type: ignore[arg-type]
+    # onnx.json records where the model came from and whether its graphs are int8
+    options = {"int8": int8, "source": str(src)} if to == "onnx" else {}
+    return export(model, dst, to, tokenizer=tok, overwrite=overwrite, **options)  # type: ignore[arg-type]
