@@ -7,6 +7,7 @@ Only the standard library is imported at the top, so ``mmlm --help`` stays fast;
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -111,23 +112,36 @@ def serve(
         raise UsageError("--clip_front: clip-retrieval's front end cannot send an API key; serve it without "
                          f"--api_key / {API_KEY_ENV}")  # fmt: skip
     front = clip_front_folder() if clip_front else None
-    import logging
-
-    import uvicorn
-
-    from mmlm.serve.app import create_app
-    from mmlm.serve.security import RedactApiKey
     from mmlm.serve.served import open_indexes
     from mmlm.serve.settings import Settings
 
     settings = Settings(
-        runtime=runtime, model=model, onnx=onnx, device=device, int8=int8, api_key=key, cors_origins=tuple(_split(cors_origins)),
-        image_url_allow=tuple(_split(image_url_allow)), clip_front=front,
+        runtime=runtime, model=model, onnx=onnx, device=device, int8=int8, api_key=key,
+        cors_origins=tuple(_split(cors_origins)), image_url_allow=tuple(_split(image_url_allow)), clip_front=front,
         max_body=int(max_body_mb * 2**20), max_pixels=max_pixels, max_text=max_text, max_k=max_k,
         max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, threads=threads,
         query_timeout_s=query_timeout_s, explain_timeout_s=explain_timeout_s, reload_s=reload_s,
     )  # fmt: skip
-    served = open_indexes([str(i) for i in indexes], model, device, int8, runtime, onnx, settings.worker_threads)
+    folders = [str(i) for i in indexes]
+    with ThreadPoolExecutor(1, thread_name_prefix="mmlm-open") as pool:
+        if runtime == "onnx":
+            # ONNX Runtime builds its sessions (a ViT-B/32's: about a second) without holding the GIL: on a
+            # thread, they are built while FastAPI and uvicorn are imported here. Its modules are imported
+            # first, here: two threads importing at once can meet each other's half-initialised modules.
+            import mmlm.serve.runtime.onnx  # noqa: F401
+
+            opening = pool.submit(open_indexes, folders, None, device, int8, runtime, onnx, settings.worker_threads)
+        import logging
+
+        import uvicorn
+
+        from mmlm.serve.app import create_app
+        from mmlm.serve.security import RedactApiKey
+
+        if runtime == "onnx":
+            served = opening.result()
+        else:  # torch's own imports would only take turns with these for the GIL
+            served = open_indexes(folders, model, device, int8, runtime, onnx, settings.worker_threads)
     app = create_app(settings, served)
     logging.getLogger("uvicorn.access").addFilter(RedactApiKey())
     uvicorn.run(app, host=host, port=port, root_path=root_path, proxy_headers=True,
