@@ -350,8 +350,10 @@ COMMANDS: dict[str, Any] = {
 VARIADIC = {train_tokenizer: "files", serve: "indexes", explain: "inputs", caption: "inputs"}
 
 
-def build_parser() -> ArgumentParser:
-    """The parser of every command, Lightning's included (listed only: ``main`` hands those to LightningCLI)."""
+def build_parser(only: str | None = None) -> ArgumentParser:
+    """The parser of every command, Lightning's included (listed only: ``main`` hands those to LightningCLI);
+    ``only``: of that command alone, when the command line names it (a second of a 2-core CPU's time is
+    reading every command's signature and docstring, which ``mmlm serve``'s start would otherwise wait for)."""
     from jsonargparse import ArgumentParser
 
     parser = ArgumentParser(
@@ -361,6 +363,9 @@ def build_parser() -> ArgumentParser:
         f"Errors print one line; add {DEBUG_FLAG} or set MMLM_DEBUG=1 for the traceback.",
     )  # fmt: skip
     subcommands = parser.add_subcommands(required=True)
+    if only in COMMANDS:
+        _add_commands(subcommands, {only: COMMANDS[only]})
+        return parser
     for name in LIGHTNING_COMMANDS:
         text = f"Lightning {name}: task, data and trainer from --config FILE (`mmlm {name} --help` lists the options)"
         subcommands.add_subcommand(name, ArgumentParser(exit_on_error=False, description=text), help=text)
@@ -406,7 +411,7 @@ def _param_doc(fn: Callable, name: str) -> str:
 
 def run_command(args: list[str]) -> Any:
     """Parse ``args`` with ``build_parser`` and call the chosen command with what was parsed."""
-    cfg = build_parser().parse_args(args)
+    cfg = build_parser(args[0] if args else None).parse_args(args)
     target: Any = COMMANDS
     while isinstance(target, dict):  # walk down nested subcommands
         target, cfg = target[cfg.subcommand], cfg[cfg.subcommand]

@@ -38,6 +38,8 @@ coca_generate              ``CoCa.generate`` greedy, with and without      open_
                            the KV cache (tokens/s in the notes)            forward + argmax, token by token
 index_build, sync, query   ``mmlm index build`` / ``sync``, ``mmlm serve`` see ``scripts/bench_retrieval.py``
                            (in ``scripts/bench_retrieval.py``)
+serve_runtime              ``mmlm serve --runtime onnx`` (fp32, int8):     ``mmlm serve --runtime torch`` (fp32,
+                           cold start, memory, latency, throughput         ``--int8``); ``scripts/bench_serve.py``
 =========================  ==============================================  =====================================
 
 ``ViT-B-32-quickgelu`` is the OpenAI architecture that mmlm's ``clip-vit-b-32`` preset
@@ -730,6 +732,13 @@ def coca_generate(b: Bench) -> list[Row]:
     ]  # fmt: skip
 
 
+def serve_runtime(b: Bench) -> list[Row]:
+    """``mmlm serve`` with ONNX Runtime against torch (scripts/bench_serve.py, imported when asked for)."""
+    import bench_serve
+
+    return bench_serve.serve_runtime(b)
+
+
 WORKLOADS: dict[str, Callable[[Bench], list[Row]]] = {
     "clip_image": clip_image,
     "clip_text": clip_text,
@@ -745,6 +754,7 @@ WORKLOADS: dict[str, Callable[[Bench], list[Row]]] = {
     "index_build": index_build,
     "sync": sync,
     "query": query,
+    "serve_runtime": serve_runtime,
 }
 
 # ------------------------------------------------------------------------------ report

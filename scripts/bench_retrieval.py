@@ -57,8 +57,8 @@ from mmlm.retrieval.client import Load, load
 from mmlm.retrieval.index import is_lossy
 from mmlm.retrieval.options import Job, Options
 from mmlm.retrieval.write import write_index
-from mmlm.serve.engine import compute_settings
 from mmlm.serve.settings import default_threads
+from mmlm.serve.threads import compute_settings
 
 
 @dataclass(frozen=True)

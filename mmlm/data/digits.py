@@ -2,52 +2,32 @@
 
 Each 8x8 scan (16 grey levels) becomes a dark-on-white RGB image with a caption
 drawn from ``DIGIT_TEMPLATES`` (spelled-out or numeral class name). The same
-class names and templates build a zero-shot classifier.
+class names and templates build a zero-shot classifier. The scans themselves (no torch) are in
+``mmlm.data.digit_scans``; this module makes them a torch ``Dataset``.
 """
 
 from __future__ import annotations
 
 import io
-import random
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
-from PIL import Image
 from torch.utils.data import Dataset
 
-DIGIT_CLASSNAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
-DIGIT_TEMPLATES = (
-    "a photo of the number {}.",
-    "a handwritten {}.",
-    "a scan of a handwritten digit {}.",
-    "the digit {} written by hand.",
-    "a blurry low resolution image of the number {}.",
-)
+from mmlm.data.digit_scans import DIGIT_CLASSNAMES as DIGIT_CLASSNAMES
+from mmlm.data.digit_scans import DIGIT_TEMPLATES as DIGIT_TEMPLATES
+from mmlm.data.digit_scans import DigitScans, digits_split
 
 
-class DigitsImageText(Dataset):
+class DigitsImageText(DigitScans, Dataset):
     """Digit images with one caption each; items ``{"image", "text", "label", "image_id"}``."""
 
     def __init__(
         self, images: np.ndarray, labels: np.ndarray, seed: int, image_size: int, transform: Callable | None
     ) -> None:
-        self.images, self.labels = images, labels
-        self.image_size, self.transform = image_size, transform
-        rng = random.Random(seed)
-        self.captions = [
-            rng.choice(DIGIT_TEMPLATES).format(DIGIT_CLASSNAMES[y] if rng.random() < 0.5 else str(y)) for y in labels
-        ]
-        self.classes = list(DIGIT_CLASSNAMES)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def image(self, idx: int) -> Image.Image:
-        """The scan as an RGB PIL image, ``image_size`` px, ink dark on white."""
-        pixels = (255 - self.images[idx] * (255 / 16)).round().astype(np.uint8)
-        im = Image.fromarray(pixels).resize((self.image_size, self.image_size), Image.Resampling.BICUBIC)
-        return im.convert("RGB")
+        super().__init__(images, labels, seed, image_size)
+        self.transform = transform
 
     def __getitem__(self, idx: int) -> dict[str, Any]:
         image: Any = self.image(idx)
@@ -72,18 +52,8 @@ def digits_image_text(
         image_size: side of the upsampled image (bicubic from 8x8).
         transform: applied to the RGB PIL image (e.g. ``image_transform(cfg, train)``).
     """
-    try:
-        from sklearn.datasets import load_digits
-        from sklearn.model_selection import train_test_split
-    except ImportError as e:  # pragma: no cover - scikit-learn is a dev dependency
-        raise ImportError("the digits set ships with scikit-learn: pip install scikit-learn") from e
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    digits = load_digits()
-    index = np.arange(len(digits.target))
-    train, test = train_test_split(index, test_size=test_fraction, random_state=seed, stratify=digits.target)
-    keep = np.sort(train if split == "train" else test)
-    return DigitsImageText(digits.images[keep], digits.target[keep], seed + (split == "test"), image_size, transform)
+    images, labels, caption_seed = digits_split(split, seed, test_fraction)
+    return DigitsImageText(images, labels, caption_seed, image_size, transform)
 
 
 def write_clip_benchmark_wds(root: str | Path, split: Literal["train", "test"] = "test", shards: int = 2) -> Path:

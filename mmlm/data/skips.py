@@ -21,28 +21,27 @@ then per read: a bad file drawn again as a replacement counts again.
 from __future__ import annotations
 
 import logging
-import os
 import random
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from io import BytesIO
 from typing import Any, Iterator, Sequence
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchdata.stateful_dataloader import StatefulDataLoader
+
+from mmlm.data.images import CORRUPT_IMAGE as CORRUPT_IMAGE
+from mmlm.data.images import DECOMPRESSION_BOMB as DECOMPRESSION_BOMB
+from mmlm.data.images import EMPTY_FILE as EMPTY_FILE
+from mmlm.data.images import MISSING_FILE as MISSING_FILE
+from mmlm.data.images import Skip as Skip
+from mmlm.data.images import load_image as load_image
 
 log = logging.getLogger("mmlm.data")
 
 SKIPPED = "skipped"  # batch key holding the list of Skip records of that batch
 
-# Reasons; a new source of bad samples may add its own string.
-MISSING_FILE = "missing_file"
-EMPTY_FILE = "empty_file"
-CORRUPT_IMAGE = "corrupt_image"  # unreadable, truncated or not an image at all
-DECOMPRESSION_BOMB = "decompression_bomb"  # more pixels than PIL.Image.MAX_IMAGE_PIXELS
+# Reasons (the image ones, and Skip itself, are in mmlm.data.images); a new source of bad samples may add its own.
 EMPTY_TEXT = "empty_text"  # empty or whitespace-only caption / text
 NON_TEXT = "non_text"  # a caption that is not a string, or has undecodable bytes
 MISSING_FIELD = "missing_field"  # a shard sample without an image or a caption member
@@ -52,15 +51,6 @@ BAD_LABEL = "bad_label"
 
 class NoGoodSamples(RuntimeError, ValueError):
     """Not one usable sample: the data the user pointed at is wrong (a ValueError), found mid-run."""
-
-
-@dataclass(frozen=True)
-class Skip:
-    """What a dataset returns instead of a sample it cannot use."""
-
-    reason: str
-    path: str
-    detail: str = ""
 
 
 def split_skips(samples: Sequence[Any]) -> tuple[list[Any], list[Skip]]:
@@ -116,36 +106,6 @@ class ReplaceBad(Dataset):
         if isinstance(item, Skip):
             return skips + [item]
         return {**item, SKIPPED: skips} if skips else item
-
-
-def load_image(source: str | os.PathLike | bytes, name: str | None = None) -> Image.Image | Skip:
-    """An RGB PIL image from a path or encoded bytes, or the Skip that says why not.
-
-    The pixel limit is Pillow's own ``Image.MAX_IMAGE_PIXELS``: Pillow only warns
-    between 1x and 2x the limit, so that warning is turned into a skip too.
-    """
-    name = name or (str(source) if not isinstance(source, bytes) else "<bytes>")
-    if not isinstance(source, bytes):
-        try:
-            size = os.path.getsize(source)
-        except FileNotFoundError:
-            return Skip(MISSING_FILE, name)
-        except OSError as e:
-            return Skip(MISSING_FILE, name, str(e))
-        if size == 0:
-            return Skip(EMPTY_FILE, name)
-    elif len(source) == 0:
-        return Skip(EMPTY_FILE, name)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(BytesIO(source) if isinstance(source, bytes) else source) as im:
-                im.load()  # decode now: a truncated file fails here, not inside a transform
-                return im.convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return Skip(DECOMPRESSION_BOMB, name, str(e))
-    except Exception as e:  # noqa: BLE001 -- any decoder failure is a bad sample, not a crash
-        return Skip(CORRUPT_IMAGE, name, f"{type(e).__name__}: {e}")
 
 
 def check_text(text: Any, name: str) -> str | Skip:

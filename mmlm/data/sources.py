@@ -24,8 +24,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from mmlm.data.digits import DIGIT_CLASSNAMES, DIGIT_TEMPLATES
-from mmlm.data.webdataset import expand_urls
+from mmlm.data.digit_scans import DIGIT_CLASSNAMES, DIGIT_TEMPLATES
 from mmlm.paths import resolve
 
 DIGITS = "digits"  # scikit-learn's handwritten digits, shipped with scikit-learn
@@ -60,6 +59,8 @@ def find_shards(spec: str | Path, split: str = "test") -> tuple[list[str], Path]
         tars = sorted(str(p) for p in path.glob("*.tar"))
         return (tars, path) if tars else None
     if is_shards(text):
+        from mmlm.data.webdataset import expand_urls  # here: it imports torch, and `is_digits` callers need none
+
         urls = expand_urls(text)
         return urls, Path(urls[0]).parent
     return None

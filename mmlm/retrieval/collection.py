@@ -38,9 +38,9 @@ from mmlm.data.skips import SKIPPED, Skip, load_image, split_skips
 from mmlm.data.sources import find_shards, is_digits
 from mmlm.data.tokenizers import Tokenizer
 from mmlm.paths import ASSETS, resolve
+from mmlm.retrieval.options import BUNDLED as BUNDLED
 from mmlm.retrieval.options import IMAGE_KEY, SPLIT
 
-BUNDLED = "assets"  # DATA naming the bundled photographs: assets/captions.csv
 CAPTION_KEYS = ("caption", "title")  # a manifest's caption column, when not named: the first one it has
 SHARD_BITS = 32  # a shard sample's key: shard number << 32 | sample number in the shard
 

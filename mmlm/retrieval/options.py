@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 BATCH_SIZE = 64  # images per forward pass; part of the ``Job`` (a ``--resume`` keeps it), so not an Option
 SPLIT = "test"  # of digits and CLIP_benchmark folders
 IMAGE_KEY = "filepath"  # manifest column with the image path
+BUNDLED = "assets"  # DATA naming the bundled photographs: assets/captions.csv
 
 
 @dataclass(frozen=True)

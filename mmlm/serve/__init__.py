@@ -7,8 +7,10 @@ larger application, one concern per module:
 - ``routers/``: ``search`` (mmlm's routes), ``clip_retrieval`` (clip-retrieval's), ``service`` (health,
   metrics, page, item images); ``deps``: their dependencies and shared checks; ``schemas``: bodies and answers;
   ``queries``: from a request to the worker and back.
-- ``batcher``: the supervised model worker; ``explainer``: ``/explain`` on its own thread; ``engine``: a model's
-  tokenizer, transform and encoders.
+- ``batcher``: the supervised model worker; ``threads``: its torch / FAISS threads; ``explainer``: ``/explain``
+  on its own thread.
+- ``runtime/``: a model's encoders behind one interface (``base.Runtime``), run by torch (``runtime.torch``) or
+  ONNX Runtime (``runtime.onnx``), chosen by ``runtime.load``; only the torch one imports torch.
 - ``security``: API key, body limit, content type, log redaction; ``images``: decoding and fetching;
   ``metrics``: Prometheus.
 

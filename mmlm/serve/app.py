@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-import torch
+import numpy as np
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
@@ -57,11 +57,11 @@ Image-text search over indexes built by `mmlm index build`.
 
 async def warm_up(batcher: Batcher, served: dict[str, Served]) -> None:
     """One text and one image through each model, so the first request does not pay for it."""
-    firsts = {id(s.engine): s for s in served.values()}.values()
+    firsts = {id(s.runtime): s for s in served.values()}.values()
     for s in firsts:
-        size = s.engine.model.cfg.vision.image_size
+        size = s.runtime.image_size
         await batcher(Query(s, text="warm up"))  # one at a time: a queue of one place must take them too
-        await batcher(Query(s, pixels=torch.zeros(3, size, size)))
+        await batcher(Query(s, pixels=np.zeros((3, size, size), np.float32)))
 
 
 def create_app(settings: Settings, served: dict[str, Served]) -> FastAPI:

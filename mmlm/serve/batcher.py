@@ -2,7 +2,7 @@
 
 ::
 
-    route ──Query──► queue (bounded: full -> 429) ──► worker thread: drain up to max_batch, encode per Engine,
+    route ──Query──► queue (bounded: full -> 429) ──► worker thread: drain up to max_batch, encode per Runtime,
       ▲                                                search per (index, side) ──► answers, one loop call a batch
       └──── await future, at most query_timeout_s (-> 504) ◄──────────────────────────────┘
 
@@ -25,12 +25,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from fastapi import HTTPException
 
-from mmlm.serve.engine import Engine, compute_settings
 from mmlm.serve.metrics import Metrics
+from mmlm.serve.runtime.base import Runtime
 from mmlm.serve.served import Served
+from mmlm.serve.threads import compute_settings
 
 POLL = 0.25  # seconds an idle worker waits on the queue before it looks at the stop flag again
 STOP_WAIT = 5.0  # seconds a shutdown waits for the batch in hand; a stuck one is left to the (daemon) thread
@@ -44,7 +44,7 @@ class Query:
 
     served: Served
     text: str | None = None
-    pixels: torch.Tensor | None = None
+    pixels: np.ndarray | None = None  # (3, H, W) float32, as the served index's runtime preprocessed it
     vector: np.ndarray | None = None
     modality: str | None = None  # the side to search; None: only the embedding is wanted
     k: int = 0
@@ -210,17 +210,18 @@ class Batcher:
             self.metrics.stage("queue", start - q.queued)
         self.metrics.batch.observe(len(batch))
         vectors: list[np.ndarray | None] = [q.vector for q in batch]
-        texts: dict[Engine, list[int]] = defaultdict(list)
-        images: dict[Engine, list[int]] = defaultdict(list)
+        texts: dict[Runtime, list[int]] = defaultdict(list)
+        images: dict[Runtime, list[int]] = defaultdict(list)
         for i, q in enumerate(batch):
             if q.text is not None:
-                texts[q.served.engine].append(i)
+                texts[q.served.runtime].append(i)
             elif q.pixels is not None:
-                images[q.served.engine].append(i)
-        for engine, rows in texts.items():
-            self._encode(vectors, rows, engine.encode_text, [batch[i].text for i in rows])
-        for engine, rows in images.items():
-            self._encode(vectors, rows, engine.encode_image, [batch[i].pixels for i in rows])
+                images[q.served.runtime].append(i)
+        for runtime, rows in texts.items():
+            self._encode(vectors, rows, runtime.encode_text, [batch[i].text for i in rows])
+        for runtime, rows in images.items():
+            self._encode(vectors, rows, lambda pixels, r=runtime: r.encode_image(np.stack(pixels)),
+                         [batch[i].pixels for i in rows])  # fmt: skip
         answers = [Answer(v) for v in vectors]  # type: ignore[arg-type]
         # one FAISS search per Served (not per name: after a reload, ``reload``, queries of one name may hold two
         # versions, each answered from the one its request reads metadata from), side and filter: a selection

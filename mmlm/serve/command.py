@@ -7,6 +7,7 @@ Only the standard library is imported at the top, so ``mmlm --help`` stays fast;
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +18,8 @@ def serve(
     indexes: list[Path],
     host: str = "127.0.0.1",
     port: int = 8000,
+    runtime: Literal["torch", "onnx"] = "torch",
+    onnx: Path | None = None,
     model: str | None = None,
     device: str = "cpu",
     threads: int | None = None,
@@ -47,14 +50,20 @@ def serve(
             requests that name no index get the first.
         host: address to listen on; ``0.0.0.0`` for every interface (put a reverse proxy in front).
         port: port to listen on (0: any free one, printed at start).
-        model: the indexes' model where it is now, if not at the spec they were built from; refused
-            unless its weights hash is the indexes'.
-        device: where the model runs: ``cpu``, ``cuda``, ``cuda:1``, ...
-        threads: threads of torch and FAISS per forward pass / search; default: one core fewer than the
-            machine has (at least 1), leaving a core to the HTTP side.
+        runtime: what encodes the queries: ``torch`` (the model itself; ``/explain`` works) or ``onnx`` (the
+            model exported by ``mmlm convert MODEL DST --to onnx``, through ONNX Runtime: no torch is imported,
+            the server starts in a fraction of the time and memory; no ``/explain``).
+        onnx: with ``--runtime onnx``, the exported folder; default: beside each index, named like it
+            (``photos.index`` -> ``photos.onnx``). Refused unless its weights hash is the index's.
+        model: with ``--runtime torch``, the indexes' model where it is now, if not at the spec they were
+            built from; refused unless its weights hash is the indexes'.
+        device: where the model runs: ``cpu``, ``cuda``, ``cuda:1``, ... (``--runtime onnx``: cpu only).
+        threads: threads of the model (torch or ONNX Runtime) and FAISS per forward pass / search; default:
+            one core fewer than the machine has (at least 1), leaving a core to the HTTP side.
         int8: encode queries with an int8 copy of the model (dynamic int8 Linear layers, CPU): text
             queries of a ViT-B/32 ~4x faster on a CPU with VNNI, embeddings within cosine 0.999 of
-            float32 (scripts/bench.py --only query); the index and its embeddings stay as built.
+            float32 (scripts/bench.py --only query); the index and its embeddings stay as built. With
+            ``--runtime onnx`` the folder must hold the int8 export (``mmlm convert ... --int8``).
         api_key: key every route but /healthz and the page needs (header ``X-API-Key`` or
             ``Authorization: Bearer``, or ``?api_key=``); default: the ``MMLM_API_KEY`` environment
             variable, which, unlike this option, other users cannot read in the process list.
@@ -82,7 +91,15 @@ def serve(
     from mmlm.errors import UsageError, check_at_least, check_device, check_port
 
     check_port(port)  # before the indexes and the model load, not when uvicorn binds
-    check_device(device)
+    if runtime == "onnx":  # check_device would import torch
+        for name, value, wanted in (("device", device, "cpu"), ("model", model, None)):
+            if value != wanted:
+                raise UsageError(f"--{name} {value}: not with --runtime onnx, which runs the exported folder "
+                                 "(--onnx) on the CPU")  # fmt: skip
+    else:
+        if onnx is not None:
+            raise UsageError(f"--onnx {onnx}: give --runtime onnx too (the default runtime is torch)")
+        check_device(device)
     check_at_least(1, threads=threads, max_pixels=max_pixels, max_text=max_text, max_k=max_k, max_batch=max_batch,
                    max_queue=max_queue)  # fmt: skip
     check_at_least(0, max_wait_ms=max_wait_ms, reload_s=reload_s)
@@ -95,23 +112,37 @@ def serve(
         raise UsageError("--clip_front: clip-retrieval's front end cannot send an API key; serve it without "
                          f"--api_key / {API_KEY_ENV}")  # fmt: skip
     front = clip_front_folder() if clip_front else None
-    import logging
-
-    import uvicorn
-
-    from mmlm.serve.app import create_app
-    from mmlm.serve.security import RedactApiKey
     from mmlm.serve.served import open_indexes
     from mmlm.serve.settings import Settings
 
     settings = Settings(
-        model=model, device=device, int8=int8, api_key=key, cors_origins=tuple(_split(cors_origins)),
-        image_url_allow=tuple(_split(image_url_allow)), clip_front=front,
+        runtime=runtime, model=model, onnx=onnx, device=device, int8=int8, api_key=key,
+        cors_origins=tuple(_split(cors_origins)), image_url_allow=tuple(_split(image_url_allow)), clip_front=front,
         max_body=int(max_body_mb * 2**20), max_pixels=max_pixels, max_text=max_text, max_k=max_k,
         max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max_queue, threads=threads,
         query_timeout_s=query_timeout_s, explain_timeout_s=explain_timeout_s, reload_s=reload_s,
     )  # fmt: skip
-    app = create_app(settings, open_indexes([str(i) for i in indexes], model, device, int8))
+    folders = [str(i) for i in indexes]
+    with ThreadPoolExecutor(1, thread_name_prefix="mmlm-open") as pool:
+        if runtime == "onnx":
+            # ONNX Runtime builds its sessions (a ViT-B/32's: about a second) without holding the GIL: on a
+            # thread, they are built while FastAPI and uvicorn are imported here. Its modules are imported
+            # first, here: two threads importing at once can meet each other's half-initialised modules.
+            import mmlm.serve.runtime.onnx  # noqa: F401
+
+            opening = pool.submit(open_indexes, folders, None, device, int8, runtime, onnx, settings.worker_threads)
+        import logging
+
+        import uvicorn
+
+        from mmlm.serve.app import create_app
+        from mmlm.serve.security import RedactApiKey
+
+        if runtime == "onnx":
+            served = opening.result()
+        else:  # torch's own imports would only take turns with these for the GIL
+            served = open_indexes(folders, model, device, int8, runtime, onnx, settings.worker_threads)
+    app = create_app(settings, served)
     logging.getLogger("uvicorn.access").addFilter(RedactApiKey())
     uvicorn.run(app, host=host, port=port, root_path=root_path, proxy_headers=True,
                 forwarded_allow_ips=forwarded_allow_ips, log_level=log_level)  # fmt: skip

@@ -23,8 +23,8 @@ from fastapi.concurrency import run_in_threadpool
 from PIL import Image, UnidentifiedImageError
 
 import mmlm
-from mmlm.data.digits import DigitsImageText, digits_image_text
-from mmlm.data.skips import DECOMPRESSION_BOMB, Skip, load_image
+from mmlm.data.digit_scans import DigitScans, digit_scans
+from mmlm.data.images import DECOMPRESSION_BOMB, Skip, load_image
 from mmlm.data.sources import is_digits
 from mmlm.serve.served import Served
 
@@ -110,8 +110,8 @@ def own_item(url: str, base_url: str) -> tuple[str, int] | None:
 
 
 @functools.lru_cache(maxsize=2)
-def digits(split: str) -> DigitsImageText:
-    return digits_image_text(split, image_size=DIGIT_SIDE)  # type: ignore[arg-type]
+def digits(split: str) -> DigitScans:
+    return digit_scans(split, image_size=DIGIT_SIDE)  # type: ignore[arg-type]
 
 
 def digits_build(s: Served, item: int, meta: dict[str, Any]) -> dict[str, Any] | None:

@@ -12,7 +12,6 @@ from typing import Any
 
 import faiss
 import numpy as np
-import torch
 from fastapi import HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 
@@ -29,9 +28,10 @@ DEDUP_THRESHOLD = 0.94  # clip-retrieval's: two results this close (cosine of im
 DEDUP_LIMIT = 1000  # results compared for duplicates: n^2 similarities
 
 
-async def decode(s: Served, data: bytes, settings: Settings, metrics: Metrics) -> torch.Tensor:
+async def decode(s: Served, data: bytes, settings: Settings, metrics: Metrics) -> np.ndarray:
+    """The image's pixels as the index's runtime takes them, (3, H, W), decoded and transformed on a pool thread."""
     start = time.perf_counter()
-    pixels = await run_in_threadpool(lambda: s.engine.transform(read_image(data, settings.max_pixels)))
+    pixels = await run_in_threadpool(lambda: s.runtime.preprocess(read_image(data, settings.max_pixels)))
     metrics.stage("decode", time.perf_counter() - start)
     return pixels
 

@@ -1,5 +1,5 @@
-"""What a server serves: each index under its name, with the ``Engine`` that embeds its queries and the folders
-its image files are in (``open_indexes``)."""
+"""What a server serves: each index under its name, with the ``Runtime`` that embeds its queries and the folders
+its image files are in (``open_indexes``). Imports no torch: the torch runtime is loaded only when chosen."""
 
 from __future__ import annotations
 
@@ -8,28 +8,30 @@ import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from torch import nn
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from mmlm.data.images import IMG_EXTENSIONS
 from mmlm.paths import ASSETS, resolve
-from mmlm.retrieval.collection import BUNDLED
 from mmlm.retrieval.index import Index
-from mmlm.serve.engine import Engine
+from mmlm.retrieval.options import BUNDLED
+from mmlm.serve.runtime.base import Runtime
+from mmlm.serve.runtime.load import INDEX_SUFFIX, OnnxRuntime, onnx_for
+
+if TYPE_CHECKING:
+    from torch import nn
 
 NAME = re.compile(r"[A-Za-z0-9._-]+")  # an index name is a URL path segment
-INDEX_SUFFIX = ".index"
 
 
 @dataclass
 class Served:
-    """An index under its name, the model that embeds its queries, and where its image files are."""
+    """An index under its name, the runtime that embeds its queries, and where its image files are."""
 
     name: str
     index: Index
-    engine: Engine
+    runtime: Runtime
     roots: list[tuple[int, int, Path, str]]  # per build that read image files: first id, last id, folder, column
     lock: threading.Lock = field(default_factory=threading.Lock)  # one SQLite connection, one thread at a time
 
@@ -107,15 +109,20 @@ def index_names(indexes: Mapping[str, Any] | Sequence[Any]) -> list[tuple[str, A
 
 def open_indexes(
     indexes: Mapping[str, Any] | Sequence[Any], model: str | nn.Module | None = None, device: str = "cpu",
-    int8: bool = False,
+    int8: bool = False, runtime: str = "torch", onnx: str | Path | None = None, threads: int | None = None,
 ) -> dict[str, Served]:  # fmt: skip
-    """Each index with the model its manifest names (one Engine per model and tokenizer), refused unless the
-    model's weights hash is the one the index was built with (``mmlm.retrieval.model.built_with``). ``model``:
-    where that model is now, if it moved; ``int8``: encode queries with an int8 copy of it (as they are
-    anyway for an index embedded in int8). Whatever this opened is closed again if a later index fails."""
-    from mmlm.retrieval.model import built_with
+    """Each index with a runtime of the model its manifest names (one per model), refused unless that model's
+    weights hash is the one the index was built with.
 
-    engines: dict[tuple, Engine] = {}
+    ``runtime="torch"``: the model itself (``mmlm.retrieval.model.built_with``); ``model``: where it is now, if it
+    moved; ``int8``: encode queries with an int8 copy of it (as they are anyway for an index embedded in int8).
+    ``runtime="onnx"``: the ONNX folder ``onnx`` names, else the one beside each index (``photos.index`` ->
+    ``photos.onnx``), on ``threads`` threads; ``int8``: that folder must hold the int8 export. Whatever this
+    opened is closed again if a later index fails."""
+    if runtime not in ("torch", "onnx"):
+        raise ValueError(f"runtime {runtime!r}: use torch or onnx")
+    runtimes: dict[Any, Runtime] = {}
+    exported: dict[Path, OnnxRuntime] = {}
     served: dict[str, Served] = {}
     opened: list[Index] = []
     try:
@@ -124,16 +131,29 @@ def open_indexes(
             if index is not value:
                 opened.append(index)  # a caller's own Index is the caller's to close
             built = index.manifest["model"]
-            quantized = int8 or bool(built.get("int8", False))
-            key = (id(model) if isinstance(model, nn.Module) else model, built["spec"], built["act"], built["seed"],
-                   built["tokenizer"], built["weights_hash"], quantized)  # fmt: skip
-            if key not in engines:
-                # loaded in float32 whatever the index: /explain needs gradients, which int8 layers do not have
-                loaded = built_with({**built, "int8": False}, index.folder, model, device)
-                engines[key] = Engine(loaded.model, loaded.require_tokenizer(), device, quantized)
-            served[name] = Served(name, index, engines[key], roots_of(index))
+            if runtime == "onnx":
+                chosen: Runtime = onnx_for(index.folder, built, onnx, exported, threads, int8)
+            else:
+                quantized = int8 or bool(built.get("int8", False))
+                where = model if model is None or isinstance(model, (str, Path)) else id(model)
+                key = (where, built["spec"], built["act"], built["seed"], built["tokenizer"], built["weights_hash"],
+                       quantized)  # fmt: skip
+                if key not in runtimes:
+                    runtimes[key] = torch_runtime(built, index.folder, model, device, quantized)
+                chosen = runtimes[key]
+            served[name] = Served(name, index, chosen, roots_of(index))
     except BaseException:
         for index in opened:
             index.close()
         raise
     return served
+
+
+def torch_runtime(built: dict[str, Any], folder: Path, model: Any, device: str, int8: bool) -> Runtime:
+    """The model of an index's manifest entry ``built``, loaded in float32 whatever the index (``/explain``
+    needs gradients, which int8 layers do not have), its queries through an int8 copy when ``int8``."""
+    from mmlm.retrieval.model import built_with
+    from mmlm.serve.runtime.torch import TorchRuntime
+
+    loaded = built_with({**built, "int8": False}, folder, model, device)
+    return TorchRuntime(loaded.model, loaded.require_tokenizer(), device, int8, built["weights_hash"])

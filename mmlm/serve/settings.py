@@ -19,10 +19,12 @@ def default_threads() -> int:
 class Settings:
     """How one server runs. A request over a limit is refused with a 4xx and a message."""
 
-    # the model (``mmlm.retrieval.model.built_with`` checks it against each index)
-    model: str | None = None  # the indexes' model where it is now, if not at the spec they name
+    # the model (its weights hash is checked against each index's: ``mmlm.serve.runtime.load``)
+    runtime: str = "torch"  # what runs it: ``torch`` (the model itself) or ``onnx`` (an exported folder, no torch)
+    model: str | None = None  # torch: the indexes' model where it is now, if not at the spec they name
+    onnx: Path | None = None  # onnx: the exported folder; None: each index's sibling (photos.index -> photos.onnx)
     device: str = "cpu"
-    int8: bool = False  # encode queries with an int8 copy of the model (as they are anyway for an int8 index)
+    int8: bool = False  # encode queries with an int8 copy of the model (onnx: the folder must hold the int8 export)
     # who may call
     api_key: str | None = None  # every route but /healthz and the page needs it, when set
     cors_origins: tuple[str, ...] = ()  # origins whose pages may call the API from a browser (``*``: any)
@@ -38,7 +40,7 @@ class Settings:
     max_batch: int = 64  # queries per forward pass at most
     max_wait_ms: float = 2.0  # when busy, how long a batch waits for more queries at most
     max_queue: int = 1024  # queries waiting at most; more are refused with 429
-    threads: int | None = None  # torch and FAISS threads of the model worker; None: ``default_threads()``
+    threads: int | None = None  # model (torch, ONNX Runtime) and FAISS threads; None: ``default_threads()``
     query_timeout_s: float = 30.0  # a query unanswered this long gets a 504, never a hang
     explain_timeout_s: float = 120.0  # the same for /explain (an occlusion map takes seconds on a CPU)
     # new versions
@@ -48,6 +50,8 @@ class Settings:
         for name in ("max_body", "max_pixels", "max_text", "max_k", "max_batch", "max_queue"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)}: give a number >= 1")
+        if self.runtime not in ("torch", "onnx"):
+            raise ValueError(f"runtime={self.runtime!r}: use torch or onnx")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"threads={self.threads}: give a number >= 1")
         if not self.reload_s >= 0:

@@ -50,7 +50,9 @@ class Api:
 
 @contextmanager
 def serving(folders: dict[str, str], **settings) -> Iterator[Api]:
-    """An app over ``folders`` ({name: index folder}) with ``Settings(threads=1, **settings)``, started."""
-    app = create_app(Settings(threads=1, **settings), open_indexes(folders))
+    """An app over ``folders`` ({name: index folder}) with ``Settings(threads=1, **settings)``, started (by the
+    runtime ``settings`` name: ``runtime="onnx", onnx=FOLDER``)."""
+    chosen = {"runtime": settings.get("runtime", "torch"), "onnx": settings.get("onnx"), "threads": 1}
+    app = create_app(Settings(threads=1, **settings), open_indexes(folders, **chosen))
     with TestClient(app) as client:
         yield Api(client, settings.get("api_key"))

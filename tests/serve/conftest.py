@@ -3,7 +3,8 @@ tests of this folder and killed at the end of the session.
 
 - ``indexes``: ``assets`` (the 21 photographs and their 49 captions) and ``dups`` (a folder with two
   identical copies of a photograph, another one, and a symlink to a photograph outside the folder).
-- ``server``: both indexes, no API key.
+- ``server``: both indexes, no API key; ``onnx_server``: the same with ``--runtime onnx`` (``onnx_folder``:
+  clip-tiny exported to ONNX); ``digits_index``: the digits' test split.
 - ``keyed_server``: ``assets`` only, an API key (given through ``MMLM_API_KEY``), CORS for one origin,
   and ``image_url`` allowed from the open server's ``/items/``.
 """
@@ -56,8 +57,41 @@ def indexes(tmp_path_factory) -> Indexes:
 
 
 @pytest.fixture(scope="session")
+def digits_index(tmp_path_factory) -> Path:
+    """The digits' test split (360 scans, no image files) indexed with clip-tiny."""
+    folder = tmp_path_factory.mktemp("digits") / "digits"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        build_index("clip-tiny", "digits", folder, batch_size=128, accelerator="cpu").close()
+    finally:
+        torch.set_num_threads(threads)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def onnx_folder(tmp_path_factory) -> Path:
+    """The indexes' model (clip-tiny, seed 0) as ``mmlm convert MODEL DST --to onnx`` exports it."""
+    from mmlm.export import export
+
+    loaded = load("clip-tiny", seed=0)
+    return Path(export(loaded.model, tmp_path_factory.mktemp("onnx") / "clip-tiny.onnx", "onnx",
+                       tokenizer=loaded.require_tokenizer()))  # fmt: skip
+
+
+@pytest.fixture(scope="session")
 def server(indexes, tmp_path_factory):
     s = start_server([f"assets={indexes.assets.folder}", f"dups={indexes.dups.folder}"], tmp_path_factory.mktemp("open"))
+    yield s
+    stop_server(s)
+
+
+@pytest.fixture(scope="session")
+def onnx_server(indexes, onnx_folder, tmp_path_factory):
+    """``server`` with ``--runtime onnx``: the same indexes, queries encoded by ONNX Runtime."""
+    args = [f"assets={indexes.assets.folder}", f"dups={indexes.dups.folder}", "--runtime", "onnx", "--onnx",
+            str(onnx_folder)]  # fmt: skip
+    s = start_server(args, tmp_path_factory.mktemp("onnx-server"))
     yield s
     stop_server(s)
 

@@ -156,6 +156,46 @@ def test_page_combines_terms_picture_and_filter(server, tmp_path):
     assert errors == []
 
 
+def test_page_works_with_the_onnx_runtime(onnx_server, tmp_path):
+    """Text, click and drop through ONNX Runtime; "where?" (``/explain``, which needs the torch runtime) says so."""
+    server = onnx_server
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(server.url + "/")
+            expect(page.locator("#index option")).to_have_count(2)
+            query = "a rocket on the launch pad"
+            expected = server.json("/search", {"text": query, "k": 24, "index": "assets", "modality": "image"})["hits"]
+            page.fill("#query", query)
+            page.press("#query", "Enter")
+            expect(page.locator("#status")).to_contain_text("results for")
+            page.wait_for_function("() => [...document.querySelectorAll('#results img')].every(i => i.complete)")
+            shown = cards(page)
+            assert [c["id"] for c in shown] == [h["id"] for h in expected] and all(c["loaded"] for c in shown)
+
+            page.locator("#results figure.card").first.locator("button.where").click()
+            expect(page.locator("#status")).to_contain_text("--runtime torch")
+
+            clicked = shown[3]["id"]
+            page.click(f"#results figure.card[data-id='{clicked}']")
+            expect(page.locator("#status")).to_contain_text(f"results for image #{clicked}")
+            assert cards(page)[0]["id"] == clicked and cards(page)[0]["score"] == "1.000"
+
+            page.set_input_files("#file", str(ASSETS / "images" / "coffee_spoon.jpg"))
+            expect(page.locator("#status")).to_contain_text("results for coffee_spoon.jpg")
+            first = cards(page)[0]
+            assert server.json(f"/items/assets/{first['id']}")["filepath"] == "images/coffee_spoon.jpg"
+            assert first["score"] == "1.000"
+        finally:
+            browser.close()
+    # the refused /explain is the page's one failed request (the browser logs it); nothing else went wrong
+    assert [e for e in errors if "status of 400" not in e] == [] and len(errors) == 1, errors
+
+
 def test_page_asks_for_the_key_and_then_works(keyed_server, tmp_path):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM)

@@ -14,6 +14,8 @@ from mmlm.paths import ASSETS
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
+ATOL = {"torch": 1e-5, "onnx": 1e-4}  # scores against the torch model's: ONNX Runtime and Pillow preprocessing
+
 CLIENT = """
 import importlib.util, json
 import requests
@@ -67,7 +69,16 @@ def ranked(vectors: np.ndarray, query: np.ndarray) -> tuple[list[int], np.ndarra
     return order.tolist(), scores[order]
 
 
-def test_clip_retrieval_client_queries_mmlm_serve(server, indexes, reference, clip_client_py, run_client, tmp_path):
+@pytest.fixture(params=["torch", "onnx"])
+def runtime_server(request):
+    """The server with each runtime (``--runtime onnx``: ``onnx_server``) and its score tolerance against the
+    torch model: the client must not tell them apart."""
+    return request.getfixturevalue("server" if request.param == "torch" else "onnx_server"), ATOL[request.param]
+
+
+def test_clip_retrieval_client_queries_mmlm_serve(runtime_server, indexes, reference, clip_client_py, run_client,
+                                                  tmp_path):  # fmt: skip
+    server, atol = runtime_server
     images = indexes.assets.embeddings("image")
     query = {"text": "a rocket on its launch pad", "image": str(ASSETS / "images" / "rocket.jpg"),
              "embedding": np.random.default_rng(1).standard_normal(32).tolist(),
@@ -80,9 +91,9 @@ def test_clip_retrieval_client_queries_mmlm_serve(server, indexes, reference, cl
     for key, vector in (("text", reference.text([query["text"]])[0]), ("embedding", np.array(query["embedding"]))):
         ids, scores = ranked(images, vector)
         assert [r["id"] for r in out[key]] == ids
-        np.testing.assert_allclose([r["similarity"] for r in out[key]], scores, atol=1e-5)
+        np.testing.assert_allclose([r["similarity"] for r in out[key]], scores, atol=atol)
     rocket = paths.index("images/rocket.jpg")
-    assert out["image"][0]["id"] == rocket and out["image"][0]["similarity"] == pytest.approx(1.0, abs=1e-5)
+    assert out["image"][0]["id"] == rocket and out["image"][0]["similarity"] == pytest.approx(1.0, abs=atol)
     assert [r["id"] for r in out["image"]] == ranked(images, images[rocket])[0]
     for result in out["text"]:  # clip-retrieval's schema: metadata columns, caption, url, id, similarity
         path = paths[result["id"]]

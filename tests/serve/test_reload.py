@@ -40,11 +40,13 @@ def folder_index(tmp_path) -> tuple[Path, Path]:
 
 
 @pytest.mark.slow  # polls a server through a sync: 3 s
-def test_a_sync_is_served_without_a_restart_and_no_query_fails(folder_index):
+@pytest.mark.parametrize("runtime", ["torch", "onnx"])
+def test_a_sync_is_served_without_a_restart_and_no_query_fails(folder_index, runtime, request):
     images, ix = folder_index
     new = noise_png(10_000)
     query = {"image": base64.b64encode(new).decode(), "k": 3}
-    with serving({"f": str(ix)}, reload_s=0.2) as api:
+    chosen = {"runtime": "onnx", "onnx": request.getfixturevalue("onnx_folder")} if runtime == "onnx" else {}
+    with serving({"f": str(ix)}, reload_s=0.2, **chosen) as api:
         assert [(i["name"], i["version"], i["items"]) for i in api.json("/indices")] == [("f", "v000001", N)]
         assert api.json("/search", query)["hits"][0]["metadata"]["filepath"] != "new.png"
         statuses: list[int] = []

@@ -36,12 +36,12 @@ def timed(fn, *args, **kwargs):
 
 def test_a_failing_batch_fails_its_queries_and_the_worker_goes_on(folders, indexes, reference):
     with serving(folders) as api:
-        engine = api.app.state.served["assets"].engine
-        real = engine.encode_text
-        engine.encode_text = lambda texts: (_ for _ in ()).throw(RuntimeError("boom"))
+        runtime = api.app.state.served["assets"].runtime
+        real = runtime.encode_text
+        runtime.encode_text = lambda texts: (_ for _ in ()).throw(RuntimeError("boom"))
         status, answer = api.post("/search", {"text": "a rocket"})
         assert status == 500 and answer["detail"] == "the model failed on this query's batch (RuntimeError: boom)"
-        engine.encode_text = real
+        runtime.encode_text = real
         hits = api.json("/search", {"text": "a rocket", "k": 3})["hits"]
         expected = brute_force(indexes.assets.embeddings("image"), reference.text(["a rocket"])[0], 3)[0]
         assert [h["id"] for h in hits] == expected.tolist()
@@ -59,7 +59,7 @@ def test_a_worker_ended_inside_a_batch_answers_503_at_once(folders):
             release.wait(10)
             raise SystemExit(3)
 
-        api.app.state.served["assets"].engine.encode_text = fatal
+        api.app.state.served["assets"].runtime.encode_text = fatal
         with ThreadPoolExecutor(2) as pool:
             dying = pool.submit(timed, api.post, "/search", {"text": "a rocket"})  # the query in the dying batch
             assert entered.wait(10)
@@ -104,14 +104,14 @@ def test_a_worker_ended_outside_the_batch_guard_shows_within_a_second(folders):
 
 def test_a_query_past_its_deadline_gets_504_and_the_worker_survives(folders, indexes):
     with serving(folders, query_timeout_s=0.3, explain_timeout_s=0.3) as api:
-        engine = api.app.state.served["assets"].engine
-        real, release = engine.encode_text, threading.Event()
+        runtime = api.app.state.served["assets"].runtime
+        real, release = runtime.encode_text, threading.Event()
 
         def stuck(texts):
             release.wait(10)
             return real(texts)
 
-        engine.encode_text = stuck
+        runtime.encode_text = stuck
         with ThreadPoolExecutor(2) as pool:  # the stuck query and one queued behind it
             answers = list(pool.map(lambda text: timed(api.post, "/search", {"text": text}), ["a rocket", "a cat"]))
         for (status, answer), took in answers:
@@ -119,7 +119,7 @@ def test_a_query_past_its_deadline_gets_504_and_the_worker_survives(folders, ind
             assert status == 504 and took < 0.3 + DEAD
             assert answer["detail"].startswith("no answer from the model within 0.3 s (query_timeout_s)")
         assert api.json("/healthz")["status"] == "ok"  # busy, not dead
-        engine.encode_text = real
+        runtime.encode_text = real
         release.set()
         stored = indexes.assets.embeddings("image")
         hits = api.json("/search", {"item": 2, "k": 3})["hits"]
@@ -194,9 +194,9 @@ def test_what_was_opened_is_closed_however_the_server_ends(folders, indexes, mon
     with serving(folders) as api:
         assert api.json("/healthz")["status"] == "ok"
     assert closed == ["assets", "assets"]  # the lifespan closed it when the app ended
-    from mmlm.serve.engine import Engine
+    from mmlm.serve.runtime.torch import TorchRuntime
 
-    monkeypatch.setattr(Engine, "encode_image", lambda self, pixels: exec("raise SystemExit(4)"))
+    monkeypatch.setattr(TorchRuntime, "encode_image", lambda self, pixels: exec("raise SystemExit(4)"))
     with pytest.raises(Exception), serving(folders):  # the warm-up fails: the server never starts ...
         pass
     assert closed == ["assets", "assets", "assets"]  # ... and still closes what it opened
@@ -204,15 +204,15 @@ def test_what_was_opened_is_closed_however_the_server_ends(folders, indexes, mon
 
 def test_full_queues_refuse_with_429_at_once(folders, monkeypatch):
     with serving(folders, max_queue=1, max_batch=1) as api:
-        engine = api.app.state.served["assets"].engine
-        real, entered, release = engine.encode_text, threading.Event(), threading.Event()
+        runtime = api.app.state.served["assets"].runtime
+        real, entered, release = runtime.encode_text, threading.Event(), threading.Event()
 
         def stuck(texts):
             entered.set()
             release.wait(10)
             return real(texts)
 
-        engine.encode_text = stuck
+        runtime.encode_text = stuck
         with ThreadPoolExecutor(2) as pool:
             held = pool.submit(api.post, "/search", {"text": "held by the worker"})
             assert entered.wait(10)

@@ -76,7 +76,7 @@ async def item_query(s: Served, served: dict[str, Served], settings: Settings, m
     its index's model (no decode), else its image file or rendered pixels through ``s``'s model."""
     source = pick(served, name)
     check_item(source, item)
-    if source.engine is s.engine:
+    if source.runtime is s.runtime:
         # a memmap row: a page fault may read the disk, so not on the event loop
         vector = await run_in_threadpool(lambda: np.asarray(source.index.embeddings("image")[item], np.float32))
         return await make_query(s, settings, metrics, vector=vector.tolist())

@@ -12,7 +12,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 
-from mmlm.data.skips import Skip, load_image
+from mmlm.data.images import Skip, load_image
 from mmlm.serve.deps import (
     JSON_BODY,
     BatcherDep,
@@ -45,7 +45,8 @@ async def indices(served: ServedDep) -> list[dict[str, Any]]:
              "texts": int(s.index.manifest["counts"]["texts"]), "dim": s.index.dim,
              "model": s.index.manifest["model"]["spec"],
              "weights_hash": s.index.manifest["model"]["weights_hash"],
-             "modalities": sorted(s.index.manifest["indexes"]), "images": bool(s.roots)}
+             "modalities": sorted(s.index.manifest["indexes"]), "images": bool(s.roots),
+             "runtime": s.runtime.name, "explain": s.runtime.can_explain}
             for s in served.values()]  # fmt: skip
 
 
@@ -107,9 +108,12 @@ async def explain(
     body: ExplainRequest, served: ServedDep, settings: SettingsDep, explainer: ExplainerDep, metrics: MetricsDep
 ) -> Response:
     """PNG: the image with a heatmap of where ``text`` matches it (``mmlm.explain.heatmap_png``)."""
-    from mmlm.explain import METHODS, heatmap_png
-
     s = pick(served, body.index)
+    if not s.runtime.can_explain:  # before mmlm.explain is imported: it loads torch
+        raise HTTPException(400, f"/explain needs the model itself; this server runs index {s.name!r} through "
+                                 f"{s.runtime.name}: serve it with --runtime torch")  # fmt: skip
+    from mmlm.explain import METHODS
+
     if body.method is not None and body.method not in METHODS:
         raise HTTPException(422, f"method {body.method[:50]!r}: use one of {', '.join(METHODS)}")
     if not body.text.strip() or len(body.text) > settings.max_text:
@@ -117,9 +121,8 @@ async def explain(
     if (body.image is None) == (body.item is None):
         raise HTTPException(422, "give exactly one of image, item")
     picture = await explained_picture(body, s, settings, metrics)
-    method = {"method": body.method} if body.method else {}
     # on the explainer's thread, with the explainer's model: a slow map never delays a search batch
-    png = await explainer(lambda: heatmap_png(s.engine.explainer, s.engine.tokenizer, picture, body.text, **method))
+    png = await explainer(s.runtime.explain, picture, body.text, body.method)
     return Response(png, media_type="image/png")
 
 

@@ -1,5 +1,5 @@
-"""The model side of a query: one ``Engine`` per model (tokenizer, eval transform, encoders), and the torch /
-FAISS settings of the thread that runs it."""
+"""``TorchRuntime``: the model itself behind ``Runtime``: float32 or an int8 copy for the queries, and the
+float model for ``/explain``. The only serving module that imports torch (and the model code)."""
 
 from __future__ import annotations
 
@@ -8,22 +8,26 @@ import threading
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from mmlm.data.tokenizers import Tokenizer
 from mmlm.data.transforms import image_transform
+from mmlm.serve.runtime.base import Runtime
 
-BLAS_FROM = 2  # queries of one FAISS exact search from which it goes through BLAS (see compute_settings)
 
-
-class Engine:
+class TorchRuntime(Runtime):
     """One model, as the indexes built with it need it: tokenizer, eval transform, encoders in inference mode.
 
     ``int8``: queries go through an int8 copy (``mmlm.compress.quantize_int8``, CPU); ``model`` stays
     float32 for ``/explain``, whose gradients int8 layers do not have.
     """
 
-    def __init__(self, model: nn.Module, tokenizer: Tokenizer, device: str | torch.device, int8: bool = False) -> None:
+    name = "torch"
+    can_explain = True
+
+    def __init__(self, model: nn.Module, tokenizer: Tokenizer, device: str | torch.device, int8: bool = False,
+                 weights_hash: str = "") -> None:  # fmt: skip
         self.model, self.tokenizer, self.device = model.eval().to(device), tokenizer, torch.device(device)
         if int8:
             from mmlm.compress import quantize_int8
@@ -33,6 +37,8 @@ class Engine:
             self.encoder = self.model
         self.transform = image_transform(model.cfg.vision, train=False)
         self.dim = int(model.cfg.embed_dim)
+        self.image_size = int(model.cfg.vision.image_size)
+        self.weights_hash = weights_hash
         self._explainer: nn.Module | None = None
         self._explainer_lock = threading.Lock()
 
@@ -42,9 +48,17 @@ class Engine:
         ids, mask = tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device)
         return self.encoder.encode_text(ids, mask).float().cpu().numpy()  # (B, D)
 
+    def preprocess(self, image: Image.Image) -> np.ndarray:
+        return self.transform(image).numpy()  # (3, H, W)
+
     @torch.inference_mode()
-    def encode_image(self, pixels: list[torch.Tensor]) -> np.ndarray:
-        return self.encoder.encode_image(torch.stack(pixels).to(self.device)).float().cpu().numpy()  # (B, D)
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        return self.encoder.encode_image(torch.from_numpy(pixels).to(self.device)).float().cpu().numpy()  # (B, D)
+
+    def explain(self, image: Image.Image, text: str, method: str | None = None) -> bytes:
+        from mmlm.explain import heatmap_png
+
+        return heatmap_png(self.explainer, self.tokenizer, image, text, **({"method": method} if method else {}))
 
     @property
     def explainer(self) -> nn.Module:
@@ -57,15 +71,3 @@ class Engine:
             if self._explainer is None:
                 self._explainer = copy.deepcopy(self.model)
             return self._explainer
-
-
-def compute_settings(threads: int) -> None:
-    """torch's and FAISS's threads, set in the model thread (FAISS reads OpenMP's count per calling thread),
-    and FAISS's exact search through BLAS from ``BLAS_FROM`` queries: FAISS 1.15 scores up to 128,000
-    queries one by one, each reading the whole index, where one matrix product reads it once per batch
-    (100k x 512: 10 ms a query one by one, 1.4 ms in a batch of 64; scripts/bench.py --only query)."""
-    import faiss
-
-    torch.set_num_threads(threads)
-    faiss.omp_set_num_threads(threads)
-    faiss.cvar.distance_compute_blas_threshold = BLAS_FROM
