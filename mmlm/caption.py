@@ -6,7 +6,7 @@ Imports nothing heavy at module level: the CLI's ``--help`` reads this signature
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 
 def caption(
@@ -66,15 +66,24 @@ def caption(
     for start in range(0, len(paths), batch_size):
         chunk = paths[start : start + batch_size]
         images = torch.stack([loaded.transform(_open(p)) for p in chunk]).to(device)
-        ids = loaded.model.generate(
-            images, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=do_sample, top_k=top_k,
-            top_p=top_p, temperature=temperature, generator=generator,
-        )  # fmt: skip
-        for path, row in zip(chunk, ids):
-            text = tok.decode(_until_end(row, loaded.model.cfg.text.eot_token_id), skip_special_tokens=True)
+        texts = captions_of(loaded.model, tok, images, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                            do_sample=do_sample, top_k=top_k, top_p=top_p, temperature=temperature,
+                            generator=generator)  # fmt: skip
+        for path, text in zip(chunk, texts):
             print(f"{path}\t{text}", flush=True)
             results.append({"image": str(path), "caption": text})
     return results
+
+
+def captions_of(model: Any, tokenizer: Any, images: Any, **options: Any) -> list[str]:
+    """The caption text of each image of ``images`` (B, 3, H, W), decoded up to the end token: what ``mmlm caption``
+    prints and ``POST /caption`` answers. ``options``: ``mmlm.generate.generate``'s."""
+    import torch
+
+    with torch.inference_mode():
+        ids = model.generate(images, **options)
+    eot = model.cfg.text.eot_token_id
+    return [tokenizer.decode(_until_end(row, eot), skip_special_tokens=True) for row in ids]
 
 
 def _until_end(row, eot: int) -> list[int]:

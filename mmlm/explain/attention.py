@@ -53,8 +53,9 @@ def record_attention(blocks: nn.Module, modality: str = "image") -> Iterator[lis
     maps: list[torch.Tensor] = []
 
     def hook(module: Attention, args: tuple, kwargs: dict, output: torch.Tensor) -> None:
-        call = inspect.signature(module.forward).bind(*args, **kwargs)  # (x, attn_mask, is_causal), as Block passed them
-        maps.append(attention_probs(module, **call.arguments))
+        call = inspect.signature(module.forward).bind(*args, **kwargs)  # as Block passed them
+        wanted = {k: v for k, v in call.arguments.items() if k in ("x", "attn_mask", "is_causal")}  # not its cache
+        maps.append(attention_probs(module, **wanted))
 
     handles = [attn.register_forward_hook(hook, with_kwargs=True) for attn in tower_attentions(blocks, modality)]
     try:

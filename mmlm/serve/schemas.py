@@ -69,6 +69,22 @@ class ExplainRequest(BaseModel):
     method: str | None = Field(None, description="one of mmlm.explain.METHODS; default: heatmap_png's")
 
 
+class CaptionRequest(BaseModel):
+    """What is in an image, in words: ``image`` (base64) or a stored ``item``, by a CoCa index's model."""
+
+    model_config = ConfigDict(extra="forbid")
+    image: str | None = None
+    item: int | None = Field(None, ge=0, lt=MAX_ID)
+    index: str | None = None
+    max_new_tokens: int = Field(20, ge=1, le=64, description="longest caption, in tokens")
+    num_beams: int = Field(1, ge=1, le=8, description="beams of beam search; 1: greedy")
+
+
+class CaptionResponse(BaseModel):
+    caption: str
+    index: str
+
+
 class KnnRequest(BaseModel):
     """clip-retrieval's ``/knn-service`` body, as its ``ClipClient`` and front end send it."""
 

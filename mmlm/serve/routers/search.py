@@ -28,7 +28,16 @@ from mmlm.serve.deps import (
 from mmlm.serve.images import b64decode_async, read_image
 from mmlm.serve.metrics import Metrics
 from mmlm.serve.queries import combined_query, image_url, make_query, metadata, search_ids, select_ids
-from mmlm.serve.schemas import MAX_ID, EmbedRequest, EmbedResponse, ExplainRequest, SearchRequest, SearchResponse
+from mmlm.serve.schemas import (
+    MAX_ID,
+    CaptionRequest,
+    CaptionResponse,
+    EmbedRequest,
+    EmbedResponse,
+    ExplainRequest,
+    SearchRequest,
+    SearchResponse,
+)
 from mmlm.serve.served import Served
 from mmlm.serve.settings import Settings
 
@@ -126,7 +135,26 @@ async def explain(
     return Response(png, media_type="image/png")
 
 
-async def explained_picture(body: ExplainRequest, s: Served, settings: Settings, metrics: Metrics) -> Image.Image:
+@router.post("/caption", dependencies=JSON_BODY, response_model=CaptionResponse)
+async def caption(
+    body: CaptionRequest, served: ServedDep, settings: SettingsDep, explainer: ExplainerDep, metrics: MetricsDep
+) -> dict[str, Any]:
+    """What is in an image, in words, by the served model when it is a CoCa (``mmlm caption``'s decoding)."""
+    s = pick(served, body.index)
+    if not s.runtime.can_caption:
+        raise HTTPException(400, f"index {s.name!r} is served with a model that cannot caption (a CoCa can, "
+                                 "through --runtime torch)")  # fmt: skip
+    if (body.image is None) == (body.item is None):
+        raise HTTPException(422, "give exactly one of image, item")
+    picture = await explained_picture(body, s, settings, metrics)
+    # on the explainer's thread: a caption is many decoder passes, which must not delay a search batch
+    text = await explainer(s.runtime.caption, picture, body.max_new_tokens, body.num_beams)
+    return {"caption": text, "index": s.name}
+
+
+async def explained_picture(
+    body: ExplainRequest | CaptionRequest, s: Served, settings: Settings, metrics: Metrics
+) -> Image.Image:
     """The uploaded image or the stored item's file, decoded and shrunk to ``EXPLAIN_SIDE`` on a pool thread."""
     if body.image is not None:
         data = await b64decode_async(body.image)

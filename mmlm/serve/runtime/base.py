@@ -27,6 +27,7 @@ class Runtime(ABC):
     image_size: int  # side of the square ``preprocess`` makes
     weights_hash: str  # of the float weights (``mmlm.factory.weights_hash``), as the index manifest records it
     can_explain = False  # whether ``explain`` draws heatmaps (it needs the model's gradients or hooks)
+    can_caption = False  # whether ``caption`` can say what is in a picture (a CoCa served by torch)
 
     @abstractmethod
     def encode_text(self, texts: list[str]) -> np.ndarray:
@@ -43,3 +44,7 @@ class Runtime(ABC):
     def explain(self, image: Image.Image, text: str, method: str | None = None) -> bytes:
         """PNG of ``image`` with where ``text`` matches it; only where ``can_explain``."""
         raise NotImplementedError(f"the {self.name} runtime cannot explain a match: serve with --runtime torch")
+
+    def caption(self, image: Image.Image, max_new_tokens: int = 20, num_beams: int = 1) -> str:
+        """What is in ``image``, in words; only where ``can_caption``."""
+        raise NotImplementedError(f"the {self.name} runtime of this model cannot caption")

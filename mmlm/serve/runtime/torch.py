@@ -39,6 +39,7 @@ class TorchRuntime(Runtime):
         self.dim = int(model.cfg.embed_dim)
         self.image_size = int(model.cfg.vision.image_size)
         self.weights_hash = weights_hash
+        self.can_caption = hasattr(model, "generate") and tokenizer is not None  # a CoCa: its decoder writes captions
         self._explainer: nn.Module | None = None
         self._explainer_lock = threading.Lock()
 
@@ -59,6 +60,13 @@ class TorchRuntime(Runtime):
         from mmlm.explain import heatmap_png
 
         return heatmap_png(self.explainer, self.tokenizer, image, text, **({"method": method} if method else {}))
+
+    def caption(self, image: Image.Image, max_new_tokens: int = 20, num_beams: int = 1) -> str:
+        """Greedy (or beam) caption by the float model, on the explainer's thread (``POST /caption``)."""
+        from mmlm.caption import captions_of
+
+        pixels = self.transform(image)[None].to(self.device)
+        return captions_of(self.model, self.tokenizer, pixels, max_new_tokens=max_new_tokens, num_beams=num_beams)[0]
 
     @property
     def explainer(self) -> nn.Module:
