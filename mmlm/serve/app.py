@@ -36,7 +36,7 @@ Image-text search over indexes built by `mmlm index build`.
 
 - **Own routes**: `POST /search` (text, image, embedding or a stored item -> nearest items),
   `POST /embed`, `GET /indices`, `GET /items/{index}/{id}` (+ `/image`: the file, or a digit's pixels as PNG),
-  `POST /explain` (heatmap PNG).
+  `POST /explain` (heatmap PNG), `POST /caption` (what is in a picture, when the index's model is a CoCa).
 - **clip-retrieval routes**: `POST /knn-service`, `GET /indices-list`, `POST /metadata`, with its request and
   response schema, so its `ClipClient` and web front end work unchanged. `use_safety_model`,
   `use_violence_detector`, `use_mclip`, `aesthetic_score` and `aesthetic_weight` are accepted and ignored:

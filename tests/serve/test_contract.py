@@ -171,7 +171,7 @@ def test_page_schema_and_docs(api):
     for path in ("/static/app.js", "/static/style.css", "/docs"):
         assert api.get(path)[0] == 200, path
     schema = api.json("/openapi.json")
-    assert {"/search", "/embed", "/indices", "/items/{index}/{id}", "/items/{index}/{id}/image", "/explain",
+    assert {"/search", "/embed", "/indices", "/items/{index}/{id}", "/items/{index}/{id}/image", "/explain", "/caption",
             "/knn-service", "/indices-list", "/metadata", "/healthz", "/metrics"} == set(schema["paths"])  # fmt: skip
 
 
