@@ -82,7 +82,12 @@ def check_sizes(batch_size: int, options: Options) -> None:
             raise ValueError(f"{name}={value}: give a number >= 1")
     if options.shard_size < 1 or options.query_ms <= 0:
         raise ValueError(f"shard_size={options.shard_size}, query_ms={options.query_ms}: give numbers > 0")
-    parse_size(options.max_index_memory)  # a ValueError now for a size that does not read
+    try:  # a ValueError now, naming the option, for a size that does not read
+        size = parse_size(options.max_index_memory)
+    except ValueError as e:
+        raise ValueError(f"--max_index_memory {e}") from None
+    if size is not None and size <= 0:
+        raise ValueError(f"--max_index_memory {options.max_index_memory!r}: give a size above 0")
     if options.num_workers < 0:
         raise ValueError(f"num_workers={options.num_workers}: give 0 (read in the main process) or more")
 
