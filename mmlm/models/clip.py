@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmlm.config import CLIPConfig
+from mmlm.config import CLIPConfig, CoCaConfig
 from mmlm.layers import MODALITIES, Transformer
 from mmlm.models.init import init_clip
 from mmlm.models.text import TextEncoder
@@ -50,16 +50,22 @@ class CLIPOutput:
         return self.logits_per_image.T
 
 
+def add_towers(model: nn.Module, cfg: CLIPConfig | CoCaConfig) -> None:
+    """``model.visual`` and ``model.text``, and ``model.blocks`` where they share them (``cfg.share``): the two
+    towers of every image-text model (CLIP, CoCa), under the same parameter names."""
+    shared = None
+    if cfg.share != "none":
+        # block shapes are equal in both towers (checked by the config), so either config builds them
+        model.blocks = shared = Transformer(cfg.vision, MODALITIES, cfg.share, cfg.shared_range)
+    model.visual = VisionTransformer(cfg.vision, blocks=shared)
+    model.text = TextEncoder(cfg.text, blocks=shared)
+
+
 class CLIP(nn.Module):
     def __init__(self, cfg: CLIPConfig):
         super().__init__()
         self.cfg = cfg
-        shared = None
-        if cfg.share != "none":
-            # block shapes are equal in both towers (checked by CLIPConfig), so either config builds them
-            self.blocks = shared = Transformer(cfg.vision, MODALITIES, cfg.share, cfg.shared_range)
-        self.visual = VisionTransformer(cfg.vision, blocks=shared)
-        self.text = TextEncoder(cfg.text, blocks=shared)
+        add_towers(self, cfg)
         self.visual_projection = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
         self.text_projection = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))

@@ -22,11 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmlm.config import CoCaConfig
-from mmlm.layers import MODALITIES, AttentionalPooler, Transformer
-from mmlm.models.clip import CLIPOutput
+from mmlm.layers import AttentionalPooler, Transformer
+from mmlm.models.clip import CLIPOutput, add_towers
 from mmlm.models.init import init_clip, init_weights
-from mmlm.models.text import TextEncoder
-from mmlm.models.vision import VisionTransformer
 
 IGNORE_INDEX = -100  # what F.cross_entropy skips: the labels of padding
 
@@ -54,11 +52,7 @@ class CoCa(nn.Module):
     def __init__(self, cfg: CoCaConfig):
         super().__init__()
         self.cfg = cfg
-        shared = None
-        if cfg.share != "none":
-            self.blocks = shared = Transformer(cfg.vision, MODALITIES, cfg.share, cfg.shared_range)
-        self.visual = VisionTransformer(cfg.vision, blocks=shared)
-        self.text = TextEncoder(cfg.text, blocks=shared)
+        add_towers(self, cfg)
         self.text_cls = nn.Parameter(torch.empty(cfg.text.width))  # appended after each text (OpenCLIP's cls_emb)
         self.attn_pool = AttentionalPooler(
             cfg.embed_dim, cfg.vision.width, cfg.pool_heads, cfg.pool_queries, cfg.vision.norm_eps
