@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import Page, expect, sync_playwright
 
 from mmlm.paths import ASSETS
 from mmlm.retrieval.client import parse_query
@@ -18,6 +20,22 @@ from mmlm.retrieval.client import parse_query
 pytestmark = [pytest.mark.server, pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = "/usr/bin/chromium"  # Debian's package: Playwright's own browser download is not reachable
+
+
+@contextmanager
+def browsing(url: str, errors: list[str], console: bool = False) -> Iterator[Page]:
+    """A page of Chromium at ``url``, its script errors (and with ``console``, its console errors) in ``errors``."""
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM)
+        try:
+            page = browser.new_page(viewport={"width": 1100, "height": 800})
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            if console:
+                page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
 
 
 def cards(page) -> list[dict]:
@@ -109,50 +127,43 @@ def test_page_combines_terms_picture_and_filter(server, tmp_path):
     photo = ASSETS / "images" / "coffee_spoon.jpg"
     data_url = "data:image/jpeg;base64," + base64.b64encode(photo.read_bytes()).decode()
     errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 800})
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.goto(server.url + "/")
-            expect(page.locator("#index option")).to_have_count(2)
-            for query in QUERIES:
-                in_page = page.evaluate("q => { try { return parseQuery(q); } catch (e) { return e.message.split(': ').slice(1).join(': '); } }", query)  # fmt: skip
-                assert in_page == parsed(query), query
+    with browsing(server.url + "/", errors) as page:
+        expect(page.locator("#index option")).to_have_count(2)
+        for query in QUERIES:
+            in_page = page.evaluate("q => { try { return parseQuery(q); } catch (e) { return e.message.split(': ').slice(1).join(': '); } }", query)  # fmt: skip
+            assert in_page == parsed(query), query
 
-            page.fill("#where", json.dumps(where))
-            page.fill("#query", "2:a cup of coffee - a spoon")
-            page.press("#query", "Enter")
-            expect(page.locator("#status")).to_contain_text('results for "2:a cup of coffee - a spoon"')
-            body = {"index": "assets", "k": 24, "where": where, "terms": parsed("2:a cup of coffee - a spoon")}
-            expected = server.json("/search", body)["hits"]
-            assert 0 < len(expected) < 21  # the filter kept some photos, not all
-            assert [c["id"] for c in cards(page)] == [h["id"] for h in expected]
-            assert all(h["metadata"]["filepath"].startswith("images/c") for h in expected)
+        page.fill("#where", json.dumps(where))
+        page.fill("#query", "2:a cup of coffee - a spoon")
+        page.press("#query", "Enter")
+        expect(page.locator("#status")).to_contain_text('results for "2:a cup of coffee - a spoon"')
+        body = {"index": "assets", "k": 24, "where": where, "terms": parsed("2:a cup of coffee - a spoon")}
+        expected = server.json("/search", body)["hits"]
+        assert 0 < len(expected) < 21  # the filter kept some photos, not all
+        assert [c["id"] for c in cards(page)] == [h["id"] for h in expected]
+        assert all(h["metadata"]["filepath"].startswith("images/c") for h in expected)
 
-            page.fill("#min-score", f"{expected[1]['score'] - 1e-4:.4f}")  # the best two are left
-            page.press("#query", "Enter")
-            expect(page.locator("#results figure.card")).to_have_count(2)
-            page.fill("#min-score", "")
+        page.fill("#min-score", f"{expected[1]['score'] - 1e-4:.4f}")  # the best two are left
+        page.press("#query", "Enter")
+        expect(page.locator("#results figure.card")).to_have_count(2)
+        page.fill("#min-score", "")
 
-            page.set_input_files("#file", str(photo))  # a picture, then text added to it
-            expect(page.locator("#status")).to_contain_text("results for coffee_spoon.jpg")
-            page.fill("#query", "- a spoon")
-            page.press("#query", "Enter")
-            expect(page.locator("#status")).to_contain_text('results for coffee_spoon.jpg + "- a spoon"')
-            body["terms"] = [{"image": data_url, "weight": 1.0}, *parsed("- a spoon")]
-            assert [c["id"] for c in cards(page)] == [h["id"] for h in server.json("/search", body)["hits"]]
-            page.click("#clear-image")
-            expect(page.locator("#query-image")).to_be_hidden()
+        page.set_input_files("#file", str(photo))  # a picture, then text added to it
+        expect(page.locator("#status")).to_contain_text("results for coffee_spoon.jpg")
+        page.fill("#query", "- a spoon")
+        page.press("#query", "Enter")
+        expect(page.locator("#status")).to_contain_text('results for coffee_spoon.jpg + "- a spoon"')
+        body["terms"] = [{"image": data_url, "weight": 1.0}, *parsed("- a spoon")]
+        assert [c["id"] for c in cards(page)] == [h["id"] for h in server.json("/search", body)["hits"]]
+        page.click("#clear-image")
+        expect(page.locator("#query-image")).to_be_hidden()
 
-            page.fill("#where", "{year")
-            page.press("#query", "Enter")
-            expect(page.locator("#status")).to_contain_text("filter: not JSON")
-            page.fill("#where", '{"colour": 1}')
-            page.press("#query", "Enter")
-            expect(page.locator("#status")).to_contain_text("colour")  # the server's 422, shown
-        finally:
-            browser.close()
+        page.fill("#where", "{year")
+        page.press("#query", "Enter")
+        expect(page.locator("#status")).to_contain_text("filter: not JSON")
+        page.fill("#where", '{"colour": 1}')
+        page.press("#query", "Enter")
+        expect(page.locator("#status")).to_contain_text("colour")  # the server's 422, shown
     assert errors == []
 
 
@@ -160,38 +171,30 @@ def test_page_works_with_the_onnx_runtime(onnx_server, tmp_path):
     """Text, click and drop through ONNX Runtime; "where?" (``/explain``, which needs the torch runtime) says so."""
     server = onnx_server
     errors: list[str] = []
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM)
-        try:
-            page = browser.new_page(viewport={"width": 1100, "height": 800})
-            page.on("pageerror", lambda e: errors.append(str(e)))
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.goto(server.url + "/")
-            expect(page.locator("#index option")).to_have_count(2)
-            query = "a rocket on the launch pad"
-            expected = server.json("/search", {"text": query, "k": 24, "index": "assets", "modality": "image"})["hits"]
-            page.fill("#query", query)
-            page.press("#query", "Enter")
-            expect(page.locator("#status")).to_contain_text("results for")
-            page.wait_for_function("() => [...document.querySelectorAll('#results img')].every(i => i.complete)")
-            shown = cards(page)
-            assert [c["id"] for c in shown] == [h["id"] for h in expected] and all(c["loaded"] for c in shown)
+    with browsing(server.url + "/", errors, console=True) as page:
+        expect(page.locator("#index option")).to_have_count(2)
+        query = "a rocket on the launch pad"
+        expected = server.json("/search", {"text": query, "k": 24, "index": "assets", "modality": "image"})["hits"]
+        page.fill("#query", query)
+        page.press("#query", "Enter")
+        expect(page.locator("#status")).to_contain_text("results for")
+        page.wait_for_function("() => [...document.querySelectorAll('#results img')].every(i => i.complete)")
+        shown = cards(page)
+        assert [c["id"] for c in shown] == [h["id"] for h in expected] and all(c["loaded"] for c in shown)
 
-            page.locator("#results figure.card").first.locator("button.where").click()
-            expect(page.locator("#status")).to_contain_text("--runtime torch")
+        page.locator("#results figure.card").first.locator("button.where").click()
+        expect(page.locator("#status")).to_contain_text("--runtime torch")
 
-            clicked = shown[3]["id"]
-            page.click(f"#results figure.card[data-id='{clicked}']")
-            expect(page.locator("#status")).to_contain_text(f"results for image #{clicked}")
-            assert cards(page)[0]["id"] == clicked and cards(page)[0]["score"] == "1.000"
+        clicked = shown[3]["id"]
+        page.click(f"#results figure.card[data-id='{clicked}']")
+        expect(page.locator("#status")).to_contain_text(f"results for image #{clicked}")
+        assert cards(page)[0]["id"] == clicked and cards(page)[0]["score"] == "1.000"
 
-            page.set_input_files("#file", str(ASSETS / "images" / "coffee_spoon.jpg"))
-            expect(page.locator("#status")).to_contain_text("results for coffee_spoon.jpg")
-            first = cards(page)[0]
-            assert server.json(f"/items/assets/{first['id']}")["filepath"] == "images/coffee_spoon.jpg"
-            assert first["score"] == "1.000"
-        finally:
-            browser.close()
+        page.set_input_files("#file", str(ASSETS / "images" / "coffee_spoon.jpg"))
+        expect(page.locator("#status")).to_contain_text("results for coffee_spoon.jpg")
+        first = cards(page)[0]
+        assert server.json(f"/items/assets/{first['id']}")["filepath"] == "images/coffee_spoon.jpg"
+        assert first["score"] == "1.000"
     # the refused /explain is the page's one failed request (the browser logs it); nothing else went wrong
     assert [e for e in errors if "status of 400" not in e] == [] and len(errors) == 1, errors
 
