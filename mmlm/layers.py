@@ -119,15 +119,16 @@ class Attention(nn.Module):
 
 
 def build_attn_mask(
-    padding_mask: torch.Tensor | None, causal: bool, seq_len: int
+    padding_mask: torch.Tensor | None, causal: bool, seq_len: int, always: bool = False
 ) -> tuple[torch.Tensor | None, bool]:
     """Turn a (B, T) key-padding mask (True = real token) and causality into SDPA arguments.
 
     Returns ``(attn_mask, is_causal)``; with no padding the fused kernels get ``is_causal``
     alone, with padding one boolean (B, 1, T, T) or (B, 1, 1, T) mask is built once per
-    forward and shared by every block.
+    forward and shared by every block. ``always``: build the mask without looking at its values
+    (an exported graph cannot hold the "no padding" shortcut, a decision on values).
     """
-    if padding_mask is None or bool(padding_mask.all()):
+    if padding_mask is None or (not always and bool(padding_mask.all())):
         return None, causal
     mask = padding_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
     if causal:

@@ -21,8 +21,9 @@ file                   what it holds
 Why the graphs are traced from small wrappers (``ImageGraph``, ``TextGraph``) rather than from
 ``CLIP.encode_text``: mmlm's text forward validates ids and trims padding columns in Python, from values
 (``.tolist()``, ``int(...)``), which a graph cannot hold: torch.export refuses it and TorchScript tracing
-would bake one batch's answer in. The wrapper runs the same modules (embeddings, the shared blocks, the
-tower's pooling, the projection) with the padding mask always applied, which gives mmlm's numbers for
+would bake one batch's answer in. The wrapper runs the tower's own body (``TextEncoder.states``: embeddings,
+the shared blocks, the final norm), its pooling and the projection, with the padding mask always built
+(``build_attn_mask(always=True)``), which gives mmlm's numbers for
 right-padded batches (the parity tests check it to 1e-4; measured ~1e-6).
 
 The exporter, by measurement (``torch.onnx.export``, torch 2.14.1, onnxscript 0.7.2, opset 18, on this
@@ -64,6 +65,7 @@ from torch import nn
 
 from mmlm.convert.common import ConversionError
 from mmlm.data.tokenizers import CLIP_VOCAB_SIZE, Tokenizer, clip_tokenizer
+from mmlm.layers import build_attn_mask
 
 FORMAT, VERSION = "mmlm-onnx", 1
 OPSET = 18
@@ -102,16 +104,8 @@ class TextGraph(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         text = self.clip.text
-        T = input_ids.shape[1]
-        x = text.token_embed(input_ids) + text.pos_embed[:T]  # (B, T, width)
-        if text.type_embed is not None:
-            x = x + text.type_embed(torch.zeros_like(input_ids))
-        x = text.norm_embed(x)
-        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): True = attend
-        if text.cfg.causal:
-            keep = keep & torch.ones(T, T, dtype=torch.bool, device=keep.device).tril()  # (B, 1, T, T)
-            keep = keep | ~keep.any(-1, keepdim=True)  # as mmlm.layers.build_attn_mask: no row without a key
-        x = text.norm(text.blocks(x, text.modality, keep, False))
+        keep, is_causal = build_attn_mask(attention_mask, text.cfg.causal, input_ids.shape[1], always=True)
+        x = text.states(input_ids, keep, is_causal)  # (B, T, width); eval mode: no dropout
         x = text.pool(x, input_ids, attention_mask)  # (B, width)
         if text.cfg.normalize:
             x = F.normalize(x, dim=-1)

@@ -110,15 +110,28 @@ class TextEncoder(nn.Module):
             # left-padded: count positions from each text's first real token. Only then: the gather's
             # backward accumulates in no fixed order, while pos_embed[:T] keeps training bit-reproducible
             position_ids = real_positions(attention_mask)
+        if attn_mask is not None:
+            is_causal = False
+        else:
+            attn_mask, is_causal = build_attn_mask(attention_mask, self.cfg.causal, T)
+        return self.states(input_ids, attn_mask, is_causal, token_type_ids, position_ids)
+
+    def states(
+        self,
+        input_ids: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        is_causal: bool,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Embeddings -> blocks -> final norm, (B, T, width), on checked inputs and a built mask: the body of
+        ``forward_features``, and all of it that an exported graph (``mmlm.export.onnx``) runs."""
+        T = input_ids.shape[1]
         x = self.token_embed(input_ids)  # (B, T, width)
         x = x + (self.pos_embed[:T] if position_ids is None else self.pos_embed[position_ids])
         if self.type_embed is not None:
             x = x + self.type_embed(token_type_ids if token_type_ids is not None else torch.zeros_like(input_ids))
         x = self.drop(self.norm_embed(x))
-        if attn_mask is not None:
-            is_causal = False
-        else:
-            attn_mask, is_causal = build_attn_mask(attention_mask, self.cfg.causal, T)
         x = self.blocks(x, self.modality, attn_mask, is_causal)
         return self.norm(x)
 
