@@ -9,8 +9,10 @@ with the float32 and the int8 export (``mmlm convert --to onnx [--int8]``). For 
 
 - cold start: from ``Popen`` of ``python -m mmlm.cli serve`` to the first answered text query (imports, index
   and model loading, warm-up, uvicorn), median of ``STARTS`` starts;
-- resident memory (VmRSS) right after that first query;
-- text query latency at 1 client (p50) and queries/s at ``clients`` concurrent clients (k = 10).
+- resident memory (VmRSS) right after that first query, and again after a first image query (the ONNX runtime
+  builds its image session then: a server that answers text only never holds the image tower);
+- text query latency at 1 client (p50), split into the server's own encode and search stages (means, from its
+  ``/metrics``), and queries/s at ``clients`` concurrent clients (k = 10).
 
 Rows put ONNX (mmlm column) against torch (reference column) at the same precision; ratio > 1: ONNX faster or
 smaller. The issue's goals (cold start < 2 s and < 1/4 of torch's, memory < 1/3, p50 <= torch int8's) are
@@ -19,6 +21,8 @@ printed with the four-way table on stderr, with the CPU and whether it has VNNI 
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import platform
 import re
@@ -36,6 +40,7 @@ from bench_retrieval import TIERS, mixture, texts, vector_index
 
 from mmlm import factory
 from mmlm.export import export
+from mmlm.paths import ASSETS
 from mmlm.retrieval.client import load
 from mmlm.retrieval.options import Job
 from mmlm.serve.settings import default_threads
@@ -51,7 +56,9 @@ class Served:
 
     cold: list[float]  # seconds from process start to the first answered text query, per start
     rss: float  # MiB resident after the first query
+    rss_image: float  # MiB resident after the first image query, which came after it
     p50: float  # seconds, one client
+    stages: dict[str, float]  # the server's mean seconds per query in each stage (encode, search), one client
     qps: float  # queries per second, many clients
     scores: np.ndarray  # top-10 scores of the check queries, to compare the runtimes
 
@@ -78,6 +85,14 @@ def post(url: str, body: bytes) -> bytes | None:
 def rss_mib(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text()
     return int(re.search(r"VmRSS:\s*(\d+) kB", status).group(1)) / 1024  # type: ignore[union-attr]
+
+
+def stage_seconds(url: str) -> dict[str, float]:
+    """Sum and count of each stage the server's ``/metrics`` reports (``mmlm_stage_duration_seconds``)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=60) as response:
+        text = response.read().decode()
+    found = re.findall(r'mmlm_stage_duration_seconds_(sum|count)\{stage="(\w+)"\} (\S+)', text)
+    return {f"{stage}_{kind}": float(value) for kind, stage, value in found}
 
 
 def cold_start(args: list[str], log_file: Path) -> tuple[subprocess.Popen, str, float, float]:
@@ -117,15 +132,24 @@ def measure(b: Bench, args: list[str], log_file: Path, starts: int) -> Served:
         if n < starts - 1:
             stop(process)
     try:
+        image = base64.b64encode((ASSETS / "images" / "rocket.jpg").read_bytes()).decode()
+        if post(url + "/search", json.dumps({"image": image, "k": 10}).encode()) is None:
+            raise RuntimeError("the image query failed")
+        rss_image = rss_mib(process.pid)
         check = load(url, [{"text": q, "k": 10} for q in texts(8, 5)], 1)
+        before = stage_seconds(url)
         one = load(url, [{"text": q, "k": 10} for q in texts(s.queries, 3)], 1)
+        after = stage_seconds(url)
         many = load(url, [{"text": q, "k": 10} for q in texts(s.requests, 4)], s.clients)
         if check.errors or one.errors or many.errors:
             raise RuntimeError(f"failed requests: {(check.errors + one.errors + many.errors)[:3]}")
     finally:
         stop(process)
     scores = np.array([[h["score"] for h in a["hits"]] for a in check.answers])
-    return Served(cold, rss, float(np.median(one.latencies)), len(many.latencies) / many.wall, scores)
+    stages = {name: (after[f"{name}_sum"] - before[f"{name}_sum"]) / max(1, after[f"{name}_count"] - before[f"{name}_count"])
+              for name in ("encode", "search")}  # fmt: skip
+    return Served(cold, rss, rss_image, float(np.median(one.latencies)), stages, len(many.latencies) / many.wall,
+                  scores)  # fmt: skip
 
 
 def serve_runtime(b: Bench) -> list[Row]:
@@ -159,7 +183,8 @@ def serve_runtime(b: Bench) -> list[Row]:
         results[(runtime, precision)] = measure(b, args, root / f"server-{runtime}-{precision}.log", starts)
         r = results[(runtime, precision)]
         log(f"serve_runtime: {runtime} {precision}: cold start {', '.join(f'{c:.2f}' for c in r.cold)} s, "
-            f"RSS {r.rss:,.0f} MiB, p50 {ms(r.p50)}, {r.qps:,.1f} q/s at {s.clients} clients")  # fmt: skip
+            f"RSS {r.rss:,.0f} MiB ({r.rss_image:,.0f} after an image), p50 {ms(r.p50)} (encode "
+            f"{ms(r.stages['encode'])}, search {ms(r.stages['search'])}), {r.qps:,.1f} q/s at {s.clients} clients")  # fmt: skip
     report(results, s.clients)
     return rows(results, s.clients, s.model)
 
@@ -167,9 +192,11 @@ def serve_runtime(b: Bench) -> list[Row]:
 def report(results: dict[tuple[str, str], Served], clients: int) -> None:
     """The four servers side by side, and the goals, on stderr."""
     log(f"serve_runtime: CPU {cpu()}")
-    log(f"{'server':<12} {'cold start':>10} {'RSS MiB':>8} {'p50':>9} {f'q/s @{clients}':>9}")
+    log(f"{'server':<12} {'cold start':>10} {'RSS MiB':>8} {'+image':>8} {'p50':>9} {'encode':>9} {'search':>9} "
+        f"{f'q/s @{clients}':>9}")  # fmt: skip
     for (runtime, precision), r in results.items():
-        log(f"{runtime + ' ' + precision:<12} {np.median(r.cold):>9.2f}s {r.rss:>8,.0f} {ms(r.p50):>9} {r.qps:>9.1f}")
+        log(f"{runtime + ' ' + precision:<12} {np.median(r.cold):>9.2f}s {r.rss:>8,.0f} {r.rss_image:>8,.0f} "
+            f"{ms(r.p50):>9} {ms(r.stages['encode']):>9} {ms(r.stages['search']):>9} {r.qps:>9.1f}")  # fmt: skip
     onnx, torch, torch8 = results[("onnx", "fp32")], results[("torch", "fp32")], results[("torch", "int8")]
     log(f"goals ({GOALS}): onnx fp32 cold start {np.median(onnx.cold):.2f} s = 1/{np.median(torch.cold) / np.median(onnx.cold):.1f} "
         f"of torch's; RSS 1/{torch.rss / onnx.rss:.1f}; p50 {ms(onnx.p50)} vs torch int8 {ms(torch8.p50)}")  # fmt: skip
@@ -188,7 +215,11 @@ def rows(results: dict[tuple[str, str], Served], clients: int, model: str) -> li
                 f"process start to the first answered text query ({model}); starts: onnx "
                 f"{', '.join(f'{c:.2f}' for c in onnx.cold)} s, torch {', '.join(f'{c:.2f}' for c in torch.cold)} s; {agree}"),
             Row(f"{label}: RSS after 1st query", onnx.rss, torch.rss, ref, diff, "VmRSS of the server process", "MiB"),
-            Row(f"{label}: text query p50, 1 client", onnx.p50, torch.p50, ref, diff, "k = 10, HTTP included"),
+            Row(f"{label}: RSS after an image query too", onnx.rss_image, torch.rss_image, ref, diff,
+                "VmRSS once an image was searched (ONNX builds its image session then)", "MiB"),
+            Row(f"{label}: text query p50, 1 client", onnx.p50, torch.p50, ref, diff,
+                f"k = 10, HTTP included; encode {ms(onnx.stages['encode'])} vs {ms(torch.stages['encode'])}, "
+                f"search {ms(onnx.stages['search'])} vs {ms(torch.stages['search'])} (server means)"),
             Row(f"{label}: {clients} clients, per query", 1 / onnx.qps, 1 / torch.qps, ref, diff,
                 f"onnx {onnx.qps:,.1f} q/s, torch {torch.qps:,.1f} q/s; per query: 1 / throughput"),
         ]  # fmt: skip

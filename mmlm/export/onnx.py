@@ -7,6 +7,7 @@ file                   what it holds
                        and the L2 normalisation are inside the graph; dynamic batch
 ``text.onnx``          ``input_ids``, ``attention_mask`` int64 (batch, seq) -> ``embeds`` float32 (batch, D),
                        normalised; dynamic batch and sequence (right padding, as the tokenizer pads)
+``*.onnx.data``        each graph's weights, as ONNX external data (``EXTERNAL``)
 ``tokenizer.json``     the model's tokenizer in HF ``tokenizers`` format, with its truncation (context
                        length, end token kept) and its padding (to the longest text) switched on: any
                        ``tokenizers`` binding's ``encode_batch`` gives the ids and mask the graph takes
@@ -25,6 +26,13 @@ would bake one batch's answer in. The wrapper runs the tower's own body (``TextE
 the shared blocks, the final norm), its pooling and the projection, with the padding mask always built
 (``build_attn_mask(always=True)``), which gives mmlm's numbers for
 right-padded batches (the parity tests check it to 1e-4; measured ~1e-6).
+
+Weights go beside each graph as ONNX external data (``image.onnx.data``; any ONNX Runtime finds it next to
+the graph), not inside it: ONNX Runtime then memory-maps them instead of parsing them out of one protobuf, and
+frees what it repacks for its matrix products. Measured on a ViT-B/32-size CLIP (2-core CPU, one thread,
+load average ~2): the text graph loads in 0.31-0.42 s instead of 0.89 s and holds 172 MiB instead of 367 MiB
+(the token embedding stays on disk but for the rows a query reads); both graphs 0.80 s and 505 MiB instead of
+1.62 s and 690 MiB; query times unchanged. The int8 graphs: 153 MiB instead of 195 MiB.
 
 The exporter, by measurement (``torch.onnx.export``, torch 2.14.1, onnxscript 0.7.2, opset 18, on this
 shared 2-core CPU; parity = max |ONNX Runtime - mmlm| over both towers at batches 1 and 7; the ViT-B/32
@@ -71,6 +79,7 @@ FORMAT, VERSION = "mmlm-onnx", 1
 OPSET = 18
 DYNAMO = False  # the exporter the measurement above chose (True: torch.export + onnxscript)
 MAX_GRAPH_BYTES = 2**31 - 2**24  # protobuf's 2 GiB, less room for the graph itself
+EXTERNAL = 1024  # tensors of at least this many bytes are written to ``NAME.onnx.data`` (onnx's own threshold)
 PREPROCESS_DOC = (
     "convert to channel_mode (PIL Image.convert); resize so the short side is `size` and the long side "
     "int(size * long / short) (PIL Image.resize with `interpolation`, PIL's antialiasing filter); centre crop "
@@ -130,8 +139,8 @@ def check_exportable(model: nn.Module) -> None:
         size = sum(p.numel() * p.element_size() for p in tower.parameters())
         if size > MAX_GRAPH_BYTES:
             raise ConversionError(
-                f"the {name} tower holds {size / 2**30:.1f} GiB of weights: one ONNX file holds under 2 GiB "
-                "(external data is not part of this format)"
+                f"the {name} tower holds {size / 2**30:.1f} GiB of weights: the exporter writes each graph as "
+                "one protobuf (under 2 GiB) before its weights move to external data"
             )
 
 
@@ -168,6 +177,8 @@ def export(
     export_graphs(model, folder, dynamo=dynamo)
     if int8:
         quantize(folder)
+    for name in ("image", "text"):
+        external_weights(folder / f"{name}.onnx")
     _write_tokenizer(tok, context, folder / "tokenizer.json")
     (folder / "preprocess.json").write_text(json.dumps(preprocess_config(model.cfg.vision), indent=2) + "\n")
     meta = {
@@ -253,6 +264,19 @@ def quantize(folder: Path) -> None:
             dst.replace(src)
     finally:
         logging.getLogger().setLevel(quiet)
+
+
+def external_weights(path: Path) -> None:
+    """Move the weights of the graph at ``path`` into ``NAME.onnx.data`` beside it (onnx's external data:
+    memory-mapped by ONNX Runtime; the module docstring has the measurement)."""
+    import onnx
+
+    graph = onnx.load(str(path))
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # onnx appends to the file
+    onnx.save_model(graph, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+                    size_threshold=EXTERNAL)  # fmt: skip
+    data.chmod(path.stat().st_mode)  # onnx creates it readable by its owner only; the graph's own mode instead
 
 
 def preprocess_config(vision: Any) -> dict[str, Any]:

@@ -56,12 +56,14 @@ Image-text search over indexes built by `mmlm index build`.
 
 
 async def warm_up(batcher: Batcher, served: dict[str, Served]) -> None:
-    """One text and one image through each model, so the first request does not pay for it."""
+    """One text and one image through each model, so the first request does not pay for it (not the image where
+    the runtime loads its image encoder on first use: warming it would load it)."""
     firsts = {id(s.runtime): s for s in served.values()}.values()
     for s in firsts:
         size = s.runtime.image_size
         await batcher(Query(s, text="warm up"))  # one at a time: a queue of one place must take them too
-        await batcher(Query(s, pixels=np.zeros((3, size, size), np.float32)))
+        if not s.runtime.image_on_first_use:
+            await batcher(Query(s, pixels=np.zeros((3, size, size), np.float32)))
 
 
 def create_app(settings: Settings, served: dict[str, Served]) -> FastAPI:

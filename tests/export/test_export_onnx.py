@@ -246,6 +246,30 @@ def test_encoder_equals_mmlm_on_photos_and_texts(small):
         np.testing.assert_allclose(enc.encode_image(pixels), image, atol=1e-4, rtol=0)
         np.testing.assert_allclose(enc.encode_text(texts), text, atol=1e-4, rtol=0)
         assert enc.encode_text(["a cat"]).shape == (1, enc.dim)
+        lazy = OnnxEncoder.open(small["job"][name]["folder"], threads=1, lazy_image=True)
+        assert lazy._image is None  # no image session until an image comes
+        assert np.array_equal(lazy.encode_image(pixels), enc.encode_image(pixels)) and lazy._image is not None
+
+
+def test_weights_are_external_data_beside_each_graph(small):
+    """Each graph names its weights in ``NAME.onnx.data`` (memory-mapped by ONNX Runtime): no tensor of
+    ``EXTERNAL`` bytes or more is inside the graph, the data file holds every external one, with the graph's mode."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    from mmlm.export.onnx import EXTERNAL
+
+    folder = Path(small["job"]["digits"]["folder"])
+    for name in ("image", "text"):
+        graph = onnx.load(str(folder / f"{name}.onnx"), load_external_data=False)
+        outside = [ExternalDataInfo(t) for t in graph.graph.initializer if uses_external_data(t)]
+        inside = [len(t.raw_data) for t in graph.graph.initializer if not uses_external_data(t)]
+        assert outside and max(inside, default=0) < EXTERNAL
+        assert {info.location for info in outside} == {f"{name}.onnx.data"}
+        data = folder / f"{name}.onnx.data"
+        assert data.stat().st_size == max(info.offset + info.length for info in outside)
+        assert sum(info.length for info in outside) == data.stat().st_size  # one after the other, nothing else
+        assert data.stat().st_mode == (folder / f"{name}.onnx").stat().st_mode
 
 
 def test_encoder_imports_no_torch(small):

@@ -50,14 +50,17 @@ from mmlm.serve.settings import Settings
 params = json.loads(sys.argv[1])
 settings = Settings(threads=1, runtime="onnx")
 served = open_indexes({"assets": params["index"]}, runtime="onnx", onnx=params["onnx"], threads=1)
-with TestClient(create_app(settings, served)) as client:
+encoder = served["assets"].runtime.encoder
+with TestClient(create_app(settings, served)) as client:  # its start-up warms the text graph only
     text = client.post("/search", json={"text": "a rocket on its launch pad", "k": 10}).json()
+    lazy = [encoder._image is None]
     image = client.post("/search", json={"image": params["image"], "k": 10}).json()
+    lazy.append(encoder._image is None)
     explain = client.post("/explain", json={"text": "a rocket", "item": 0})
     indices = client.get("/indices").json()
 print(json.dumps({"text": [h["id"] for h in text["hits"]], "text_scores": [h["score"] for h in text["hits"]],
                   "image": [h["id"] for h in image["hits"]], "explain": [explain.status_code, explain.json()],
-                  "indices": indices, "torch": sorted(m for m in sys.modules if m.split(".")[0] == "torch")}))
+                  "indices": indices, "lazy": lazy, "torch": sorted(m for m in sys.modules if m.split(".")[0] == "torch")}))
 '''
 
 
@@ -86,6 +89,7 @@ def test_the_onnx_path_answers_without_torch(indexes, onnx_folder, tmp_path):
                          "image": b64(ASSETS / "images" / "rocket.jpg")})  # fmt: skip
     out = run_python(NO_TORCH + textwrap.dedent(SERVE), params, cwd=tmp_path)
     assert out["torch"] == []
+    assert out["lazy"] == [True, False]  # the image graph: built by the first image query, not at start
     assert out["image"][0] == item_of("rocket.jpg") and len(out["text"]) == 10
     assert out["explain"][0] == 400 and "--runtime torch" in out["explain"][1]["detail"]
     assert (out["indices"][0]["runtime"], out["indices"][0]["explain"]) == ("onnx", False)

@@ -28,6 +28,7 @@ class Runtime(ABC):
     weights_hash: str  # of the float weights (``mmlm.factory.weights_hash``), as the index manifest records it
     can_explain = False  # whether ``explain`` draws heatmaps (it needs the model's gradients or hooks)
     can_caption = False  # whether ``caption`` can say what is in a picture (a CoCa served by torch)
+    image_on_first_use = False  # whether the image encoder is loaded by the first image (so no warm-up loads it)
 
     @abstractmethod
     def encode_text(self, texts: list[str]) -> np.ndarray:

@@ -27,6 +27,7 @@ class OnnxRuntime(Runtime):
     (a heatmap needs the model's gradients or attention hooks, which an inference graph does not have)."""
 
     name = "onnx"
+    image_on_first_use = True  # ``open_onnx``: the image graph's session is built by the first image query
 
     def __init__(self, encoder: Any, folder: Path) -> None:
         self.encoder, self.folder = encoder, folder
@@ -56,7 +57,8 @@ def open_onnx(folder: Path, threads: int | None = None, int8: bool = False) -> O
     holds the int8 export (the flag cannot quantize an exported graph after the fact)."""
     from mmlm.serve.runtime.onnx import OnnxEncoder
 
-    runtime = OnnxRuntime(OnnxEncoder.open(folder, threads=threads), folder)
+    # the image graph on first use: a text query, the common one, is answered sooner and by a smaller process
+    runtime = OnnxRuntime(OnnxEncoder.open(folder, threads=threads, lazy_image=True), folder)
     if int8 and not runtime.int8:
         raise UsageError(f"--int8 --runtime onnx: {folder} holds float32 graphs; export int8 ones with `mmlm convert "
                          f"MODEL DST --to onnx --int8` and name them with --onnx DST")  # fmt: skip

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import html
 import json
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -60,20 +61,32 @@ class OnnxEncoder:
         meta: dict[str, Any],
         preprocess_cfg: dict[str, Any],
         tokenizer: Tokenizer,
-        image: ort.InferenceSession,
+        image: ort.InferenceSession | None,
         text: ort.InferenceSession,
+        options: ort.SessionOptions | None = None,
     ) -> None:
         self.folder = folder
         self.meta = meta
         self.preprocess_cfg = preprocess_cfg
         self.tokenizer = tokenizer
-        self.image_session = image
+        self._image, self._options, self._lock = image, options or ort.SessionOptions(), threading.Lock()
         self.text_session = text
+
+    @property
+    def image_session(self) -> ort.InferenceSession:
+        """The image graph's session, built here on first use when ``open`` was told ``lazy_image``."""
+        with self._lock:
+            if self._image is None:
+                self._image = _session(self.folder / "image.onnx", self._options)
+            return self._image
 
     # ---------------------------------------------------------------- opening
     @classmethod
-    def open(cls, folder: str | Path, threads: int | None = None) -> OnnxEncoder:
+    def open(cls, folder: str | Path, threads: int | None = None, lazy_image: bool = False) -> OnnxEncoder:
         """Read and check ``folder``; ``threads``: ONNX Runtime's intra-op threads (None: its default, the cores).
+        ``lazy_image``: the image graph's session is built by the first ``encode_image`` (ViT-B/32: 0.5 s and
+        ~330 MiB), as immich's machine-learning service loads a model on first use: a server that only ever gets
+        text queries never holds the image tower, and one that does answers its first text query sooner.
 
         A folder that is not an ``mmlm-onnx`` version-1 export is refused in one line naming the file and
         field (ValueError; FileNotFoundError for a missing file).
@@ -117,10 +130,14 @@ class OnnxEncoder:
         # a ViT-B/32's graphs (0.89 s each against 0.47 and 0.50 s, idle 2-core CPU) for no faster query (text,
         # batch 1: 12.9 ms against 12.6 ms)
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        # ONNX Runtime optimises a graph as it loads it (most of a ViT-B/32's second): both at once
-        with ThreadPoolExecutor(2) as pool:
-            image, text = pool.map(lambda name: _session(folder / f"{name}.onnx", options), ("image", "text"))
-        return cls(folder, meta, pre, tokenizer, image, text)
+        if lazy_image:  # (its file was found above; ONNX Runtime reads it when the session is built)
+            image, text = None, _session(folder / "text.onnx", options)
+        else:  # ONNX Runtime optimises a graph as it loads it (most of the time it takes): both at once
+            with ThreadPoolExecutor(2) as pool:
+                image, text = pool.map(lambda name: _session(folder / f"{name}.onnx", options), ("image", "text"))
+        encoder = cls(folder, meta, pre, tokenizer, image, text, options)
+        encoder.encode_text(["warm up"])  # ftfy's import and the session's first run, here rather than in a query
+        return encoder
 
     # ---------------------------------------------------------------- facts
     @property
