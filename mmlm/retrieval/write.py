@@ -51,7 +51,7 @@ def write_index(
     n = merged.n
     ids = np.arange(offset, offset + n, dtype=np.int64)
     text_ids = ids[merged.text_owner]
-    _write_rows(folder, merged, base, np.dtype(options.dtype), caption_key)
+    write_rows(folder, merged, base, np.dtype(options.dtype), caption_key)
     old_text_ids = base.text_ids if base is not None else np.zeros(0, np.int64)
     with NpyRows(folder / TEXT_IDS, (len(old_text_ids) + len(text_ids),), np.dtype(np.int64)) as out:
         out.copy(old_text_ids)
@@ -101,7 +101,7 @@ def write_index(
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last: the folder is complete
 
 
-def _write_rows(folder: Path, merged: Merged, base: Index | None, dtype: np.dtype, caption_key: str) -> None:
+def write_rows(folder: Path, merged: Merged, base: Index | None, dtype: np.dtype, caption_key: str) -> None:
     """The embeddings and the metadata of ``folder``: the base's rows first (copied in blocks), then each part of
     ``merged`` in one pass, its rows written where they go (memory: one part)."""
     old = {m: base.embeddings(m) if base is not None else np.zeros((0, merged.dim), dtype) for m in MODALITIES}
