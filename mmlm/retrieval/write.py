@@ -1,6 +1,7 @@
-"""Writing one version of an index: the chunks merged (rows sorted by key, ids = their ranks), then the
-embeddings, the FAISS indexes, the metadata and, last, the manifest, into one folder; an ``add`` copies
-the base version's rows first, so the folder is a whole index by itself (``mmlm.retrieval.index``).
+"""Writing one version of an index: the merged chunks (``mmlm.retrieval.merge``: rows sorted by key, ids =
+their ranks) read one at a time into the embeddings and the metadata, then the FAISS indexes and, last, the
+manifest, into one folder; an ``add`` copies the base version's rows first, so the folder is a whole index by
+itself (``mmlm.retrieval.index``). Memory: one chunk, never every embedding.
 """
 
 from __future__ import annotations
@@ -41,9 +42,11 @@ def write_index(
     folder: Path, merged: Merged | dict[str, Any], skipped: dict[str, int], job: Job, options: Options, base: Index | None,
     caption_key: str, model: nn.Module, seconds: float, shards: Path | None = None, world: int = 1,
 ) -> None:  # fmt: skip
-    """``folder``: the base index (if adding) plus the merged items, ids continuing the base's. ``shards``:
-    where an on-disk IVF's shards are written and kept for a resume (default: beside ``folder``); ``world``
-    processes write them (the others in ``ondisk.help_with_shards``)."""
+    """``folder``: the base index (if adding) plus the merged items, ids continuing the base's. ``merged``: the
+    chunks of a build (``merge``), or rows already merged in memory (a dict of ``Merged.held``'s arguments: the
+    vectors of a benchmark or a test). ``shards``: where an on-disk IVF's shards are written and kept for a
+    resume (default: beside ``folder``); ``world`` processes write them (the others in
+    ``ondisk.help_with_shards``)."""
     if isinstance(merged, dict):
         merged = Merged.held(**merged)
     folder.mkdir(parents=True)
