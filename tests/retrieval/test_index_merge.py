@@ -225,7 +225,7 @@ MEMORY = textwrap.dedent("""
 """)
 
 
-@pytest.mark.slow  # a process that imports torch and writes 82 MB of chunks: ~10 s
+@pytest.mark.slow  # a process that imports torch and writes 82 MB of chunks: 5 s alone, 16 s beside other tests
 @pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status")
 def test_the_merge_holds_one_chunk_not_every_embedding(tmp_path):
     n, dim, per_chunk = 40_000, 256, 2048
@@ -238,4 +238,4 @@ def test_the_merge_holds_one_chunk_not_every_embedding(tmp_path):
     image = np.load(tmp_path / "v" / EMBEDDINGS["image"], mmap_mode="r")
     assert image.shape == (n, dim) and np.isfinite(image[n - 1]).all() and image[n - 1].any()  # every row written
     print(f"[merge] {total / 1e6:.0f} MB of embeddings, peak RSS growth {out['growth'] / 1e6:.1f} MB")
-    assert out["growth"] < total / 5  # measured: 13 MB, a few copies of one 2 MB chunk; in memory it was > 82 MB
+    assert out["growth"] < total / 5  # measured: 13-15 MB, a few copies of one 2 MB chunk; in memory it was > 82 MB
