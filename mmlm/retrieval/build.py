@@ -44,11 +44,12 @@ from mmlm.retrieval import versions
 from mmlm.retrieval.collection import CollateItems, Collection, collection
 from mmlm.retrieval.embed import ChunkWriter, Embedder, ItemProgress, ShareData
 from mmlm.retrieval.index import MANIFEST, Index, check_index_type, files_of
+from mmlm.retrieval.merge import merge
 from mmlm.retrieval.model import USE, built_with
 from mmlm.retrieval.ondisk import beat_file, beating, help_with_shards
 from mmlm.retrieval.options import BATCH_SIZE, IMAGE_KEY, SPLIT, Job, Options, check_int8, check_sizes
 from mmlm.retrieval.work import Work
-from mmlm.retrieval.write import merge, write_index
+from mmlm.retrieval.write import write_index
 
 
 class Stopped(BaseException):

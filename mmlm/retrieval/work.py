@@ -9,7 +9,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Iterator
+import zipfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -62,7 +62,7 @@ class Work:
         self.job_file.write_text(json.dumps(asdict(job), indent=2))
 
     def done_keys(self) -> set[int]:
-        return {int(k) for path in sorted(self.chunks.glob("*.npz")) for k in np.load(path)["key"]}
+        return {int(k) for path in self.chunk_files() for k in read_chunk(path, "key")["key"]}
 
     def write_chunk(self, name: str, arrays: dict[str, np.ndarray], items: list[dict[str, Any]]) -> None:
         """One file, complete or absent: written under a temporary name, then renamed."""
@@ -71,10 +71,31 @@ class Work:
             np.savez(f, items=np.frombuffer(json.dumps(items).encode(), dtype=np.uint8), **arrays)
         os.replace(tmp, self.chunks / f"{name}.npz")
 
-    def read_chunks(self) -> Iterator[tuple[str, dict[str, np.ndarray], list[dict[str, Any]]]]:
-        """(run, arrays, items) of every chunk, in name order."""
-        for path in sorted(self.chunks.glob("*.npz")):
-            with np.load(path) as z:
-                arrays = {k: z[k] for k in z.files if k != "items"}
-                items = json.loads(z["items"].tobytes())
-            yield path.name.split("-")[0], arrays, items
+    def chunk_files(self) -> list[Path]:
+        """Every chunk, in name order (``RUN-rRANK-SEQ.npz``: ``run_of`` tells its embedding pass)."""
+        return sorted(self.chunks.glob("*.npz"))
+
+
+def run_of(chunk: Path) -> str:
+    """The embedding pass that wrote ``chunk``."""
+    return chunk.name.split("-")[0]
+
+
+def read_chunk(chunk: Path, *names: str) -> dict[str, Any]:
+    """The members ``names`` of ``chunk`` that it holds (``text`` and ``text_key`` only where it has captions),
+    and nothing else: an ``.npz`` reads one member at a time, so the keys of a chunk are read without its
+    embeddings. ``items`` (the items' metadata, stored as JSON bytes) comes back as the list it was."""
+    with np.load(chunk) as z:
+        found = {name: z[name] for name in names if name in z.files}
+    if "items" in found:
+        found["items"] = json.loads(found["items"].tobytes())
+    return found
+
+
+def chunk_dim(chunk: Path) -> int:
+    """The width of ``chunk``'s image embeddings, from the header of its ``image`` member alone."""
+    with zipfile.ZipFile(chunk) as z, z.open("image.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read(f)
+    return int(shape[1])

@@ -1,14 +1,17 @@
-"""Writing one version of an index: the chunks merged (rows sorted by key, ids = their ranks), then the
-embeddings, the FAISS indexes, the metadata and, last, the manifest, into one folder; an ``add`` copies
-the base version's rows first, so the folder is a whole index by itself (``mmlm.retrieval.index``).
+"""Writing one version of an index: the merged chunks (``mmlm.retrieval.merge``: rows sorted by key, ids =
+their ranks) read one at a time into the embeddings and the metadata, then the FAISS indexes and, last, the
+manifest, into one folder; an ``add`` copies the base version's rows first, so the folder is a whole index by
+itself (``mmlm.retrieval.index``). Memory: one chunk, never every embedding.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import shutil
 import sqlite3
+import sys
 import time
 from collections import Counter
 from contextlib import closing
@@ -21,7 +24,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmlm.data.skips import NoGoodSamples
 from mmlm.retrieval.index import (
     EMBEDDINGS,
     FORMAT,
@@ -31,64 +33,32 @@ from mmlm.retrieval.index import (
     TEXT_IDS,
     Index,
 )
+from mmlm.retrieval.merge import Merged
 from mmlm.retrieval.ondisk import write_faiss
 from mmlm.retrieval.options import Job, Options
-from mmlm.retrieval.work import Work
-
-
-def merge(work: Work, run: str) -> tuple[dict[str, Any], dict[str, int]]:
-    """Every chunk in one: ``image`` rows sorted by key, ``text`` rows grouped by item (``text_owner``: the
-    item row of each), ``items`` (metadata, captions); and the skip counts of the whole build."""
-    keys, images, texts, text_keys, items = [], [], [], [], []
-    skipped: Counter = Counter()
-    for chunk_run, arrays, chunk_items in work.read_chunks():
-        keys.append(arrays["key"])
-        images.append(arrays["image"])
-        if "text" in arrays:
-            texts.append(arrays["text"])
-            text_keys.append(arrays["text_key"])
-        items += chunk_items
-        if chunk_run != run:  # this pass did not read these items again: their own skips were counted before
-            skipped.update(r for item in chunk_items for r in item["skips"])
-    for path in work.counts.glob(f"{run}-r*.json"):
-        skipped.update(json.loads(path.read_text())["counts"])
-    if not keys:
-        raise NoGoodSamples(f"not one good sample to index (skipped per reason: {dict(skipped)})")
-    key = np.concatenate(keys)
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    if len(np.unique(key)) != len(key):
-        raise RuntimeError(f"{work.root}: an item was embedded twice; rerun without --resume")
-    dim = images[0].shape[1]
-    text_key = np.concatenate(text_keys) if text_keys else np.zeros(0, dtype=np.int64)
-    text_order = np.argsort(text_key, kind="stable")  # by item, each item's captions in their order
-    merged = {
-        "image": np.concatenate(images)[order],
-        "text": (np.concatenate(texts) if texts else np.zeros((0, dim), np.float32))[text_order],
-        "text_owner": np.searchsorted(key, text_key[text_order]),
-        "items": [items[i] for i in order],
-    }
-    return merged, dict(sorted(skipped.items()))
 
 
 def write_index(
-    folder: Path, merged: dict[str, Any], skipped: dict[str, int], job: Job, options: Options, base: Index | None,
+    folder: Path, merged: Merged | dict[str, Any], skipped: dict[str, int], job: Job, options: Options, base: Index | None,
     caption_key: str, model: nn.Module, seconds: float, shards: Path | None = None, world: int = 1,
 ) -> None:  # fmt: skip
-    """``folder``: the base index (if adding) plus the merged items, ids continuing the base's. ``shards``:
-    where an on-disk IVF's shards are written and kept for a resume (default: beside ``folder``); ``world``
-    processes write them (the others in ``ondisk.help_with_shards``)."""
+    """``folder``: the base index (if adding) plus the merged items, ids continuing the base's. ``merged``: the
+    chunks of a build (``merge``), or rows already merged in memory (a dict of ``Merged.held``'s arguments: the
+    vectors of a benchmark or a test). ``shards``: where an on-disk IVF's shards are written and kept for a
+    resume (default: beside ``folder``); ``world`` processes write them (the others in
+    ``ondisk.help_with_shards``)."""
+    if isinstance(merged, dict):
+        merged = Merged.held(**merged)
     folder.mkdir(parents=True)
     offset = len(base) if base is not None else 0
-    n = len(merged["items"])
+    n = merged.n
     ids = np.arange(offset, offset + n, dtype=np.int64)
-    text_ids = ids[merged["text_owner"]]
-    dtype = np.dtype(options.dtype)
-    arrays = {"image": merged["image"], "text": merged["text"]}
-    for modality in MODALITIES:
-        old = base.embeddings(modality) if base is not None else None
-        _append_npy(folder / EMBEDDINGS[modality], old, arrays[modality], dtype)
-    _append_npy(folder / TEXT_IDS, base.text_ids if base is not None else None, text_ids, np.dtype(np.int64))
+    text_ids = ids[merged.text_owner]
+    write_rows(folder, merged, base, np.dtype(options.dtype), caption_key)
+    old_text_ids = base.text_ids if base is not None else np.zeros(0, np.int64)
+    with NpyRows(folder / TEXT_IDS, (len(old_text_ids) + len(text_ids),), np.dtype(np.int64)) as out:
+        out.copy(old_text_ids)
+        out.write(len(old_text_ids) + np.arange(len(text_ids)), text_ids)
 
     indexes = {}
     own_shards = shards is None  # no job folder to keep them in for a resume: removed once merged
@@ -105,9 +75,6 @@ def write_index(
     if own_shards:
         shutil.rmtree(shards, ignore_errors=True)
 
-    if base is not None:
-        shutil.copyfile(base.files / METADATA, folder / METADATA)
-    write_metadata(folder / METADATA, ids, merged["items"], caption_key, len(base.text_ids) if base is not None else 0)
     build = {
         "command": job.command, "job": job.id(), "data": job.data, "split": job.split, "image_key": job.image_key,
         "caption_key": caption_key, "ids": [int(offset), int(offset + n - 1)] if n else [], "items": n,
@@ -117,14 +84,13 @@ def write_index(
     previous = base.manifest if base is not None else None
     counts = Counter(previous["skipped"]) if previous else Counter()
     counts.update(skipped)
-    per_item = int(np.bincount(merged["text_owner"]).max(initial=0))
+    per_item = int(np.bincount(merged.text_owner).max(initial=0))
     model_entry = {"spec": job.model, "weights_hash": job.weights, "type": type(model).__name__, "seed": job.seed,
                    "act": job.act, "tokenizer": job.tokenizer, "int8": job.int8}  # fmt: skip
     manifest = {
         "format": FORMAT,
         "model": model_entry,
-        "embedding": {"dim": int(merged["image"].shape[1]), "dtype": options.dtype, "normalized": True,
-                      "metric": "inner_product"},
+        "embedding": {"dim": merged.dim, "dtype": options.dtype, "normalized": True, "metric": "inner_product"},
         "counts": {
             "items": offset + n,
             "texts": (len(base.text_ids) if base is not None else 0) + len(text_ids),
@@ -138,39 +104,144 @@ def write_index(
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")  # written last: the folder is complete
 
 
-def _append_npy(path: Path, old: np.ndarray | None, new: np.ndarray, dtype: np.dtype) -> None:
-    """``old`` rows then ``new`` rows in one ``.npy`` (written through a memory map: bounded memory)."""
-    n_old = len(old) if old is not None else 0
-    out = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(n_old + len(new), *new.shape[1:]))
-    for start in range(0, n_old, 65536):
-        stop = min(start + 65536, n_old)
-        out[start:stop] = old[start:stop]  # type: ignore[index]
-    out[n_old:] = new
-    out.flush()
-    del out
+def write_rows(folder: Path, merged: Merged, base: Index | None, dtype: np.dtype, caption_key: str) -> None:
+    """The embeddings and the metadata of ``folder``: the base's rows first (copied in blocks), then each part of
+    ``merged`` in one pass, its rows written where they go (memory: one part)."""
+    old = {m: base.embeddings(m) if base is not None else np.zeros((0, merged.dim), dtype) for m in MODALITIES}
+    n_texts = len(merged.text_owner)
+    if base is not None:
+        shutil.copyfile(base.files / METADATA, folder / METADATA)
+    with (
+        NpyRows(folder / EMBEDDINGS["image"], (len(old["image"]) + merged.n, merged.dim), dtype) as images,
+        NpyRows(folder / EMBEDDINGS["text"], (len(old["text"]) + n_texts, merged.dim), dtype) as texts,
+        Metadata(folder / METADATA, caption_key) as metadata,
+    ):  # fmt: skip
+        images.copy(old["image"])
+        texts.copy(old["text"])
+        offset, text_offset = len(base) if base is not None else 0, len(old["text"])
+        for part in merged.parts():
+            images.write(len(old["image"]) + part.rows, part.image)
+            texts.write(text_offset + part.text_rows, part.text)
+            # an item's first text row: texts are grouped by item, in item order
+            first_text = text_offset + np.searchsorted(merged.text_owner, part.rows)
+            metadata.add(offset + part.rows, part.items, first_text)
 
 
-def write_metadata(path: Path, ids: np.ndarray, items: list[dict[str, Any]], caption_key: str, text_row: int) -> None:
-    """``items`` (one row per id: every metadata column, ``caption_key`` = its first caption) and
-    ``texts`` (one row per text embedding: the item's id and the caption) in SQLite."""
-    # closing: the connection is closed on any way out (``with`` on a connection only commits or rolls back)
-    with closing(sqlite3.connect(path)) as db, db:
-        db.execute("CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY)")
-        db.execute("CREATE TABLE IF NOT EXISTS texts (row INTEGER PRIMARY KEY, id INTEGER NOT NULL, caption TEXT)")
-        db.execute("CREATE INDEX IF NOT EXISTS texts_id ON texts (id)")
-        rows = [_row(item, caption_key) for item in items]
-        have = {r[1] for r in db.execute("PRAGMA table_info(items)")}
+class NpyRows:
+    """A ``.npy`` file of ``shape`` written row by row, at any rows, through a file handle: a memory map would
+    keep every page it wrote resident until closed (a whole index's embeddings, by the end). Holds nothing
+    but the rows of one ``write`` (in the file's dtype) and the file's bytes are what ``np.save`` writes."""
+
+    def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype) -> None:
+        self.file = open(path, "wb+")  # noqa: SIM115 (closed by __exit__)
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": shape}
+        np.lib.format.write_array_header_1_0(self.file, header)
+        self.file.flush()
+        self.start, self.dtype = self.file.tell(), dtype
+        self.row_bytes = dtype.itemsize * int(np.prod(shape[1:]))
+        os.ftruncate(self.file.fileno(), self.start + shape[0] * self.row_bytes)
+
+    def __enter__(self) -> NpyRows:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+    def copy(self, rows: np.ndarray, block: int = 65536) -> None:
+        """``rows`` (a base index's map) into the first rows, a block at a time."""
+        for start in range(0, len(rows), block):
+            self._put(start, rows[start : start + block])
+
+    def write(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """``values[j]`` into row ``rows[j]``: sorted by row, each run of consecutive rows in one write (a
+        2-rank build's chunk holds every other row: one write per row, about 5 us)."""
+        if not len(rows):
+            return
+        order = np.argsort(rows, kind="stable")
+        rows, values = rows[order], values[order]
+        breaks = np.flatnonzero(np.diff(rows) != 1) + 1
+        for a, b in zip([0, *breaks.tolist()], [*breaks.tolist(), len(rows)]):
+            self._put(int(rows[a]), values[a:b])
+
+    def _put(self, row: int, values: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(values, dtype=self.dtype).reshape(-1).view(np.uint8))
+        at = self.start + row * self.row_bytes
+        while data:  # a write may take fewer bytes than it was given
+            done = os.pwrite(self.file.fileno(), data, at)
+            data, at = data[done:], at + done
+
+
+class Metadata:
+    """The new items' rows in SQLite (``items``: one per id, every metadata column, ``caption_key`` = the item's
+    first caption; ``texts``: one per text embedding, its item's id and caption), added a part at a time in any
+    id order: staged in a scratch database beside ``path``, then copied into ``path``'s tables in id order, the
+    columns in the order of their first appearance by id. So the rows, their order and the columns are what
+    writing every item at once in id order gives, with memory bounded by a part."""
+
+    def __init__(self, path: Path, caption_key: str) -> None:
+        self.path, self.caption_key = path, caption_key
+        self.scratch = path.with_name(path.name + ".staging")
+        self.scratch.unlink(missing_ok=True)
+        self.db = sqlite3.connect(path)
+        self.db.execute("ATTACH DATABASE ? AS staging", (str(self.scratch),))
+        self.db.execute("PRAGMA staging.journal_mode = OFF")  # a scratch file: lost with the build if it fails
+        self.db.execute("CREATE TABLE staging.items (id INTEGER PRIMARY KEY)")
+        self.db.execute("CREATE TABLE staging.texts (row INTEGER PRIMARY KEY, id INTEGER NOT NULL, caption TEXT)")
+        self.first: dict[str, tuple[int, int]] = {}  # column: (id, position) of its first appearance by id
+
+    def __enter__(self) -> Metadata:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                self._finish()
+        finally:
+            self.db.close()
+            self.scratch.unlink(missing_ok=True)
+
+    def add(self, ids: np.ndarray, items: list[dict[str, Any]], first_text: np.ndarray) -> None:
+        """``items`` under ``ids``; item j's captions in the text rows ``first_text[j]``, ``first_text[j] + 1``, ..."""
+        rows = [_row(item, self.caption_key) for item in items]
+        for i, row in zip(ids.tolist(), rows):
+            for position, column in enumerate(row):
+                if (i, position) < self.first.get(column, (sys.maxsize, 0)):
+                    self.first[column] = (i, position)
+        have = {r[1] for r in self.db.execute("PRAGMA staging.table_info(items)")}
         columns = list(dict.fromkeys(c for row in rows for c in row))
         for column in columns:
             if column not in have:
-                db.execute(f"ALTER TABLE items ADD COLUMN {_quote(column)}")
+                self.db.execute(f"ALTER TABLE staging.items ADD COLUMN {_quote(column)}")
         names = ", ".join(_quote(c) for c in ["id", *columns])
         marks = ", ".join("?" * (len(columns) + 1))
-        db.executemany(f"INSERT INTO items ({names}) VALUES ({marks})",
-                       ([int(i), *(row.get(c) for c in columns)] for i, row in zip(ids, rows)))  # fmt: skip
-        texts = ((text_row + j, int(i), c) for j, (i, c) in enumerate(
-            (i, c) for i, item in zip(ids, items) for c in item["captions"]))  # fmt: skip
-        db.executemany("INSERT INTO texts (row, id, caption) VALUES (?, ?, ?)", texts)
+        self.db.executemany(f"INSERT INTO staging.items ({names}) VALUES ({marks})",
+                            ([i, *(row.get(c) for c in columns)] for i, row in zip(ids.tolist(), rows)))  # fmt: skip
+        texts = ((first + j, i, c) for i, first, item in zip(ids.tolist(), first_text.tolist(), items)
+                 for j, c in enumerate(item["captions"]))  # fmt: skip
+        self.db.executemany("INSERT INTO staging.texts (row, id, caption) VALUES (?, ?, ?)", texts)
+
+    def _finish(self) -> None:
+        db = self.db
+        db.execute("CREATE TABLE IF NOT EXISTS items (id INTEGER PRIMARY KEY)")
+        db.execute("CREATE TABLE IF NOT EXISTS texts (row INTEGER PRIMARY KEY, id INTEGER NOT NULL, caption TEXT)")
+        db.execute("CREATE INDEX IF NOT EXISTS texts_id ON texts (id)")
+        columns = sorted(self.first, key=self.first.__getitem__)
+        have = {r[1] for r in db.execute("PRAGMA main.table_info(items)")}
+        for column in columns:
+            if column not in have:
+                db.execute(f"ALTER TABLE main.items ADD COLUMN {_quote(column)}")
+        names = ", ".join(_quote(c) for c in ["id", *columns])
+        db.execute(f"INSERT INTO main.items ({names}) SELECT {names} FROM staging.items ORDER BY id")
+        db.execute("INSERT INTO main.texts (row, id, caption) SELECT row, id, caption FROM staging.texts ORDER BY row")
+        db.commit()
+        db.execute("DETACH DATABASE staging")
+
+
+def write_metadata(path: Path, ids: np.ndarray, items: list[dict[str, Any]], caption_key: str, text_row: int) -> None:
+    """``items`` under ``ids`` (in id order), their captions from text row ``text_row`` on (see ``Metadata``)."""
+    counts = np.array([len(item["captions"]) for item in items], dtype=np.int64)
+    with Metadata(path, caption_key) as metadata:
+        metadata.add(np.asarray(ids), items, text_row + np.cumsum(counts) - counts)
 
 
 def renumber_metadata(old: Path, path: Path, kept: list[tuple[int, int]], rows: list[tuple[int, dict[str, Any]]]) -> None:
