@@ -56,7 +56,7 @@ def write_index(
     text_ids = ids[merged.text_owner]
     write_rows(folder, merged, base, np.dtype(options.dtype), caption_key)
     old_text_ids = base.text_ids if base is not None else np.zeros(0, np.int64)
-    with NpyRows(folder / TEXT_IDS, (len(old_text_ids) + len(text_ids),), np.dtype(np.int64)) as out:
+    with NpyWriter(folder / TEXT_IDS, (len(old_text_ids) + len(text_ids),), np.dtype(np.int64)) as out:
         out.copy(old_text_ids)
         out.write(len(old_text_ids) + np.arange(len(text_ids)), text_ids)
 
@@ -112,8 +112,8 @@ def write_rows(folder: Path, merged: Merged, base: Index | None, dtype: np.dtype
     if base is not None:
         shutil.copyfile(base.files / METADATA, folder / METADATA)
     with (
-        NpyRows(folder / EMBEDDINGS["image"], (len(old["image"]) + merged.n, merged.dim), dtype) as images,
-        NpyRows(folder / EMBEDDINGS["text"], (len(old["text"]) + n_texts, merged.dim), dtype) as texts,
+        NpyWriter(folder / EMBEDDINGS["image"], (len(old["image"]) + merged.n, merged.dim), dtype) as images,
+        NpyWriter(folder / EMBEDDINGS["text"], (len(old["text"]) + n_texts, merged.dim), dtype) as texts,
         Metadata(folder / METADATA, caption_key) as metadata,
     ):  # fmt: skip
         images.copy(old["image"])
@@ -127,7 +127,7 @@ def write_rows(folder: Path, merged: Merged, base: Index | None, dtype: np.dtype
             metadata.add(offset + part.rows, part.items, first_text)
 
 
-class NpyRows:
+class NpyWriter:
     """A ``.npy`` file of ``shape`` written row by row, at any rows, through a file handle: a memory map would
     keep every page it wrote resident until closed (a whole index's embeddings, by the end). Holds nothing
     but the rows of one ``write`` (in the file's dtype) and the file's bytes are what ``np.save`` writes."""
@@ -141,7 +141,7 @@ class NpyRows:
         self.row_bytes = dtype.itemsize * int(np.prod(shape[1:]))
         os.ftruncate(self.file.fileno(), self.start + shape[0] * self.row_bytes)
 
-    def __enter__(self) -> NpyRows:
+    def __enter__(self) -> NpyWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
