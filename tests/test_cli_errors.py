@@ -299,11 +299,12 @@ def test_index_build_refuses_nprobe_before_embedding(nprobe, tmp_path, capsys):
     assert not list(tmp_path.iterdir())  # neither the index nor a .idx.partial
 
 
+@pytest.mark.parametrize("option", ["max_index_memory", "max_train_memory"])
 @pytest.mark.parametrize(("size", "message"), [("lots", "'lots': give a size such as 4G"), ("0", "'0': give a size above 0")])
-def test_index_build_refuses_a_memory_budget_that_does_not_read(size, message, tmp_path, capsys):
+def test_index_build_refuses_a_memory_budget_that_does_not_read(option, size, message, tmp_path, capsys):
     line = fails_in_process(capsys, "index", "build", "clip-tiny", "assets", "--out", str(tmp_path / "idx"),
-                            "--max_index_memory", size, command="index build")  # fmt: skip
-    assert f"--max_index_memory {message}" in line
+                            f"--{option}", size, command="index build")  # fmt: skip
+    assert f"--{option} {message}" in line
     assert not list(tmp_path.iterdir())
 
 

@@ -22,6 +22,7 @@ def index_build(
     dtype: Literal["float32", "float16"] = Options.dtype,  # type: ignore[assignment]
     nprobe: int | None = Options.nprobe,
     max_index_memory: str | None = Options.max_index_memory,
+    max_train_memory: str | None = Options.max_train_memory,
     query_ms: float = Options.query_ms,
     shard_size: int = Options.shard_size,
     batch_size: int = BATCH_SIZE,
@@ -60,6 +61,8 @@ def index_build(
             answer within ``--query_ms`` (the choice and its recall@10 go into manifest.json).
         max_index_memory: the size the index may take (``4G``, ``800M``): with ``--index_type auto``,
             Flat, HNSW, IVF-Flat or IVF-PQ and its code size chosen as autofaiss chooses.
+        max_train_memory: the memory the index's training sample may take (``2G``): it is cut to fit (100
+            vectors per IVF cluster by default, never under 39), as autofaiss fits it to the memory available.
         query_ms: the query time (ms, one query, re-ranked) that the tuning of nprobe aims under.
         shard_size: vectors per shard of an IVF build (each shard is a copy of the trained index plus
             its vectors' codes: the build's memory is about one shard's).
@@ -94,7 +97,8 @@ def index_build(
     _stoppable(
         "index build", build_index, model, data, out, split=split, image_key=image_key, caption_key=caption_key,
         tokenizer=tokenizer, act=act, seed=seed, batch_size=batch_size, resume=resume, overwrite=overwrite, int8=int8,
-        index_type=index_type, dtype=dtype, nprobe=nprobe, max_index_memory=max_index_memory, query_ms=query_ms,
+        index_type=index_type, dtype=dtype, nprobe=nprobe, max_index_memory=max_index_memory,
+        max_train_memory=max_train_memory, query_ms=query_ms,
         shard_size=shard_size, chunk_size=chunk_size, num_workers=num_workers,
         accelerator=accelerator, devices=devices, num_nodes=num_nodes, precision=precision,
     )  # fmt: skip

@@ -49,6 +49,7 @@ EXACT_SELECTION = 20_000  # a filter selecting at most this many items is search
 AUTO_EXACT_LIMIT = 1_000_000  # index_type auto: exact search below this many vectors, IVF-PQ from here
 TRAIN_PER_CLUSTER = 100  # training vectors per IVF cluster (autofaiss's choice; FAISS wants 39 to 256)
 MIN_TRAIN = 10_000  # and at least this many: 39 per centroid of an 8-bit PQ codebook
+MIN_PER_CLUSTER = 39  # the fewest FAISS's k-means takes per cluster without warning: a memory cap stops here
 RERANK = 10  # a lossy index (PQ, SQ) proposes RERANK * k items, rescored with the stored embeddings
 
 
@@ -128,10 +129,12 @@ def check_index_type(index_type: str, dim: int, n: int | None = None) -> None:
                          f"use IVF{2 ** int(math.log2(max(1, n // 39)))},... or Flat")  # fmt: skip
 
 
-def faiss_index(vectors: np.ndarray, index_type: str, nprobe: int | None = None) -> tuple[faiss.Index, str]:
+def faiss_index(
+    vectors: np.ndarray, index_type: str, nprobe: int | None = None, max_train_memory: int | None = None
+) -> tuple[faiss.Index, str]:
     """An empty inner-product index for ``vectors``, trained if its kind needs it on a fixed random sample
-    (100 per IVF cluster, at least 10,000), and the factory string it was made from. It takes
-    ``add_with_ids``: IVF indexes store ids themselves, any other kind is wrapped in ``IndexIDMap``."""
+    (``train_size``), and the factory string it was made from. It takes ``add_with_ids``: IVF indexes store
+    ids themselves, any other kind is wrapped in ``IndexIDMap``."""
     n, dim = vectors.shape
     spec = auto_index_type(n, dim) if index_type == "auto" else index_type
     check_index_type(spec, dim, n)
@@ -144,12 +147,28 @@ def faiss_index(vectors: np.ndarray, index_type: str, nprobe: int | None = None)
         # which takes minutes where training the codes takes seconds
         faiss.downcast_index(ivf).do_polysemous_training = False
     if not index.is_trained:
-        size = min(n, max(TRAIN_PER_CLUSTER * (ivf.nlist if ivf is not None else 1), MIN_TRAIN))
+        size = train_size(n, dim, ivf.nlist if ivf is not None else 1, max_train_memory)
         sample = np.sort(np.random.default_rng(0).choice(n, size, replace=False))
         index.train(np.asarray(vectors[sample], dtype=np.float32))
     if ivf is not None:
         ivf.nprobe = min(ivf.nlist, nprobe or default_nprobe(ivf.nlist))
     return index, spec
+
+
+def train_size(n: int, dim: int, clusters: int, max_memory: int | None = None) -> int:
+    """Vectors the training sample takes of ``n``: ``TRAIN_PER_CLUSTER`` per cluster, at least ``MIN_TRAIN``,
+    and, under ``max_memory`` (``--max_train_memory``), no more float32 vectors than fit in it (as autofaiss
+    cuts its sample to the memory available), but never under FAISS's ``MIN_PER_CLUSTER`` per cluster: a
+    budget that small is refused in one line."""
+    size = min(n, max(TRAIN_PER_CLUSTER * clusters, MIN_TRAIN))
+    if max_memory is None:
+        return size
+    fits = max_memory // (dim * 4)
+    least = min(n, MIN_PER_CLUSTER * clusters)
+    if fits < least:
+        raise ValueError(f"--max_train_memory {_size(max_memory)}: training {clusters:,} clusters takes at least "
+                         f"{least:,} {dim}-d vectors ({_size(least * dim * 4)}); give more, or fewer clusters")  # fmt: skip
+    return min(size, fits)
 
 
 def default_nprobe(clusters: int) -> int:
@@ -565,7 +584,10 @@ def describe(manifest: dict[str, Any], folder: str | Path = "") -> str:
         lines.append(f"  {modality:10s} FAISS {entry['type']}, {entry['ntotal']:,} vectors{probe} "
                      f"({entry['file']}{ondisk})")  # fmt: skip
         if entry.get("choice"):
-            lines.append(f"  {'':10s} chosen: {entry['choice']['reason']}")
+            choice = entry["choice"]
+            trained = f"; trained on {choice['train_vectors']:,} vectors" if choice.get("train_vectors") else ""
+            cap = f" (--max_train_memory {choice['max_train_memory']})" if choice.get("max_train_memory") else ""
+            lines.append(f"  {'':10s} chosen: {choice['reason']}{trained}{cap}")
         if entry.get("tuning"):
             t = entry["tuning"]
             lines.append(

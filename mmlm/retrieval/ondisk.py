@@ -49,6 +49,7 @@ from mmlm.retrieval.index import (
     faiss_index,
     is_lossy,
     read_faiss,
+    train_size,
 )
 from mmlm.retrieval.options import Options, parse_size
 
@@ -113,6 +114,7 @@ def rows(path: Path, start: int, stop: int) -> np.ndarray:
 def plan_shards(
     shards: Path, modality: str, vectors: Path, start: int, ids: np.ndarray, spec: str | None,
     nprobe: int | None, shard_rows: int = SHARD_ROWS, trained: faiss.Index | None = None,
+    max_train_memory: int | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Train (or take ``trained``: an add's base, emptied) and write the plan of ``modality``'s shards:
     rows ``start:`` of ``vectors`` with ``ids``. A plan already there for the same rows, ids and type is
@@ -131,7 +133,8 @@ def plan_shards(
     for old in shards.glob(f"{modality}.*"):
         old.unlink()
     if trained is None:  # reads the training sample only
-        trained, spec = faiss_index(NpyRows(vectors, start, n), spec or "auto", nprobe)  # type: ignore[arg-type]
+        trained, spec = faiss_index(NpyRows(vectors, start, n), spec or "auto", nprobe,  # type: ignore[arg-type]
+                                    max_train_memory)
     _write_atomic(trained, shards / f"{modality}.trained.index")
     np.save(shards / f"{modality}.ids.npy", ids)
     plan = {"key": key, "modality": modality, "spec": spec, "vectors": str(vectors), "start": start, "n": n,
@@ -408,9 +411,12 @@ def write_faiss(
         spec, reason = options.index_type, "given by --index_type"
         if spec == "auto":
             spec, reason = choose_index(n, dim, parse_size(options.max_index_memory))
-        entry |= {"type": spec, "choice": {"reason": reason, "max_index_memory": options.max_index_memory}}
+        entry |= {"type": spec, "choice": {"reason": reason, "max_index_memory": options.max_index_memory,
+                                           "max_train_memory": options.max_train_memory}}  # fmt: skip
+        train_memory = parse_size(options.max_train_memory)
         if is_ondisk_type(spec, dim):
-            plan = plan_shards(shards, modality, vectors, 0, ids, spec, options.nprobe, options.shard_size)
+            plan = plan_shards(shards, modality, vectors, 0, ids, spec, options.nprobe, options.shard_size,
+                               max_train_memory=train_memory)  # fmt: skip
             index = merge_shards(shards, plan, out, world=world)
             entry["ondisk"] = out.with_suffix(".ivfdata").name
             if modality == "image" and options.nprobe is None:
@@ -418,10 +424,13 @@ def write_faiss(
                 entry["rerank"] = entry["tuning"]["rerank"]  # Index.search's default depth for this index
         else:
             mapped = np.load(vectors, mmap_mode="r")
-            index, _ = faiss_index(mapped, spec, options.nprobe)
+            index, _ = faiss_index(mapped, spec, options.nprobe, train_memory)
             del mapped
             _add_rows(index, vectors, 0, ids)
         entry["ntotal"] = int(index.ntotal)
+        lists = faiss.try_extract_index_ivf(index)
+        if lists is not None:  # the vectors its training took (``faiss_index``)
+            entry["choice"]["train_vectors"] = train_size(n, dim, lists.nlist, train_memory)
     ivf = faiss.try_extract_index_ivf(index)
     entry["nprobe"] = int(ivf.nprobe) if ivf is not None else None
     faiss.write_index(index, str(out))  # on disk: the list directory; the lists are in the .ivfdata already

@@ -50,6 +50,7 @@ class Options:
     dtype: str = "float32"  # of the stored embeddings
     nprobe: int | None = None  # IVF clusters searched per query; None: tuned against ``query_ms``
     max_index_memory: str | None = None  # e.g. 4G: ``auto`` chooses the index that fits (``index.choose_index``)
+    max_train_memory: str | None = None  # e.g. 2G: the training sample (float32 vectors) is cut to fit
     query_ms: float = 10.0  # the query time the tuning of nprobe aims under (autofaiss's default)
     shard_size: int = 1 << 20  # vectors per shard of an on-disk IVF (each also holds the quantizer)
     chunk_size: int = 4096  # items per chunk file: what a kill can lose
@@ -82,12 +83,13 @@ def check_sizes(batch_size: int, options: Options) -> None:
             raise ValueError(f"{name}={value}: give a number >= 1")
     if options.shard_size < 1 or options.query_ms <= 0:
         raise ValueError(f"shard_size={options.shard_size}, query_ms={options.query_ms}: give numbers > 0")
-    try:  # a ValueError now, naming the option, for a size that does not read
-        size = parse_size(options.max_index_memory)
-    except ValueError as e:
-        raise ValueError(f"--max_index_memory {e}") from None
-    if size is not None and size <= 0:
-        raise ValueError(f"--max_index_memory {options.max_index_memory!r}: give a size above 0")
+    for name in ("max_index_memory", "max_train_memory"):
+        try:  # a ValueError now, naming the option, for a size that does not read
+            size = parse_size(getattr(options, name))
+        except ValueError as e:
+            raise ValueError(f"--{name} {e}") from None
+        if size is not None and size <= 0:
+            raise ValueError(f"--{name} {getattr(options, name)!r}: give a size above 0")
     if options.num_workers < 0:
         raise ValueError(f"num_workers={options.num_workers}: give 0 (read in the main process) or more")
 

@@ -22,6 +22,8 @@ from mmlm.data.digits import digits_image_text
 from mmlm.factory import load
 from mmlm.paths import ASSETS
 from mmlm.retrieval import Index, add_to_index, build_index
+from mmlm.retrieval.index import describe, train_size
+from mmlm.retrieval.options import parse_size
 
 CPU = {"accelerator": "cpu"}
 
@@ -210,12 +212,35 @@ def test_webdataset_shards_keep_their_keys_and_json_fields(tmp_path):
     assert index.manifest["skipped"] == {"missing_field": 1}
 
 
+def test_the_training_sample_fits_the_train_memory():
+    """100 vectors per cluster (at least 10,000), cut to what ``--max_train_memory`` holds in float32, never
+    under 39 per cluster (FAISS's least): a smaller budget is refused naming it."""
+    assert train_size(1_000_000, 512, 1024) == 102_400
+    assert train_size(1_000_000, 512, 16) == 10_000 and train_size(5_000, 512, 8) == 5_000
+    assert train_size(1_000_000, 512, 1024, parse_size("100M")) == 51_200  # 100 MiB / 2 KiB a vector
+    assert train_size(1_000_000, 512, 1024, parse_size("1G")) == 102_400  # room to spare: the default
+    with pytest.raises(ValueError, match=r"--max_train_memory 1 MiB: training 1,024 clusters takes at least "
+                                         r"39,936 512-d vectors \(78 MiB\)"):  # fmt: skip
+        train_size(1_000_000, 512, 1024, parse_size("1M"))
+
+
+def test_a_capped_training_sample_is_recorded(tmp_path):
+    index = build_index("clip-tiny", "digits", tmp_path / "ix", index_type="IVF4,Flat", nprobe=4,
+                        max_train_memory="24K", **CPU)  # fmt: skip
+    choice = index.manifest["indexes"]["image"]["choice"]
+    assert choice["train_vectors"] == 24 * 1024 // (4 * index.dim) == 192  # of 360: cut to the budget
+    assert choice["max_train_memory"] == "24K"
+    assert f"trained on {choice['train_vectors']:,} vectors (--max_train_memory 24K)" in describe(
+        index.manifest, index.files)
+
+
 @pytest.mark.parametrize("index_type", ["IVF8,Flat", pytest.param("IVF4,PQ16", marks=pytest.mark.slow)])  # PQ: 2 s
 def test_ivf_index_types_are_trained_and_searchable(index_type, tmp_path):
     index = build_index("clip-tiny", "digits", tmp_path / "ix", index_type=index_type, nprobe=8, **CPU)
     assert index.manifest["indexes"]["image"] == {
         "file": "image.index", "type": index_type, "ntotal": 360, "nprobe": min(8, int(index_type[3])),
-        "ondisk": "image.ivfdata", "choice": {"reason": "given by --index_type", "max_index_memory": None},
+        "ondisk": "image.ivfdata", "choice": {"reason": "given by --index_type", "max_index_memory": None,
+                                              "max_train_memory": None, "train_vectors": 360},
     }  # IVF lists on disk beside the index, memory-mapped  # fmt: skip
     assert (index.files / "image.ivfdata").stat().st_size >= 360 * (8 + 4 * index.dim if "Flat" in index_type else 8)
     vectors = index.embeddings("image")
