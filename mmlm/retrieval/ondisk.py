@@ -13,7 +13,8 @@ autofaiss and clip-retrieval build and serve LAION-5B (FAISS's ``contrib.ondisk.
     image.index (quantizer + list directory, small)  +  image.ivfdata (codes and ids of every list)
 
 Memory while building is one block of rows plus one shard's codes plus the trained index, whatever the
-number of vectors. ``image.ivfdata`` is memory-mapped when the index is opened (``index.read_faiss``):
+number of vectors; the merge copies one list at a time through the page cache (``pread`` / ``pwrite``),
+never mapping the shards or the output. ``image.ivfdata`` is memory-mapped when the index is opened (``index.read_faiss``):
 resident memory is the lists that queries touch, not their size on disk. The shards and the trained
 index live in the job's work folder, so a killed build resumes from the shards it wrote; a plan that no
 longer matches the vectors (another set of chunks) starts its shards over.

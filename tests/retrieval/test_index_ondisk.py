@@ -1,7 +1,8 @@
 """IVF indexes built in shards and merged into on-disk inverted lists (``mmlm.retrieval.ondisk``): the same
-answers as one index built in memory after the same training, shards written by several processes, lists
-memory-mapped rather than read on open, a kill during the shards or the merge resumed, an add that appends
-shards to the base's lists, and the index chosen under a memory budget."""
+answers as one index built in memory after the same training, shards written by several processes, the merge
+writing FAISS's own bytes with memory that does not grow with the shards, lists memory-mapped rather than read
+on open, a kill during the shards or the merge resumed, an add that appends shards to the base's lists, and
+the index chosen under a memory budget."""
 
 from __future__ import annotations
 
