@@ -162,7 +162,7 @@ def test_the_merge_memory_does_not_grow_with_the_shards(tmp_path):
     extra = lists["ours", 8] - lists["ours", 2]  # 6 more shards: 32 MB more lists
     assert grown["reference", 8] > lists["reference", 8]  # the test sees what it measures: FAISS's merge holds them
     assert grown["ours", 8] - grown["ours", 2] < 0.05 * extra, (grown, lists)
-    assert grown["ours", 8] < 0.1 * lists["ours", 8], (grown, lists)
+    assert grown["ours", 8] < 0.2 * lists["ours", 8], (grown, lists)  # one list at a time, and the directory
 
 
 def vector_folder(folder: Path, vectors: np.ndarray, options: Options) -> None:
