@@ -14,10 +14,10 @@ autofaiss and clip-retrieval build and serve LAION-5B (FAISS's ``contrib.ondisk.
 
 Memory while building is one block of rows plus one shard's codes plus the trained index, whatever the
 number of vectors; the merge copies one list at a time through the page cache (``pread`` / ``pwrite``),
-never mapping the shards or the output. ``image.ivfdata`` is memory-mapped when the index is opened (``index.read_faiss``):
-resident memory is the lists that queries touch, not their size on disk. The shards and the trained
-index live in the job's work folder, so a killed build resumes from the shards it wrote; a plan that no
-longer matches the vectors (another set of chunks) starts its shards over.
+never through a map of the shards or the output. ``image.ivfdata`` is memory-mapped when the index is
+opened (``index.read_faiss``): resident memory is the lists that queries touch, not their size on disk.
+The shards and the trained index live in the job's work folder, so a killed build resumes from the shards
+it wrote; a plan that no longer matches the vectors (another set of chunks) starts its shards over.
 
 Several processes (``--devices``, ``--num_nodes``: Lightning's ranks, on a folder every node sees): all
 embed; then rank 0 merges the chunks and trains, while every other rank waits for its plan

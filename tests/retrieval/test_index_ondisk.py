@@ -102,19 +102,19 @@ def test_the_merge_writes_the_bytes_of_faiss_merge_from_multiple(tmp_path):
     write_shards(shards, plan)
     for folder in ("base", "grown", "ref"):
         (tmp_path / folder).mkdir()
-    base = merge_shards(shards, plan, tmp_path / "base" / "image.index")
-    faiss.write_index(base, str(tmp_path / "base" / "image.index"))
-    assert_same_merge(base, tmp_path / "base" / "image.index",
-                      merge_from_multiple(shards, plan, tmp_path / "ref" / "image.index"), tmp_path / "ref" / "image.index")  # fmt: skip
+    first = tmp_path / "base" / "image.index"
+    base = merge_shards(shards, plan, first)
+    faiss.write_index(base, str(first))
+    reference = merge_from_multiple(shards, plan, tmp_path / "ref" / "image.index")
+    assert_same_merge(base, first, reference, tmp_path / "ref" / "image.index")
 
     plan = plan_shards(shards, "image", tmp_path / "v.npy", 2_000, ids[2_000:], "IVF64,PQ8", None, shard_rows=1_323,
-                       trained=emptied(tmp_path / "base" / "image.index"))  # fmt: skip
+                       trained=emptied(first))  # fmt: skip
     write_shards(shards, plan)
     assert plan["shards"] == 4
     last = faiss.read_index(str(shard_path(shards, plan, 3)))  # kept: its lists are freed with it
     # 31 vectors in 64 lists: FAISS writes this shard's list sizes sparse
     assert sum(faiss.extract_index_ivf(last).invlists.list_size(j) > 0 for j in range(64)) <= 31
-    first = tmp_path / "base" / "image.index"
     grown = merge_shards(shards, plan, tmp_path / "grown" / "image.index", base=first)
     reference = merge_from_multiple(shards, plan, tmp_path / "ref" / "grown.index", base=first)
     assert grown.ntotal == reference.ntotal == 6_000
