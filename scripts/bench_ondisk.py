@@ -8,12 +8,18 @@ Every build and every server runs in its own process, so that its peak resident 
 - build: training on a fixed sample, shards of ``--shard_size`` vectors added in blocks of 65,536, the merge
   into ``image.ivfdata``: seconds, peak RSS (VmHWM, which counts the pages of memory-mapped files
   the process touched: page cache the kernel can drop) and peak *anonymous* RSS (sampled every 20 ms from
-  /proc/self/status: the memory the build needs);
+  /proc/self/status: the memory the build needs); then, in the same process, the tuning ``mmlm index build``
+  runs next (``tune_nprobe`` against ``--query_ms``, on the first N rows as the index's own embeddings): the
+  nprobe, re-ranking depth, recall@10 and query time it records in the manifest, and the peak RSS with it
+  (its searches read the lists through their map);
 - build in memory (``--baseline``): what ``mmlm index build`` did before, every vector in RAM as float32;
 - serving: open (lists mapped), 200 held-out queries one at a time, 100 candidates re-ranked with the
   stored float16 rows (``--candidates``; ``Index.search`` proposes 10 k): recall@10 against an exact
   search, query p50 / p95, peak RSS (which counts the pages of the stored rows re-ranking read through the
   map: page cache) and peak anonymous RSS. ``--only_serve`` serves the indexes already built again.
+
+The load averages (``os.getloadavg``) before each build go into the results: on a shared machine they say
+how much the times are inflated.
 
     python scripts/bench_ondisk.py --root /tmp/bench_ondisk                  # 1M, 2M, 4M: ~30 min, 2 cores
     python scripts/bench_ondisk.py --root /tmp/b --sizes 20000,40000 --dim 64 --index IVF64,PQ16
@@ -99,10 +105,28 @@ def maxrss() -> int:
 # ------------------------------------------------------------------------------ the children
 
 
+def first_rows(vectors: Path, n: int) -> Path:
+    """An .npy of the first ``n`` rows of ``vectors`` (itself when it has ``n``), copied in blocks (never all
+    in RAM): the index's own embeddings, which the tuning samples its queries from and searches exactly."""
+    mapped = np.load(vectors, mmap_mode="r")
+    if mapped.shape[0] == n:
+        return vectors
+    out = vectors.with_name(f"first_{n}.npy")
+    if not out.is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(mapped.dtype),
+                                                     "fortran_order": False, "shape": (n, mapped.shape[1])})  # fmt: skip
+            for start in range(0, n, BLOCK):
+                f.write(np.ascontiguousarray(mapped[start : min(start + BLOCK, n)]).tobytes())
+        os.replace(tmp, out)
+    return out
+
+
 def child_build(a: argparse.Namespace) -> dict:
     import faiss
 
-    from mmlm.retrieval.ondisk import merge_shards, plan_shards, write_shards
+    from mmlm.retrieval.ondisk import merge_shards, plan_shards, tune_nprobe, write_shards
 
     anon = PeakAnon()
     out = Path(a.out)
@@ -119,13 +143,18 @@ def child_build(a: argparse.Namespace) -> dict:
     index = merge_shards(out / "shards", plan, out / "image.index")
     faiss.write_index(index, str(out / "image.index"))
     times["merge_s"] = time.perf_counter() - start
-    del index
+    built = {"maxrss": maxrss(), "peak_anon": max(anon.peak, anon.now())}  # the build, up to its merge
     shards = sum(p.stat().st_size for p in (out / "shards").iterdir())
     for p in (out / "shards").iterdir():
         p.unlink()
     (out / "shards").rmdir()
-    return {**{k: round(v, 1) for k, v in times.items()}, "shards": plan["shards"], "shard_bytes": shards,
-            "maxrss": maxrss(), "peak_anon": anon.stop(), "index_bytes": (out / "image.index").stat().st_size,
+    start = time.perf_counter()  # as write_faiss tunes a build without --nprobe: the merged index, still open
+    tuning = tune_nprobe(index, Path(a.rows), target_ms=a.query_ms)
+    times["tune_s"] = time.perf_counter() - start
+    del index
+    return {**{k: round(v, 1) for k, v in times.items()}, "shards": plan["shards"], "shard_bytes": shards, **built,
+            "maxrss_tuned": maxrss(), "peak_anon_tuned": anon.stop(), "tuning": tuning,
+            "index_bytes": (out / "image.index").stat().st_size,
             "ivfdata_bytes": (out / "image.ivfdata").stat().st_size}  # fmt: skip
 
 
@@ -203,7 +232,8 @@ CHILDREN = {"build": child_build, "memory": child_memory, "truth": child_truth, 
 def run_child(kind: str, a: argparse.Namespace, n: int, out: Path) -> dict:
     args = [sys.executable, __file__, "--child", kind, "--n", str(n), "--out", str(out), "--vectors", str(a.vectors),
             "--index", a.index, "--nprobe", str(a.nprobe), "--shard_size", str(a.shard_size),
-            "--probes", ",".join(map(str, a.probes)), "--threads", str(a.threads), "--candidates", str(a.candidates)]  # fmt: skip
+            "--probes", ",".join(map(str, a.probes)), "--threads", str(a.threads), "--candidates", str(a.candidates),
+            "--query_ms", str(a.query_ms), "--rows", str(first_rows(a.vectors, n))]  # fmt: skip
     env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": str(a.threads)}
     run = subprocess.run(args, capture_output=True, text=True, env=env)
     if run.returncode:
@@ -228,11 +258,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--baseline", default="1000000", help="sizes also built in memory as before (comma-separated)")
     p.add_argument("--candidates", type=int, default=100, help="proposed by the PQ, re-ranked (Index.search: 10 k)")
+    p.add_argument("--query_ms", type=float, default=10.0, help="the tuning's query-time target (the build's default)")
     p.add_argument("--only_serve", action="store_true", help="serve the indexes a previous run built in --root")
     p.add_argument("--child", choices=list(CHILDREN))
     p.add_argument("--n", type=int)
     p.add_argument("--out", type=Path)
     p.add_argument("--vectors", type=Path)
+    p.add_argument("--rows", type=Path, help="the first N rows of --vectors (a build child tunes on them)")
     a = p.parse_args()
     a.probes = [int(x) for x in str(a.probes).split(",")]
     if a.child:
@@ -250,7 +282,8 @@ def main() -> None:
         start = time.perf_counter()
         generate(a.vectors, max(sizes), a.dim, a.centres)
         print(f"generated {max(sizes):,} x {a.dim} float16 in {time.perf_counter() - start:.0f} s", file=sys.stderr)
-    results = {"index": a.index, "dim": a.dim, "candidates": a.candidates, "shard_size": a.shard_size, "threads": a.threads, "sizes": {}}
+    results = {"index": a.index, "dim": a.dim, "candidates": a.candidates, "shard_size": a.shard_size,
+               "threads": a.threads, "query_ms": a.query_ms, "sizes": {}}  # fmt: skip
     if a.only_serve:
         results = json.loads((a.root / "results.json").read_text())
         for n in sizes:
@@ -263,7 +296,8 @@ def main() -> None:
         return
     for n in sizes:
         out = a.root / f"ix_{n}"
-        r = {"build": run_child("build", a, n, out)}
+        load = os.getloadavg()
+        r = {"build": run_child("build", a, n, out), "load": [round(x, 2) for x in load]}
         print(f"{n:,}: build {r['build']}", file=sys.stderr)
         if n in baseline:
             r["memory"] = run_child("memory", a, n, out)
@@ -280,19 +314,24 @@ def table(results: dict, dim: int) -> str:
     """The measurements as a markdown table, and the projection to 10^8 and 10^9 vectors."""
     lines = ["| N | build s (train/shards/merge) | build peak RSS GiB | build peak anon GiB | in-memory build RSS GiB "
              "| lists on disk GiB | serve RSS GiB (after open / peak / peak anon) | recall@10 re-ranked (nprobe) "
-             "| query p50 ms |",
-             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "| query p50 ms | tuned: nprobe, re-rank x k, recall@10, ms (tune s) | build + tuning peak RSS GiB "
+             "| load 1/5/15 min |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for n, r in results["sizes"].items():
         b, s = r["build"], r["serve"]
         mem = gib(r["memory"]["maxrss"]) if "memory" in r else "-"
         probes = s["probes"]
         recall = ", ".join(f"{v['recall@10']:.3f} ({k})" for k, v in probes.items())
         p50 = ", ".join(f"{v['p50_ms']:.1f}" for v in probes.values())
+        t = b.get("tuning")
+        tuned = (f"{t['nprobe']}, {t['rerank']}, {t['recall@10']:.3f}, {t['query_ms']:.1f} ({b['tune_s']:.0f})"
+                 if t else "-")  # fmt: skip
+        tuned_rss = gib(b["maxrss_tuned"]) if "maxrss_tuned" in b else "-"
+        load = "/".join(f"{x:.1f}" for x in r["load"]) if "load" in r else "-"
         lines.append(f"| {int(n):,} | {b['train_s'] + b['shards_s'] + b['merge_s']:.0f} ({b['train_s']:.0f}/"
                      f"{b['shards_s']:.0f}/{b['merge_s']:.0f}) | {gib(b['maxrss'])} | {gib(b['peak_anon'])} | {mem} | "
                      f"{gib(b['ivfdata_bytes'])} | {gib(s['rss_after_open'])} / {gib(s['maxrss'])} / {gib(s['peak_anon'])} | "
-                     f"{recall} | "
-                     f"{p50} |")  # fmt: skip
+                     f"{recall} | {p50} | {tuned} | {tuned_rss} | {load} |")  # fmt: skip
     return "\n".join(lines)
 
 

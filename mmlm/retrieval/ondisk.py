@@ -13,10 +13,11 @@ autofaiss and clip-retrieval build and serve LAION-5B (FAISS's ``contrib.ondisk.
     image.index (quantizer + list directory, small)  +  image.ivfdata (codes and ids of every list)
 
 Memory while building is one block of rows plus one shard's codes plus the trained index, whatever the
-number of vectors. ``image.ivfdata`` is memory-mapped when the index is opened (``index.read_faiss``):
-resident memory is the lists that queries touch, not their size on disk. The shards and the trained
-index live in the job's work folder, so a killed build resumes from the shards it wrote; a plan that no
-longer matches the vectors (another set of chunks) starts its shards over.
+number of vectors; the merge copies one list at a time through the page cache (``pread`` / ``pwrite``),
+never through a map of the shards or the output. ``image.ivfdata`` is memory-mapped when the index is
+opened (``index.read_faiss``): resident memory is the lists that queries touch, not their size on disk.
+The shards and the trained index live in the job's work folder, so a killed build resumes from the shards
+it wrote; a plan that no longer matches the vectors (another set of chunks) starts its shards over.
 
 Several processes (``--devices``, ``--num_nodes``: Lightning's ranks, on a folder every node sees): all
 embed; then rank 0 merges the chunks and trains, while every other rank waits for its plan
@@ -48,7 +49,6 @@ from mmlm.retrieval.index import (
     choose_index,
     faiss_index,
     is_lossy,
-    read_faiss,
     train_size,
 )
 from mmlm.retrieval.options import Options, parse_size
@@ -74,7 +74,9 @@ class NpyRows:
         with open(path, "rb") as f:
             version = np.lib.format.read_magic(f)
             fmt = np.lib.format
-            shape, fortran, self.dtype = (fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0)(f)
+            shape, fortran, self.dtype = (
+                fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            )(f)
             self.offset = f.tell()
         assert not fortran and len(shape) == 2, f"{path}: not a C-ordered (rows, dim) array"
         self.path, self.start = path, start
@@ -264,29 +266,78 @@ def merge_shards(
     """One index for ``out`` (``name.index``) with its lists in ``name.ivfdata`` beside it: ``base``'s lists
     (an on-disk index of the previous version, read, never written) then every shard's, in shard order.
     Shards missing (a process that failed) are written here first; with ``world`` processes, those of the
-    others that are alive are waited for (``finish_shards``). Returns the merged index, open."""
+    others that are alive are waited for (``finish_shards``). Returns the merged index, open.
+
+    The bytes are those of FAISS's ``OnDiskInvertedLists.merge_from_multiple`` (the list directory and
+    ``.ivfdata``, bit for bit), without its memory: it writes through a map of the whole output and reads
+    every shard through a map, so every page of both stays resident until the end (2x the lists, growing
+    with N). Here the list sizes are summed first (each list's place in the output: FAISS's own
+    ``set_all_lists_sizes``), then each source's lists are copied with ``pread`` / ``pwrite``, one list at a
+    time: the pages go through the page cache, never into this process, whose memory is one list plus the
+    directory whatever the number of shards."""
     finish_shards(shards, plan, world)
-    inputs = [faiss.read_index(str(shard_path(shards, plan, i)), faiss.IO_FLAG_MMAP)
-              for i in range(plan["shards"])]  # fmt: skip
-    if base is not None:
-        inputs.insert(0, read_faiss(base, ondisk=True))
+    # (index file, file of its lists, how to read its list directory without reading the lists)
+    paths = [shard_path(shards, plan, i) for i in range(plan["shards"])]
+    sources = [(path, path, faiss.IO_FLAG_MMAP) for path in paths]
+    if base is not None:  # first, as merge_from_multiple put it: its lists are in the .ivfdata beside it
+        sources.insert(0, (base, base.with_suffix(".ivfdata"), faiss.IO_FLAG_SKIP_IVF_DATA))
     merged = faiss.read_index(str(shards / f"{plan['modality']}.trained.index"))
     ivf = faiss.extract_index_ivf(merged)
-    lists = [faiss.extract_index_ivf(index).invlists for index in inputs]
+    sizes = np.zeros(ivf.nlist, np.uint64)
+    for index_file, _, flags in sources:  # one directory at a time: memory nlist, not nlist x shards
+        sizes += _directory(index_file, flags, ivf.nlist, ivf.code_size)[0]
     data = out.with_suffix(".ivfdata")
     data.unlink(missing_ok=True)  # a merge cut short: its lists start over
     ondisk = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(data))
-    pointers = faiss.InvertedListsPtrVector()
-    for inv in lists:
-        pointers.push_back(inv)
-    ntotal = ondisk.merge_from_multiple(pointers.data(), pointers.size(), False, False)
-    merged.ntotal = ivf.ntotal = ntotal
+    ondisk.set_all_lists_sizes(faiss.swig_ptr(sizes))  # list-contiguous: each list's codes, then its ids
+    # the file at its full size, and the free slot merge_from_multiple leaves (the same .index bytes); mapped
+    # by FAISS but not touched here: a map's pages count only once read or written through it
+    ondisk.update_totsize(int((sizes * np.uint64(ivf.code_size + 8)).sum()))
+    codes_at = np.array([ondisk.lists.at(j).offset for j in range(ivf.nlist)], np.int64)
+    ids_at = codes_at + sizes.astype(np.int64) * ivf.code_size
+    filled = np.zeros(ivf.nlist, np.int64)  # entries already copied into each list
+    fd = os.open(data, os.O_WRONLY)
+    try:
+        for index_file, lists_file, flags in sources:
+            n, capacity, offset = _directory(index_file, flags, ivf.nlist, ivf.code_size)
+            src = os.open(lists_file, os.O_RDONLY)
+            try:
+                for j in np.flatnonzero(n):
+                    size, cap = int(n[j]), int(capacity[j])
+                    # a source list: its codes (capacity of them), then its ids
+                    block = os.pread(src, cap * ivf.code_size + size * 8, int(offset[j]))
+                    assert len(block) == cap * ivf.code_size + size * 8, f"{lists_file}: shorter than its lists"
+                    done = int(filled[j])
+                    _pwrite(fd, memoryview(block)[: size * ivf.code_size], int(codes_at[j]) + done * ivf.code_size)
+                    _pwrite(fd, memoryview(block)[cap * ivf.code_size :], int(ids_at[j]) + done * 8)
+                    filled[j] += size
+            finally:
+                os.close(src)
+    finally:
+        os.close(fd)
+    assert (filled == sizes.astype(np.int64)).all()
+    merged.ntotal = ivf.ntotal = int(sizes.sum())
     ivf.replace_invlists(ondisk, True)
     ondisk.this.disown()  # the index owns the lists now
-    del inputs, lists, pointers  # the shards' maps (after the merge: the lists above point into them)
     # the caller writes ``out`` (after setting nprobe): it names the lists by the path written here, and
     # ``read_faiss`` finds them beside it wherever the version folder is moved
     return merged
+
+
+def _directory(index_file: Path, flags: int, nlist: int, code_size: int) -> tuple[np.ndarray, ...]:
+    """Each list's size, capacity and offset in its lists' file, from an index read without its lists:
+    a shard's (``IO_FLAG_MMAP``: FAISS maps the file and only reads the sizes) or an on-disk index's."""
+    index = faiss.read_index(str(index_file), flags | faiss.IO_FLAG_READ_ONLY)
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)
+    assert isinstance(lists, faiss.OnDiskInvertedLists) and (lists.nlist, lists.code_size) == (nlist, code_size)
+    entries = [lists.lists.at(j) for j in range(nlist)]
+    return tuple(np.array([getattr(e, name) for e in entries], np.uint64) for name in ("size", "capacity", "offset"))
+
+
+def _pwrite(fd: int, data: memoryview, offset: int) -> None:
+    while data:  # a write may be short (signals, huge blocks)
+        written = os.pwrite(fd, data, offset)
+        data, offset = data[written:], offset + written
 
 
 def emptied(path: Path) -> faiss.Index:

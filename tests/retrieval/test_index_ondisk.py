@@ -1,7 +1,8 @@
 """IVF indexes built in shards and merged into on-disk inverted lists (``mmlm.retrieval.ondisk``): the same
-answers as one index built in memory after the same training, shards written by several processes, lists
-memory-mapped rather than read on open, a kill during the shards or the merge resumed, an add that appends
-shards to the base's lists, and the index chosen under a memory budget."""
+answers as one index built in memory after the same training, shards written by several processes, the merge
+writing FAISS's own bytes with memory that does not grow with the shards, lists memory-mapped rather than read
+on open, a kill during the shards or the merge resumed, an add that appends shards to the base's lists, and
+the index chosen under a memory budget."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from faiss_merge import merge_from_multiple
 from torch import nn
 
 from mmlm.cli import main
@@ -79,6 +81,88 @@ def test_four_shards_by_two_processes_answer_as_one_index_in_memory(tmp_path):
     np.testing.assert_array_equal(ids_disk, ids_ram)
     np.testing.assert_array_equal(scores_disk, scores_ram)
     assert (ids_disk >= 0).all() and faiss.extract_index_ivf(opened).nprobe == 8
+
+
+def assert_same_merge(ours: faiss.Index, ours_out: Path, reference: faiss.Index, reference_out: Path) -> None:
+    """The same .ivfdata bytes and the same .index bytes (list directory, free slots, total size), once the
+    reference names our lists' file (the only field that differs: the path)."""
+    assert ours_out.with_suffix(".ivfdata").read_bytes() == reference_out.with_suffix(".ivfdata").read_bytes()
+    lists = faiss.downcast_InvertedLists(faiss.extract_index_ivf(reference).invlists)
+    lists.filename = str(ours_out.with_suffix(".ivfdata"))
+    np.testing.assert_array_equal(faiss.serialize_index(ours), faiss.serialize_index(reference))
+
+
+def test_the_merge_writes_the_bytes_of_faiss_merge_from_multiple(tmp_path):
+    """A build (3 shards) and an add to it (its base's lists, then 4 shards, the last with most lists empty:
+    FAISS stores such a shard's sizes sparse): bit for bit what ``merge_from_multiple`` writes."""
+    vectors = clustered(6_000, 32)
+    np.save(tmp_path / "v.npy", vectors)
+    shards, ids = tmp_path / "shards", np.arange(6_000, dtype=np.int64)
+    plan = plan_shards(shards, "image", tmp_path / "v.npy", 0, ids[:2_000], "IVF64,PQ8", 64, shard_rows=700)
+    write_shards(shards, plan)
+    for folder in ("base", "grown", "ref"):
+        (tmp_path / folder).mkdir()
+    first = tmp_path / "base" / "image.index"
+    base = merge_shards(shards, plan, first)
+    faiss.write_index(base, str(first))
+    reference = merge_from_multiple(shards, plan, tmp_path / "ref" / "image.index")
+    assert_same_merge(base, first, reference, tmp_path / "ref" / "image.index")
+
+    plan = plan_shards(shards, "image", tmp_path / "v.npy", 2_000, ids[2_000:], "IVF64,PQ8", None, shard_rows=1_323,
+                       trained=emptied(first))  # fmt: skip
+    write_shards(shards, plan)
+    assert plan["shards"] == 4
+    last = faiss.read_index(str(shard_path(shards, plan, 3)))  # kept: its lists are freed with it
+    # 31 vectors in 64 lists: FAISS writes this shard's list sizes sparse
+    assert sum(faiss.extract_index_ivf(last).invlists.list_size(j) > 0 for j in range(64)) <= 31
+    grown = merge_shards(shards, plan, tmp_path / "grown" / "image.index", base=first)
+    reference = merge_from_multiple(shards, plan, tmp_path / "ref" / "grown.index", base=first)
+    assert grown.ntotal == reference.ntotal == 6_000
+    assert_same_merge(grown, tmp_path / "grown" / "image.index", reference, tmp_path / "ref" / "grown.index")
+    faiss.write_index(grown, str(tmp_path / "grown" / "image.index"))
+    opened = read_faiss(tmp_path / "grown" / "image.index", ondisk=True)  # as Index.open reads it
+    for index in (opened, reference):
+        faiss.extract_index_ivf(index).nprobe = 64
+    found, expected = opened.search(vectors[::50], 10), reference.search(vectors[::50], 10)
+    np.testing.assert_array_equal(found[1], expected[1])
+    np.testing.assert_array_equal(found[0], expected[0])
+    # PQ8 (2 bits a dimension): most queries find themselves
+    assert np.mean([i in row for i, row in zip(range(0, 6_000, 50), found[1])]) > 0.7
+
+
+MERGE = ("import json, sys; from pathlib import Path; sys.path.insert(0, sys.argv[4]); "
+         "from mmlm.retrieval.ondisk import merge_shards; from faiss_merge import merge_from_multiple; "
+         "status = lambda key: int(open('/proc/self/status').read().split(key + ':')[1].split()[0]) * 1024; "
+         "before = status('VmRSS'); merge = merge_shards if sys.argv[3] == 'ours' else merge_from_multiple; "
+         "merged = merge(Path(sys.argv[1]), json.loads(sys.argv[2]), Path(sys.argv[5])); "
+         "print(status('VmHWM') - before)")  # fmt: skip
+
+
+@pytest.mark.processes
+def test_the_merge_memory_does_not_grow_with_the_shards(tmp_path):
+    """The peak resident memory a merge adds, in a process of its own: 8 shards of 20,000 vectors (42 MB of
+    lists) against the first 2 of them. FAISS's merge (the reference) keeps every page of its maps resident;
+    ours copies list by list through the page cache."""
+    vectors = clustered(160_000, 64)
+    np.save(tmp_path / "v.npy", vectors)
+    shards = tmp_path / "shards"
+    plan = plan_shards(shards, "image", tmp_path / "v.npy", 0, np.arange(160_000), "IVF64,Flat", 8, shard_rows=20_000)
+    write_shards(shards, plan)
+    env = os.environ | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    grown, lists = {}, {}
+    for how, count in (("ours", 2), ("ours", 8), ("reference", 8)):
+        (tmp_path / how).mkdir(exist_ok=True)
+        out = tmp_path / how / f"{count}.index"
+        args = [str(shards), json.dumps(plan | {"shards": count}), how, str(Path(__file__).parent), str(out)]
+        run = subprocess.run([sys.executable, "-c", MERGE, *args], capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr[-2000:]
+        grown[how, count] = int(run.stdout.split()[-1])
+        lists[how, count] = out.with_suffix(".ivfdata").stat().st_size
+    assert lists["ours", 8] == lists["reference", 8] == 160_000 * (64 * 4 + 8)
+    extra = lists["ours", 8] - lists["ours", 2]  # 6 more shards: 32 MB more lists
+    assert grown["reference", 8] > lists["reference", 8]  # the test sees what it measures: FAISS's merge holds them
+    assert grown["ours", 8] - grown["ours", 2] < 0.05 * extra, (grown, lists)
+    assert grown["ours", 8] < 0.2 * lists["ours", 8], (grown, lists)  # one list at a time, and the directory
 
 
 def vector_folder(folder: Path, vectors: np.ndarray, options: Options) -> None:
@@ -214,7 +298,9 @@ def test_auto_under_a_budget_is_tuned_and_recorded(tmp_path, capsys):
         assert tuning["recall@10"] == max(t["recall"] for t in within)
         assert {t["rerank"] for t in tuning["tried"]} == {10, 30, 100} and entry["rerank"] == tuning["rerank"]
         queries = np.ascontiguousarray(vectors[:20])
-        np.testing.assert_array_equal(index.search(queries, 10)[0], index.search(queries, 10, rerank=entry["rerank"])[0])
+        np.testing.assert_array_equal(
+            index.search(queries, 10)[0], index.search(queries, 10, rerank=entry["rerank"])[0]
+        )
         text = describe(index.manifest, tmp_path / "ix")
     assert f"nprobe tuned: recall@10 {tuning['recall@10']:.3f} after re-ranking {tuning['rerank']} x k" in text
     assert "+ image.ivfdata on disk" in text and "chosen: 12,000 vectors, IVF-PQ16" in text
