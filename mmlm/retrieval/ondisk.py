@@ -389,19 +389,11 @@ def tune_nprobe(
         nprobe = 1
         while nprobe <= ivf.nlist:
             ivf.nprobe = nprobe
-            seconds, recalls = [], []
-            for query, true in zip(q, truth):
-                start = time.perf_counter()
-                _, found = index.search(query[None], k * factor)
-                found = found[0][found[0] >= 0]
-                if factor > 1:  # rescored from the stored rows, read in file order
-                    found = np.sort(found)
-                    found = found[np.argsort(-(rows_at(vectors, found) @ query), kind="stable")]
-                seconds.append(time.perf_counter() - start)
-                recalls.append(len(set(found[:k].tolist()) & set(true.tolist())) / k)
-            tried.append({"nprobe": nprobe, "rerank": factor, "recall": round(float(np.mean(recalls)), 4),
-                          "ms": round(float(np.median(seconds)) * 1000, 3)})  # fmt: skip
-            if tried[-1]["ms"] > target_ms or tried[-1]["recall"] >= 0.999:
+            ms, recall = _trial(index, q, truth, k * factor, vectors)
+            if ms > target_ms:  # over the target only if a second pass says so too: one busy moment of the
+                ms = min(ms, _trial(index, q, truth, k * factor, vectors)[0])  # machine must not decide it
+            tried.append({"nprobe": nprobe, "rerank": factor, "recall": round(recall, 4), "ms": round(ms, 3)})
+            if ms > target_ms or recall >= 0.999:
                 break
             nprobe *= 2
     within = [t for t in tried if t["ms"] <= target_ms] or tried[:1]
@@ -409,6 +401,23 @@ def tune_nprobe(
     ivf.nprobe = best["nprobe"]
     return {"nprobe": best["nprobe"], "rerank": best["rerank"], f"recall@{k}": best["recall"], "query_ms": best["ms"],
             "target_ms": target_ms, "queries": len(q), "tried": tried}  # fmt: skip
+
+
+def _trial(index: faiss.Index, q: np.ndarray, truth: np.ndarray, depth: int, vectors: Path) -> tuple[float, float]:
+    """(median ms, mean recall@k) of the queries ``q`` one at a time, as ``Index.search`` answers them: the best
+    ``depth`` candidates (``k`` = the width of ``truth``), re-ranked from the stored rows when more than ``k``."""
+    k = truth.shape[1]
+    seconds, recalls = [], []
+    for query, true in zip(q, truth):
+        start = time.perf_counter()
+        _, found = index.search(query[None], depth)
+        found = found[0][found[0] >= 0]
+        if depth > k:  # rescored from the stored rows, read in file order
+            found = np.sort(found)
+            found = found[np.argsort(-(rows_at(vectors, found) @ query), kind="stable")]
+        seconds.append(time.perf_counter() - start)
+        recalls.append(len(set(found[:k].tolist()) & set(true.tolist())) / k)
+    return float(np.median(seconds)) * 1000, float(np.mean(recalls))
 
 
 def rows_at(path: Path, wanted: np.ndarray) -> np.ndarray:
