@@ -162,7 +162,7 @@ def child_memory(a: argparse.Namespace) -> dict:
     """The build as it was before: every vector in RAM as float32, one index in memory, written whole."""
     import faiss
 
-    from mmlm.retrieval.index import faiss_index
+    from mmlm.retrieval.choose import faiss_index
 
     anon = PeakAnon()
     start = time.perf_counter()

@@ -53,8 +53,8 @@ from mmlm.compress import quantize_int8
 from mmlm.data.tokenizers import Tokenizer
 from mmlm.paths import ASSETS
 from mmlm.retrieval import Client, Index, build_index, sync_index
+from mmlm.retrieval.choose import is_lossy
 from mmlm.retrieval.client import Load, load
-from mmlm.retrieval.index import is_lossy
 from mmlm.retrieval.options import Job, Options
 from mmlm.retrieval.write import write_index
 from mmlm.serve.settings import default_threads

@@ -41,9 +41,10 @@ from mmlm.config import PRESETS
 from mmlm.factory import load
 from mmlm.paths import resolve
 from mmlm.retrieval import versions
+from mmlm.retrieval.choose import check_index_type
 from mmlm.retrieval.collection import CollateItems, Collection, collection
 from mmlm.retrieval.embed import ChunkWriter, Embedder, ItemProgress, ShareData
-from mmlm.retrieval.index import MANIFEST, Index, check_index_type, files_of
+from mmlm.retrieval.index import MANIFEST, Index, files_of
 from mmlm.retrieval.merge import merge
 from mmlm.retrieval.model import USE, built_with
 from mmlm.retrieval.ondisk import beat_file, beating, help_with_shards

@@ -42,15 +42,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from mmlm.retrieval.index import (
-    EMBEDDINGS,
-    INDEXES,
-    RERANK,
-    choose_index,
-    faiss_index,
-    is_lossy,
-    train_size,
-)
+from mmlm.retrieval.choose import choose_index, faiss_index, is_lossy, train_size
+from mmlm.retrieval.index import EMBEDDINGS, INDEXES, RERANK
 from mmlm.retrieval.options import Options, parse_size
 
 BLOCK = 65536  # rows read and added at once: the build's memory is this many float32 vectors, not N

@@ -46,10 +46,10 @@ class Options:
     """How the job is run and written; free to change between a run and its ``--resume``. The class
     attributes are the defaults of every entry point (``Options.chunk_size`` in ``commands``)."""
 
-    index_type: str = "auto"  # exact below 1M vectors, IVF-PQ above (``index.auto_index_type``)
+    index_type: str = "auto"  # exact below 1M vectors, IVF-PQ above (``choose.auto_index_type``)
     dtype: str = "float32"  # of the stored embeddings
     nprobe: int | None = None  # IVF clusters searched per query; None: tuned against ``query_ms``
-    max_index_memory: str | None = None  # e.g. 4G: ``auto`` chooses the index that fits (``index.choose_index``)
+    max_index_memory: str | None = None  # e.g. 4G: ``auto`` chooses the index that fits (``choose.choose_index``)
     max_train_memory: str | None = None  # e.g. 2G: the training sample (float32 vectors) is cut to fit
     query_ms: float = 10.0  # the query time the tuning of nprobe aims under (autofaiss's default)
     shard_size: int = 1 << 20  # vectors per shard of an on-disk IVF (each also holds the quantizer)

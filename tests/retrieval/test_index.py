@@ -22,7 +22,8 @@ from mmlm.data.digits import digits_image_text
 from mmlm.factory import load
 from mmlm.paths import ASSETS
 from mmlm.retrieval import Index, add_to_index, build_index
-from mmlm.retrieval.index import describe, train_size
+from mmlm.retrieval.choose import train_size
+from mmlm.retrieval.index import describe
 from mmlm.retrieval.options import parse_size
 
 CPU = {"accelerator": "cpu"}

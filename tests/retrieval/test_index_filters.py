@@ -172,7 +172,8 @@ def test_search_parameters_keep_the_selection_and_the_index_settings(kind):
     efSearch kept (parameters replace them, and FAISS's default nprobe is 1)."""
     import faiss
 
-    from mmlm.retrieval.index import faiss_index, search_parameters
+    from mmlm.retrieval.choose import faiss_index
+    from mmlm.retrieval.index import search_parameters
 
     vectors = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
     faiss.normalize_L2(vectors)

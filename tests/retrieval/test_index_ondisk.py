@@ -23,7 +23,8 @@ from torch import nn
 
 from mmlm.cli import main
 from mmlm.retrieval import Index, add_to_index, build_index
-from mmlm.retrieval.index import choose_index, describe, read_faiss
+from mmlm.retrieval.choose import choose_index
+from mmlm.retrieval.index import describe, read_faiss
 from mmlm.retrieval.ondisk import emptied, merge_shards, plan_shards, shard_path, write_shards
 from mmlm.retrieval.options import Job, Options, parse_size
 from mmlm.retrieval.write import write_index
