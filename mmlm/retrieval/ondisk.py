@@ -285,7 +285,8 @@ def merge_shards(
     ondisk.set_all_lists_sizes(faiss.swig_ptr(sizes))  # list-contiguous: each list's codes, then its ids
     # the file at its full size, and the free slot merge_from_multiple leaves (the same .index bytes); mapped
     # by FAISS but not touched here: a map's pages count only once read or written through it
-    ondisk.update_totsize(int((sizes * np.uint64(ivf.code_size + 8)).sum()))
+    with _no_c_stdout():  # FAISS prints "resizing FILE to N bytes" there, with C's printf
+        ondisk.update_totsize(int((sizes * np.uint64(ivf.code_size + 8)).sum()))
     codes_at = np.array([ondisk.lists.at(j).offset for j in range(ivf.nlist)], np.int64)
     ids_at = codes_at + sizes.astype(np.int64) * ivf.code_size
     filled = np.zeros(ivf.nlist, np.int64)  # entries already copied into each list
@@ -315,6 +316,27 @@ def merge_shards(
     # the caller writes ``out`` (after setting nprobe): it names the lists by the path written here, and
     # ``read_faiss`` finds them beside it wherever the version folder is moved
     return merged
+
+
+@contextmanager
+def _no_c_stdout() -> Iterator[None]:
+    """What C code prints on standard output while the block runs goes nowhere (file descriptor 1 points at
+    /dev/null, C's buffers flushed on both sides); mmlm's own output is on stderr meanwhile."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    libc.fflush(None)
+    saved = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+        os.close(null)
 
 
 def _directory(index_file: Path, flags: int, nlist: int, code_size: int) -> tuple[np.ndarray, ...]:
